@@ -1,0 +1,22 @@
+# The two set-up commands of the README:  `make demo` (the tiny training demo on CPU) and
+# `make test` (the test suite, Triton kernels through the interpreter). Both install first.
+PY ?= python3
+PIP := $(PY) -m pip
+# CPU wheel of torch (on disk on the project's machines) and the triton of the GPU machines.
+TORCH_PIN := torch==2.13.0 triton==3.6.0
+
+.PHONY: install test test-gpu demo bench-cpu
+
+install:
+	$(PIP) install -q $(TORCH_PIN) pybind11 scikit-build-core ninja
+	$(PIP) install -q --no-build-isolation -e ".[test,train]"
+
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+demo: install
+	$(PY) train/demo.py --out runs/demo
+
+bench-cpu: install
+	$(PY) bench/bench_packer.py
+	$(PY) bench/bench_positions.py
