@@ -3,7 +3,9 @@
 PY ?= python3
 PIP := $(PY) -m pip
 # CPU wheel of torch (on disk on the project's machines) and the triton of the GPU machines.
-TORCH_PIN := torch==2.13.0 triton==3.6.0
+# numpy<2.4: triton 3.6's interpreter calls int() on 1-element arrays (loop bounds loaded from
+# cu_seqlens), which numpy 2.4 turned from a deprecation warning into a TypeError.
+TORCH_PIN := torch==2.13.0 triton==3.6.0 "numpy<2.4"
 
 .PHONY: install test test-gpu demo bench-cpu
 

@@ -30,3 +30,44 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]
         if room > 0:
             bisect.insort(rooms, (room, b))
     return bins
+
+
+# ---------------------------------------------------------------- attention
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, softmax_scale=None,
+                     compute_dtype=None):
+    """Per-sequence attention in ``compute_dtype`` (default: float64), differentiable.
+
+    Shapes as :func:`longalign_ops.varlen_attention`. Returns out ``(total_q, Hq, D)`` and lse
+    ``(Hq, total_q)`` in ``compute_dtype`` (lse is -inf, and out 0, for a row that sees no key).
+    """
+    import math
+
+    import torch
+
+    dt = compute_dtype or torch.float64
+    total_q, Hq, D = q.shape
+    Hk = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for i in range(len(cq) - 1):
+        qi = q[cq[i]:cq[i + 1]].to(dt).transpose(0, 1)  # (Hq, Lq, D)
+        ki = k[ck[i]:ck[i + 1]].to(dt).transpose(0, 1).repeat_interleave(Hq // Hk, dim=0)
+        vi = v[ck[i]:ck[i + 1]].to(dt).transpose(0, 1).repeat_interleave(Hq // Hk, dim=0)
+        Lq, Lk = qi.shape[1], ki.shape[1]
+        s = (qi @ ki.transpose(1, 2)) * scale
+        mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+        if causal:
+            mask = torch.arange(Lk, device=q.device)[None, :] <= torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
+        has = mask.any(-1)
+        # rows that see no key: finite scores for softmax, zeroed after, so gradients stay finite
+        scores = s.masked_fill(~mask, float("-inf")).masked_fill(~has[:, None], 0.0)
+        p = torch.softmax(scores, dim=-1) * has[:, None]
+        outs.append((p @ vi).transpose(0, 1))
+        with torch.no_grad():
+            lses.append(torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=-1))
+    if not outs:
+        return q.new_zeros(q.shape, dtype=dt), q.new_zeros((Hq, 0), dtype=dt)
+    return torch.cat(outs, 0), torch.cat(lses, 1)

@@ -1,0 +1,408 @@
+"""Variable-length (packed) attention in Triton: forward and backward, causal or not, GQA.
+
+Layout as flash-attn 2's varlen API: q ``(total_q, Hq, D)``, k/v ``(total_k, Hk, D)``, sequences
+delimited by int32 ``cu_seqlens``. Causal attention with ``seqlen_q != seqlen_k`` is aligned
+bottom-right: query i of a sequence sees keys ``j <= i + seqlen_k - seqlen_q``.
+
+Scheduling: each program owns one (sequence, row block) tile and one head. The tile list is
+built on the host from the validated lengths, so a row holding one 60K sequence and two hundred
+300-token ones launches exactly the tiles that exist, longest work first. With validation
+turned off (no host sync at all), the grid is ``B * cdiv(max_seqlen, BLOCK)`` with early exit.
+
+Backward is two kernels without atomics: dK/dV per key block (summing the GQA group's query
+heads in registers) and dQ per query block. Every gradient element is written by exactly one
+program in a fixed order, so gradients are bitwise repeatable whatever ``deterministic`` says.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile_coords(pid, tile_seq, tile_block, TILE_LIST: tl.constexpr, BLOCKS_PER_SEQ):
+    """(sequence, block index) of this program: from the host-built tile list, or from the
+    dense B x cdiv(max_seqlen, BLOCK) grid when validation (and so the list) is off."""
+    if TILE_LIST:
+        seq = tl.load(tile_seq + pid)
+        blk = tl.load(tile_block + pid)
+    else:
+        seq = pid // BLOCKS_PER_SEQ
+        blk = pid % BLOCKS_PER_SEQ
+    return seq, blk
+
+
+@triton.jit
+def _varlen_attention_fwd_kernel(
+    Q, K, V, Out, Lse, cu_q, cu_k, tile_seq, tile_block,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    total_q, qk_scale_log2, BLOCKS_PER_SEQ,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
+    h = tl.program_id(1)
+    kh = h // GROUP
+    q_start = tl.load(cu_q + seq)
+    len_q = tl.load(cu_q + seq + 1) - q_start
+    k_start = tl.load(cu_k + seq)
+    len_k = tl.load(cu_k + seq + 1) - k_start
+    if mblk * BLOCK_M >= len_q:
+        return
+
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < len_q
+    d_valid = offs_d < HEAD_DIM
+    # int64 row offsets: total * heads * dim may pass 2^31 elements
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    diag = len_k - len_q  # bottom-right alignment
+    hi = len_k
+    if IS_CAUSAL:
+        hi = tl.minimum(len_k, tl.maximum((mblk + 1) * BLOCK_M + diag, 0))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_valid = cols < len_k
+        k_rows = (k_start + cols).to(tl.int64)
+        k = tl.load(K + k_rows[:, None] * stride_kt + kh * stride_kh + offs_d[None, :],
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        keep = n_valid[None, :]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + k_rows[:, None] * stride_vt + kh * stride_vh + offs_d[None, :],
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # a row that sees no key (causal, len_k < len_q) outputs 0 with lse = -inf
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    o_rows = (q_start + offs_m).to(tl.int64)
+    tl.store(Out + o_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(Lse + h.to(tl.int64) * total_q + q_start + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _varlen_attention_bwd_preprocess_kernel(
+    Out, dOut, Delta, stride_ot, stride_oh, stride_dot, stride_doh, total_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id, the softmax-backward row term (flash-attn's D)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < total_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m.to(tl.int64)
+    o = tl.load(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(dOut + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + h.to(tl.int64) * total_q + offs_m, delta, mask=offs_m < total_q)
+
+
+@triton.jit
+def _varlen_attention_bwd_dkdv_kernel(
+    Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, tile_seq, tile_block,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    total_q, qk_scale_log2, sm_scale, BLOCKS_PER_SEQ,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq, nblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
+    kh = tl.program_id(1)
+    q_start = tl.load(cu_q + seq)
+    len_q = tl.load(cu_q + seq + 1) - q_start
+    k_start = tl.load(cu_k + seq)
+    len_k = tl.load(cu_k + seq + 1) - k_start
+    if nblk * BLOCK_N >= len_k:
+        return
+
+    offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < len_k
+    d_valid = offs_d < HEAD_DIM
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k_rows = (k_start + offs_n).to(tl.int64)
+    k = tl.load(K + k_rows[:, None] * stride_kt + kh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + k_rows[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    diag = len_k - len_q
+    lo = 0
+    if IS_CAUSAL:
+        # the first query that sees key nblk*BLOCK_N is row nblk*BLOCK_N - diag
+        lo = tl.maximum(nblk * BLOCK_N - diag, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        h = kh * GROUP + g
+        for start_m in range(lo, len_q, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_valid = offs_m < len_q
+            q_rows = (q_start + offs_m).to(tl.int64)
+            q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                        mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+            do = tl.load(dOut + q_rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                         mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+            lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
+            # rows that saw no key have lse = -inf and p = 0
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            keep = m_valid[:, None] & n_valid[None, :]
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    dk = dk * sm_scale
+    tl.store(dK + k_rows[:, None] * stride_dkt + kh * stride_dkh + offs_d[None, :], dk.to(dK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(dV + k_rows[:, None] * stride_dvt + kh * stride_dvh + offs_d[None, :], dv.to(dV.dtype.element_ty),
+             mask=kv_mask)
+
+
+@triton.jit
+def _varlen_attention_bwd_dq_kernel(
+    Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, tile_seq, tile_block,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    total_q, qk_scale_log2, sm_scale, BLOCKS_PER_SEQ,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
+    h = tl.program_id(1)
+    kh = h // GROUP
+    q_start = tl.load(cu_q + seq)
+    len_q = tl.load(cu_q + seq + 1) - q_start
+    k_start = tl.load(cu_k + seq)
+    len_k = tl.load(cu_k + seq + 1) - k_start
+    if mblk * BLOCK_M >= len_q:
+        return
+
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < len_q
+    d_valid = offs_d < HEAD_DIM
+    q_mask = m_valid[:, None] & d_valid[None, :]
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(dOut + q_rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    diag = len_k - len_q
+    hi = len_k
+    if IS_CAUSAL:
+        hi = tl.minimum(len_k, tl.maximum((mblk + 1) * BLOCK_M + diag, 0))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n0
+        n_valid = cols < len_k
+        k_rows = (k_start + cols).to(tl.int64)
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + k_rows[:, None] * stride_kt + kh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + k_rows[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        keep = m_valid[:, None] & n_valid[None, :]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+        p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(dQ + q_rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(dQ.dtype.element_ty),
+             mask=q_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def attention_config(head_dim: int, on_gpu: bool) -> dict:
+    """Tile sizes, in one place.
+
+    GPU (sm80/sm90): 128x64 forward tiles keep the q tile and the fp32 accumulator in registers
+    up to D=128; D>128 halves BLOCK_M to stay under the register file; backward uses 64x64
+    because it holds four (M x N or N x D) tiles at once.
+    Interpreter: 32x32, so that small test shapes (97, 1025 tokens) cross several tiles and
+    the numpy-executed loops stay short.
+    """
+    if not on_gpu:
+        return dict(fwd=(32, 32, 4, 1), bwd=(32, 32, 4, 1))
+    if head_dim <= 64:
+        return dict(fwd=(128, 64, 4, 3), bwd=(64, 64, 4, 2))
+    if head_dim <= 128:
+        return dict(fwd=(128, 64, 8, 3), bwd=(64, 64, 8, 2))
+    return dict(fwd=(64, 64, 8, 2), bwd=(32, 64, 8, 2))
+
+
+def _tiles(lengths, block: int, causal_work_first: bool, device):
+    """(tile_seq, tile_block) int32 arrays over the real tiles, heaviest first (for causal
+    attention, later row blocks see more keys), so the longest programs start earliest."""
+    import numpy as np
+
+    nblocks = (lengths + block - 1) // block
+    seq = np.repeat(np.arange(len(lengths), dtype=np.int32), nblocks)
+    starts = np.repeat(np.cumsum(nblocks) - nblocks, nblocks)
+    blk = (np.arange(int(nblocks.sum())) - starts).astype(np.int32)
+    work = (blk + 1).astype(np.int64) if causal_work_first else np.repeat(nblocks, nblocks)
+    order = np.argsort(-work, kind="stable")
+    return (torch.from_numpy(seq[order]).to(device, non_blocking=True),
+            torch.from_numpy(blk[order]).to(device, non_blocking=True))
+
+
+class _Schedule:
+    """Grid description for one launch: a tile list (validated lengths known) or a dense grid."""
+
+    def __init__(self, lengths, num_seqs: int, max_seqlen: int, block: int, causal: bool, device):
+        self.block = block
+        if lengths is not None:
+            self.tile_seq, self.tile_block = _tiles(lengths, block, causal, device)
+            self.num_programs = int(self.tile_seq.numel())
+            self.blocks_per_seq = 1
+            self.tile_list = True
+        else:
+            self.blocks_per_seq = max(1, triton.cdiv(max_seqlen, block))
+            self.num_programs = num_seqs * self.blocks_per_seq
+            self.tile_seq = self.tile_block = torch.empty(1, dtype=torch.int32, device=device)
+            self.tile_list = False
+
+    def args(self):
+        return self.tile_seq, self.tile_block
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs stay fp32 (as PyTorch's fp32 attention does); tf32 would cost ~1e-3 accuracy
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def varlen_attention_forward(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, causal, scale):
+    """Launch the forward kernel. Returns out (total_q, Hq, D) and lse (Hq, total_q) fp32."""
+    total_q, Hq, D = q.shape
+    Hk = k.shape[1]
+    validated = lens_q is not None
+    out = (torch.empty_like if validated else torch.zeros_like)(q)
+    lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device) if not validated else \
+        torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return out, lse
+    BLOCK_M, BLOCK_N, warps, stages = attention_config(D, _on_gpu(q))["fwd"]
+    sched = _Schedule(lens_q, cu_q.numel() - 1, max_q, BLOCK_M, causal, q.device)
+    if sched.num_programs == 0:
+        return out, lse
+    _varlen_attention_fwd_kernel[(sched.num_programs, Hq)](
+        q, k, v, out, lse, cu_q, cu_k, *sched.args(),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        total_q, scale * LOG2E, sched.blocks_per_seq,
+        GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        IS_CAUSAL=causal, TILE_LIST=sched.tile_list, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, lens_q, lens_k, max_q, max_k, causal, scale):
+    """Launch the backward kernels. Returns dq, dk, dv in the inputs' dtypes."""
+    total_q, Hq, D = q.shape
+    Hk = k.shape[1]
+    do = do.contiguous()
+    # with a validated tile list every row is written by exactly one program; without one
+    # (validation off) rows past an understated max_seqlen would stay unwritten, so start at 0
+    alloc = torch.empty_like if lens_q is not None and lens_k is not None else torch.zeros_like
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    if total_q == 0 or k.shape[0] == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    on_gpu = _on_gpu(q)
+    BLOCK_M, BLOCK_N, warps, stages = attention_config(D, on_gpu)["bwd"]
+    BLOCK_D = triton.next_power_of_2(D)
+    delta = torch.empty_like(lse)
+    PRE_M = 64
+    _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(total_q, PRE_M), Hq)](
+        out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), total_q,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_M,
+    )
+    common = dict(GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                  IS_CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+    # dK, dV: keys in sequences that hold no queries (or are never seen) still get zeros below
+    kv_sched = _Schedule(lens_k, cu_k.numel() - 1, max_k, BLOCK_N, False, q.device)
+    if kv_sched.num_programs:
+        _varlen_attention_bwd_dkdv_kernel[(kv_sched.num_programs, Hk)](
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *kv_sched.args(),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            total_q, scale * LOG2E, scale, kv_sched.blocks_per_seq, TILE_LIST=kv_sched.tile_list, **common,
+        )
+    q_sched = _Schedule(lens_q, cu_q.numel() - 1, max_q, BLOCK_M, causal, q.device)
+    if q_sched.num_programs:
+        _varlen_attention_bwd_dq_kernel[(q_sched.num_programs, Hq)](
+            q, k, v, do, lse, delta, dq, cu_q, cu_k, *q_sched.args(),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dq.stride(0), dq.stride(1),
+            total_q, scale * LOG2E, scale, q_sched.blocks_per_seq, TILE_LIST=q_sched.tile_list, **common,
+        )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class VarlenAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper. Saves q, k, v, out, lse; lengths and flags go on ctx."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, causal, scale):
+        out, lse = varlen_attention_forward(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.lens = (lens_q, lens_k, max_q, max_k)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.lens, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None, None, None

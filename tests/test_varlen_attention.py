@@ -1,0 +1,251 @@
+"""varlen attention against the float64 reference: outputs, LSE and gradients, awkward shapes,
+GQA, bottom-right causal, determinism, bad inputs, and the flash-attn call patterns.
+
+Under TRITON_INTERPRET=1 (set by conftest) CPU tensors run the Triton kernels themselves.
+Tolerance (DESIGN.md style rule 5): our error against fp64 is at most twice that of the same
+computation done by PyTorch in the input precision, plus 1e-5.
+"""
+import math
+
+import pytest
+import torch
+
+import longalign_ops
+from longalign_ops import reference, varlen_attention
+from longalign_ops._validation import set_validation
+from longalign_ops.flash_attn_compat import flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func
+
+
+def make_cu(lengths, device="cpu"):
+    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32,
+                        device=device)
+
+
+def make_inputs(lq, lk, Hq, Hk, D, dtype, device="cpu"):
+    q = torch.randn(sum(lq), Hq, D, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn(sum(lk), Hk, D, dtype=dtype, device=device, requires_grad=True)
+    v = torch.randn(sum(lk), Hk, D, dtype=dtype, device=device, requires_grad=True)
+    return q, k, v, make_cu(lq, device), make_cu(lk, device)
+
+
+def reference_run(q, k, v, cq, ck, causal, dtype, dout):
+    xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = reference.varlen_attention(*xs, cq, ck, causal=causal, compute_dtype=dtype)
+    grads = torch.autograd.grad(out, xs, dout.to(dtype))
+    return out, lse, grads
+
+
+def max_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def check_against_reference(lq, lk, Hq, Hk, D, dtype, causal, device="cpu"):
+    q, k, v, cq, ck = make_inputs(lq, lk, Hq, Hk, D, dtype, device)
+    out, lse = varlen_attention(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (Hq, sum(lq))
+
+    ref_out, ref_lse, ref_grads = reference_run(q, k, v, cq, ck, causal, torch.float64, dout)
+    low_out, _, low_grads = reference_run(q, k, v, cq, ck, causal, dtype, dout)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert max_err(out, ref_out) <= 2 * max_err(low_out, ref_out) + 1e-5
+    for name, g, r, low in zip("qkv", grads, ref_grads, low_grads):
+        assert max_err(g, r) <= 2 * max_err(low, r) + 1e-5, f"d{name}"
+    # lse: -inf exactly where a row sees no key, otherwise close to fp64
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse) & (lse < 0), empty.to(lse.device))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert max_err(lse[~empty], ref_lse[~empty]) <= tol
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lengths, Hq, Hk, D", [
+    ([1], 2, 2, 8),                 # one token
+    ([97, 0, 1, 33], 4, 1, 40),     # zero-length sequence, head dim 40, MQA
+    ([64, 17], 8, 2, 64),           # GQA 4:1
+    ([1025], 2, 1, 16),             # crosses many tiles
+    ([3, 50], 2, 2, 96),            # head dim 96
+])
+def test_matches_reference(lengths, Hq, Hk, D, dtype, causal):
+    check_against_reference(lengths, lengths, Hq, Hk, D, dtype, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_query_and_key_lengths_differ(causal):
+    # bottom-right causal: with lk < lq the first lq - lk rows see no key at all
+    check_against_reference([10, 33, 5, 0], [40, 20, 5, 3], 4, 2, 32, torch.float32, causal)
+
+
+def test_head_dim_256():
+    check_against_reference([20, 7], [20, 7], 2, 1, 256, torch.float32, True)
+
+
+def test_deterministic_gradients_are_bitwise_repeatable():
+    q, k, v, cq, ck = make_inputs([70, 45], [70, 45], 4, 1, 32, torch.float32)
+    dout = torch.randn(115, 4, 32)
+    runs = []
+    for _ in range(2):
+        out = varlen_attention(q, k, v, cq, ck, 70, 70, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_without_validation_dense_grid_matches(monkeypatch):
+    q, k, v, cq, ck = make_inputs([40, 3, 0, 65], [40, 3, 0, 65], 2, 1, 16, torch.float32)
+    dout = torch.randn(108, 2, 16)
+    out = varlen_attention(q, k, v, cq, ck, 65, 65)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    set_validation(False)
+    try:
+        out2 = varlen_attention(q, k, v, cq, ck, 65, 65)
+        grads2 = torch.autograd.grad(out2, (q, k, v), dout)
+    finally:
+        set_validation(True)
+    torch.testing.assert_close(out2, out, rtol=0, atol=1e-6)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_cpu_reference_path_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, cq, ck = make_inputs([9, 4], [9, 4], 2, 1, 16, torch.float16)
+    out, lse = varlen_attention(q, k, v, cq, ck, 9, 9, return_lse=True)
+    ref, ref_lse = reference.varlen_attention(q, k, v, cq, ck)
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=0)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_softmax_scale():
+    q, k, v, cq, ck = make_inputs([30], [30], 2, 2, 16, torch.float32)
+    out = varlen_attention(q, k, v, cq, ck, 30, 30, softmax_scale=0.3)
+    ref, _ = reference.varlen_attention(q, k, v, cq, ck, softmax_scale=0.3)
+    assert max_err(out, ref) < 1e-5
+    assert max_err(varlen_attention(q, k, v, cq, ck, 30, 30), ref) > 1e-3  # the scale matters
+
+
+def test_validation_is_cached_per_tensor(monkeypatch):
+    from longalign_ops import _validation
+
+    q, k, v, cq, _ = make_inputs([5, 6], [5, 6], 2, 2, 8, torch.float32)
+    copies = []
+    real_copy = _validation._copy_to_host
+    monkeypatch.setattr(_validation, "_copy_to_host", lambda cu: copies.append(cu) or real_copy(cu))
+    for _ in range(3):  # three "layers": one host copy
+        varlen_attention(q, k, v, cq, cq, 6, 6)
+    assert len(copies) == 1
+    with torch.no_grad():
+        cq[1] = 6  # an in-place change bumps the version: checked again, and now wrong
+    with pytest.raises(ValueError, match="max_seqlen_q=5 is smaller"):
+        varlen_attention(q, k, v, cq, cq, 5, 5)
+    assert len(copies) == 2
+
+
+@pytest.mark.parametrize("mutate, exc, pattern", [
+    (lambda a: a.update(q=a["q"].double()), TypeError, "q must have dtype"),
+    (lambda a: a.update(k=a["k"].half()), TypeError, "k must have dtype"),
+    (lambda a: a.update(q=a["q"][0]), ValueError, "q must have 3 dimensions"),
+    (lambda a: a.update(q=torch.randn(11, 3, 16), k=torch.randn(11, 2, 16), v=torch.randn(11, 2, 16)),
+     ValueError, "multiple of kv heads"),
+    (lambda a: a.update(q=torch.randn(11, 2, 12), k=torch.randn(11, 1, 12), v=torch.randn(11, 1, 12)),
+     ValueError, "head dim"),
+    (lambda a: a.update(v=torch.randn(10, 1, 16)), ValueError, "v must have k's shape"),
+    (lambda a: a.update(cq=a["cq"].long()), TypeError, "cu_seqlens_q must have dtype int32"),
+    (lambda a: a.update(cq=torch.tensor([1, 5, 11], dtype=torch.int32)), ValueError, "must start at 0"),
+    (lambda a: a.update(cq=torch.tensor([0, 7, 5, 11], dtype=torch.int32)), ValueError, "non-decreasing"),
+    (lambda a: a.update(cq=torch.tensor([0, 5, 12], dtype=torch.int32)), ValueError, "must end at"),
+    (lambda a: a.update(max_q=3), ValueError, "max_seqlen_q=3 is smaller"),
+    (lambda a: a.update(max_q=2.5), TypeError, "max_seqlen_q must be an int"),
+    (lambda a: a.update(ck=torch.tensor([0, 11], dtype=torch.int32), max_k=11), ValueError, "same number of sequences"),
+    (lambda a: a.update(q="q"), TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_inputs(mutate, exc, pattern):
+    a = dict(q=torch.randn(11, 2, 16), k=torch.randn(11, 1, 16), v=torch.randn(11, 1, 16),
+             cq=make_cu([5, 6]), ck=make_cu([5, 6]), max_q=6, max_k=6)
+    mutate(a)
+    with pytest.raises(exc, match=pattern):
+        varlen_attention(a["q"], a["k"], a["v"], a["cq"], a["ck"], a["max_q"], a["max_k"])
+
+
+def test_flash_attn_compat_call_patterns():
+    q, k, v, cq, ck = make_inputs([12, 30], [12, 30], 4, 2, 32, torch.float32)
+    ref, ref_lse = reference.varlen_attention(q, k, v, cq, ck, causal=True)
+    # LongAlign / ProLong style: positional max_seqlens, dropout_p positional, causal keyword
+    out = flash_attn_varlen_func(q, k, v, cq, ck, 30, 30, 0.0, softmax_scale=None, causal=True)
+    assert max_err(out, ref) < 1e-5
+    out, lse, probs = flash_attn_varlen_func(q, k, v, cq, ck, 30, 30, causal=True, return_attn_probs=True)
+    assert probs is None and max_err(lse, ref_lse) < 1e-5
+    # flash-attn's default is causal=False
+    nc, _ = reference.varlen_attention(q, k, v, cq, ck, causal=False)
+    assert max_err(flash_attn_varlen_func(q, k, v, cq, ck, 30, 30), nc) < 1e-5
+    qkv = torch.stack([q.detach(), torch.randn_like(q), torch.randn_like(q)], 1)
+    ref_p, _ = reference.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cq, cq, causal=True)
+    assert max_err(flash_attn_varlen_qkvpacked_func(qkv, cq, 30, causal=True), ref_p) < 1e-5
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        flash_attn_varlen_func(q, k, v, cq, ck, 30, 30, 0.1)
+    with pytest.raises(NotImplementedError, match="window_size"):
+        flash_attn_varlen_func(q, k, v, cq, ck, 30, 30, window_size=(8, 0))
+
+
+def test_flash_attn_func_dense():
+    q = torch.randn(2, 9, 2, 16)
+    k, v = torch.randn(2, 9, 1, 16), torch.randn(2, 9, 1, 16)
+    out = flash_attn_func(q, k, v, causal=True)
+    cu = make_cu([9, 9])
+    ref, _ = reference.varlen_attention(q.reshape(18, 2, 16), k.reshape(18, 1, 16), v.reshape(18, 1, 16), cu, cu)
+    assert out.shape == q.shape and max_err(out.reshape(18, 2, 16), ref) < 1e-5
+
+
+def test_public_names():
+    assert longalign_ops.varlen_attention is varlen_attention
+    import longalign_ops.flash_attn_compat as fac
+
+    assert fac.flash_attn_unpadded_func is fac.flash_attn_varlen_func
+
+
+# ------------------------------------------------------------------ GPU (bench/gpu_check.sh)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128, 40, 256])
+def test_gpu_matches_reference(dtype, causal, D):
+    check_against_reference([1, 97, 0, 1025, 300], [1, 97, 0, 1025, 300], 8, 2, D, dtype, causal, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_large_shapes_bf16():
+    # a 64K row: one 40K sequence and many short ones; checked against fp32 PyTorch per sequence
+    lengths = [40000] + [300] * 80
+    q, k, v, cq, ck = make_inputs(lengths, lengths, 32, 8, 128, torch.bfloat16, "cuda")
+    out = varlen_attention(q, k, v, cq, ck, max(lengths), max(lengths))
+    out.backward(torch.randn_like(out))
+    s, e = 40000, 40300  # a short sequence, fully checked
+    ref, _ = reference.varlen_attention(q[s:e], k[s:e], v[s:e], make_cu([300], "cuda"), make_cu([300], "cuda"),
+                                        compute_dtype=torch.float32)
+    assert max_err(out[s:e], ref) < 2e-2
+    # the long one: last 256 queries against fp32 attention over all its keys
+    qt = q[40000 - 256:40000].float().transpose(0, 1)
+    kt = k[:40000].float().transpose(0, 1).repeat_interleave(4, 0)
+    vt = v[:40000].float().transpose(0, 1).repeat_interleave(4, 0)
+    s_ = qt @ kt.transpose(1, 2) / math.sqrt(128)
+    mask = torch.arange(40000, device="cuda")[None] <= torch.arange(40000 - 256, 40000, device="cuda")[:, None]
+    ref_tail = torch.softmax(s_.masked_fill(~mask, float("-inf")), -1) @ vt
+    assert max_err(out[40000 - 256:40000].transpose(0, 1), ref_tail) < 2e-2
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.gpu
+def test_gpu_128k_sequence_runs():
+    lengths = [131072]
+    q, k, v, cq, ck = make_inputs(lengths, lengths, 8, 8, 128, torch.bfloat16, "cuda")
+    out = varlen_attention(q, k, v, cq, ck, 131072, 131072)
+    out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
