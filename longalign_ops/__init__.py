@@ -5,8 +5,12 @@ Triton kernels under them (variable-length attention, token-weighted fused cross
 """
 from ._validation import set_validation
 from .attention import varlen_attention
+from .cross_entropy import cross_entropy, fused_linear_cross_entropy, longalign_loss_weights, sequence_logprobs
 from .packing import PackPlan, pack
 
 __version__ = "0.1.0"
 
-__all__ = ["PackPlan", "pack", "set_validation", "varlen_attention"]
+__all__ = [
+    "PackPlan", "cross_entropy", "fused_linear_cross_entropy", "longalign_loss_weights", "pack",
+    "sequence_logprobs", "set_validation", "varlen_attention",
+]

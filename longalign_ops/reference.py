@@ -71,3 +71,55 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, softma
     if not outs:
         return q.new_zeros(q.shape, dtype=dt), q.new_zeros((Hq, 0), dtype=dt)
     return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+# ---------------------------------------------------------------- cross-entropy
+
+
+def weighted_cross_entropy(logits, labels, *, token_weights=None, ignore_index=-100, reduction="mean",
+                           softcap=None, compute_dtype=None):
+    """Token-weighted cross-entropy in ``compute_dtype`` (default float64), differentiable.
+    Mean divides by the sum of weights over non-ignored tokens (0 if that sum is 0)."""
+    import torch
+
+    dt = compute_dtype or torch.float64
+    x = logits.to(dt)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    keep = labels != ignore_index
+    safe = torch.where(keep, labels, torch.zeros_like(labels)).long()
+    nll = torch.logsumexp(x, -1) - x.gather(1, safe[:, None])[:, 0]
+    w = torch.ones_like(nll) if token_weights is None else token_weights.to(dt)
+    w = w * keep
+    loss = w * nll
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    denom = w.sum()
+    return loss.sum() / denom if denom > 0 else loss.sum() * 0
+
+
+def linear_cross_entropy(hidden, weight, labels, *, bias=None, compute_dtype=None, **kwargs):
+    """lm head then :func:`weighted_cross_entropy`, all in ``compute_dtype`` (default float64)."""
+    import torch
+
+    dt = compute_dtype or torch.float64
+    logits = hidden.to(dt) @ weight.to(dt).t()
+    if bias is not None:
+        logits = logits + bias.to(dt)
+    return weighted_cross_entropy(logits, labels, compute_dtype=dt, **kwargs)
+
+
+def sequence_logprobs(hidden, weight, labels, cu_seqlens, *, bias=None, ignore_index=-100, average=False):
+    """Per-sequence sum (or mean) of target log-probs, float64, by a Python loop."""
+    import torch
+
+    nll = linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction="none")
+    cu = cu_seqlens.tolist()
+    out = []
+    for s, e in zip(cu[:-1], cu[1:]):
+        n = int((labels[s:e] != ignore_index).sum())
+        total = -nll[s:e].sum()
+        out.append(total / n if average and n else total)
+    return torch.stack(out) if out else nll.new_zeros(0)

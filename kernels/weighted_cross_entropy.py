@@ -1,0 +1,273 @@
+"""Token-weighted cross-entropy in Triton, plain and fused with the lm head.
+
+One row kernel serves both paths. For each token row it runs an online log-sum-exp over the
+vocabulary in blocks (fp32 whatever the input dtype), takes the target logit, writes
+``loss_t = w_t * (lse_t - z_t[label_t])`` (0 for ignored tokens) and, when asked, the
+gradient ``scale_t * w_t * (softmax(z_t) - onehot(label_t))`` into a gradient buffer (the
+logits buffer itself in the fused path).
+
+The fused path (``fused_linear_cross_entropy``) never holds the ``(T, V)`` logits: it walks the
+tokens in chunks, computes a chunk of logits with one matmul, runs the row kernel on it with
+gradients written in place, and turns the chunk's logit gradients into gradients of hidden,
+weight and bias with three more matmuls. For scalar reductions all of this happens in the
+forward pass, so backward only scales the stored gradients by the incoming scalar; for
+``reduction="none"`` the per-token output gradient is only known in backward, which then
+recomputes the chunks (one extra logits matmul per chunk).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    # softcap * tanh(x / softcap), with tanh(y) = 1 - 2 / (exp(2y) + 1): stable at both ends
+    if HAS_SOFTCAP:
+        x = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x / softcap) + 1.0))
+    return x
+
+
+@triton.jit
+def _weighted_cross_entropy_fwd_kernel(
+    Logits, stride_lt, Grad, stride_gt, Labels, Weights, Scale, scale_stride, Loss, Lse,
+    V, ignore_index, softcap,
+    HAS_WEIGHTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits = Logits + row * stride_lt
+    grad = Grad + row * stride_gt
+    cols = tl.arange(0, BLOCK_V)
+    label = tl.load(Labels + row).to(tl.int64)
+    ignored = label == ignore_index
+    w = 1.0
+    if HAS_WEIGHTS:
+        w = tl.load(Weights + row).to(tl.float32)
+    if ignored:
+        w = 0.0
+
+    # pass 1: online max and sum of exp over the vocabulary
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        x = tl.load(logits + offs, mask=offs < V, other=0.0).to(tl.float32)
+        # mask after capping: a capped -inf would be -softcap and add mass past V
+        x = tl.where(offs < V, _softcapped(x, softcap, HAS_SOFTCAP), float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    # labels are checked on the host; the mask keeps a bad one from reading out of bounds
+    in_vocab = (label >= 0) & (label < V)
+    z = tl.load(logits + tl.where(in_vocab, label, 0)).to(tl.float32)
+    z = _softcapped(z, softcap, HAS_SOFTCAP)
+    loss = tl.where(ignored, 0.0, w * (lse - z))
+    tl.store(Loss + row, loss)
+    tl.store(Lse + row, lse)
+
+    if COMPUTE_GRAD:
+        g = w * tl.load(Scale + row * scale_stride).to(tl.float32)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            x = tl.load(logits + offs, mask=offs < V, other=0.0).to(tl.float32)
+            xc = _softcapped(x, softcap, HAS_SOFTCAP)
+            d = tl.exp(xc - lse) - tl.where(offs == label, 1.0, 0.0)
+            if HAS_SOFTCAP:
+                d = d * (1.0 - (xc / softcap) * (xc / softcap))  # d tanh
+            tl.store(grad + offs, (d * g).to(Grad.dtype.element_ty), mask=offs < V)
+
+
+# ----------------------------------------------------------------------------- row functions
+
+
+def _block_v(V: int, on_gpu: bool) -> int:
+    # GPU: 4096-wide blocks (16 KB fp32 per row block) keep enough loads in flight to stream the
+    # row at memory speed; the interpreter: 1024, so V = 1000 / 333 still exercise the masks
+    return min(4096 if on_gpu else 1024, triton.next_power_of_2(max(V, 16)))
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def triton_rows(logits, grad, labels, weights, scale, ignore_index, softcap, compute_grad):
+    """Row kernel launch: fills loss (T,) fp32 and lse (T,) fp32; writes gradients into `grad`
+    (which may be `logits` itself) when `compute_grad`."""
+    T, V = logits.shape
+    loss = torch.empty(T, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(T, dtype=torch.float32, device=logits.device)
+    if T == 0:
+        return loss, lse
+    on_gpu = _on_gpu(logits)
+    grad = logits if grad is None else grad
+    _weighted_cross_entropy_fwd_kernel[(T,)](
+        logits, logits.stride(0), grad, grad.stride(0), labels, weights if weights is not None else labels,
+        scale, 0 if scale.numel() == 1 else 1, loss, lse, V, ignore_index, softcap or 1.0,
+        HAS_WEIGHTS=weights is not None, HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad,
+        BLOCK_V=_block_v(V, on_gpu), num_warps=16 if on_gpu and V >= 32768 else 4,
+    )
+    return loss, lse
+
+
+def torch_rows(logits, grad, labels, weights, scale, ignore_index, softcap, compute_grad):
+    """The same contract as `triton_rows` in PyTorch (fp32 math): the CPU path without the
+    interpreter."""
+    x = logits.float()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    lse = torch.logsumexp(x, dim=-1)
+    ignored = labels == ignore_index
+    safe = torch.where(ignored, torch.zeros_like(labels), labels)
+    z = x.gather(1, safe[:, None])[:, 0]
+    w = torch.ones_like(lse) if weights is None else weights.float()
+    w = torch.where(ignored, torch.zeros_like(w), w)
+    loss = w * (lse - z)
+    if compute_grad:
+        d = torch.exp(x - lse[:, None])
+        d[torch.arange(len(safe)), safe] -= 1.0
+        if softcap is not None:
+            d *= 1.0 - (x / softcap) ** 2
+        d *= (w * scale.float().expand_as(w))[:, None]
+        (logits if grad is None else grad).copy_(d)
+    return loss, lse
+
+
+# ----------------------------------------------------------------------------- host passes
+
+
+def chunk_tokens(T: int, H: int, V: int) -> int:
+    """Tokens per chunk: the chunk's logits (chunk x V) take about as much memory as the hidden
+    states (T x H) themselves, so the extra memory is set by the inputs, never by T*V; at
+    T=32K, H=4096, V=128256 that is 1024 tokens (256 MB of bf16 logits)."""
+    if T == 0:
+        return 1
+    per = triton.next_power_of_2(triton.cdiv(T * H, V))
+    return max(1, min(T, per, 32768))
+
+
+def linear_cross_entropy_pass(rows, hidden, weight, bias, labels, weights, scale, ignore_index, softcap,
+                              compute_grad, need_weight_grad=True, need_bias_grad=True, chunk=None):
+    """Chunked lm-head + cross-entropy. Returns loss (T,) fp32, lse (T,) fp32, and when
+    `compute_grad` the gradients of hidden, weight and bias for per-token output scale `scale`."""
+    T, H = hidden.shape
+    V = weight.shape[0]
+    chunk = chunk or chunk_tokens(T, H, V)
+    loss = torch.empty(T, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(T, dtype=torch.float32, device=hidden.device)
+    gh = torch.empty_like(hidden) if compute_grad else None
+    # accumulated in the weight's dtype, as the matmul peers do: an fp32 copy of a 128K x 4K
+    # lm head would cost 2 GB of extra memory
+    gw = torch.zeros_like(weight) if compute_grad and need_weight_grad else None
+    gb = torch.zeros(V, dtype=torch.float32, device=hidden.device) if compute_grad and bias is not None \
+        and need_bias_grad else None
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        h = hidden[s:e]
+        logits = torch.addmm(bias.to(h.dtype), h, weight.t()) if bias is not None else h @ weight.t()
+        sc = scale if scale.numel() == 1 else scale[s:e]
+        loss[s:e], lse[s:e] = rows(logits, None, labels[s:e], None if weights is None else weights[s:e], sc,
+                                   ignore_index, softcap, compute_grad)
+        if compute_grad:  # logits now hold d loss / d logits
+            torch.mm(logits, weight, out=gh[s:e])
+            if gw is not None:
+                gw.addmm_(logits.t(), h)
+            if gb is not None:
+                gb += logits.sum(0, dtype=torch.float32)
+        del logits
+    return loss, lse, gh, gw, gb
+
+
+def _grad_scale(labels, weights, ignore_index, reduction, device):
+    """Per-token factor turning the token losses into the reduced loss: 1 for sum, 1/sum(w)
+    over non-ignored tokens for mean (0 when that sum is 0: an all-ignored batch gives loss 0
+    and zero gradients, not NaN)."""
+    if reduction == "sum":
+        return torch.ones(1, dtype=torch.float32, device=device)
+    kept = labels != ignore_index
+    denom = kept.sum(dtype=torch.float32) if weights is None else (weights.float() * kept).sum()
+    return torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(torch.float32).tiny),
+                       torch.zeros_like(denom)).reshape(1)
+
+
+def _reduce(loss, scale, reduction):
+    return loss if reduction == "none" else (loss.sum() * scale[0] if reduction == "mean" else loss.sum())
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """Saves only the computed gradients (scalar reductions) or the inputs ("none")."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, weights, ignore_index, reduction, softcap, rows):
+        need = ctx.needs_input_grad
+        compute_grad = reduction != "none" and (need[0] or need[1] or need[2])
+        scale = _grad_scale(labels, weights, ignore_index, reduction, hidden.device)
+        loss, _, gh, gw, gb = linear_cross_entropy_pass(rows, hidden, weight, bias, labels, weights, scale,
+                                                        ignore_index, softcap, compute_grad, need[1], need[2])
+        ctx.reduction, ctx.ignore_index, ctx.softcap, ctx.rows = reduction, ignore_index, softcap, rows
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, labels, weights)
+        else:
+            ctx.save_for_backward(gh, gw, gb)
+        return _reduce(loss, scale, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need = ctx.needs_input_grad
+        if ctx.reduction == "none":
+            hidden, weight, bias, labels, weights = ctx.saved_tensors
+            _, _, gh, gw, gb = linear_cross_entropy_pass(ctx.rows, hidden, weight, bias, labels, weights,
+                                                         grad_out.float().contiguous(), ctx.ignore_index,
+                                                         ctx.softcap, True, need[1], need[2])
+        else:
+            gh, gw, gb = ctx.saved_tensors
+            g = grad_out.reshape(())
+            # the common case (the loss is the objective, grad 1) skips three full-size multiplies
+            if not torch.equal(g, torch.ones_like(g)):
+                gh = gh * g.to(gh.dtype) if gh is not None else None
+                gw = gw * g.to(gw.dtype) if gw is not None else None
+                gb = gb * g if gb is not None else None
+        gb = gb.to(ctx.bias_dtype) if gb is not None else None
+        return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None,
+                None, None, None, None, None, None)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy on given logits. The user's logits are never overwritten."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, weights, ignore_index, reduction, softcap, rows):
+        compute_grad = reduction != "none" and ctx.needs_input_grad[0]
+        scale = _grad_scale(labels, weights, ignore_index, reduction, logits.device)
+        grad = torch.empty_like(logits) if compute_grad else None
+        loss, _ = rows(logits, grad if compute_grad else logits, labels, weights, scale, ignore_index, softcap,
+                       compute_grad)
+        ctx.reduction, ctx.ignore_index, ctx.softcap, ctx.rows = reduction, ignore_index, softcap, rows
+        if reduction == "none":
+            ctx.save_for_backward(logits, labels, weights)
+        else:
+            ctx.save_for_backward(grad)
+        return _reduce(loss, scale, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.reduction == "none":
+            logits, labels, weights = ctx.saved_tensors
+            grad = torch.empty_like(logits)
+            ctx.rows(logits, grad, labels, weights, grad_out.float().contiguous(), ctx.ignore_index, ctx.softcap,
+                     True)
+        else:
+            (grad,) = ctx.saved_tensors
+            grad = grad * grad_out.reshape(()).to(grad.dtype)
+        return grad, None, None, None, None, None, None
