@@ -6,11 +6,13 @@ Triton kernels under them (variable-length attention, token-weighted fused cross
 from ._validation import set_validation
 from .attention import varlen_attention
 from .cross_entropy import cross_entropy, fused_linear_cross_entropy, longalign_loss_weights, sequence_logprobs
+from . import losses
 from .packing import PackPlan, pack
+from .positions import synthesize_positions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PackPlan", "cross_entropy", "fused_linear_cross_entropy", "longalign_loss_weights", "pack",
-    "sequence_logprobs", "set_validation", "varlen_attention",
+    "losses", "sequence_logprobs", "set_validation", "synthesize_positions", "varlen_attention",
 ]

@@ -123,3 +123,93 @@ def sequence_logprobs(hidden, weight, labels, cu_seqlens, *, bias=None, ignore_i
         total = -nll[s:e].sum()
         out.append(total / n if average and n else total)
     return torch.stack(out) if out else nll.new_zeros(0)
+
+
+# ---------------------------------------------------------------- position synthesis (NumPy)
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z):
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _mulhi64(a, b):
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        m32 = np.uint64(0xFFFFFFFF)
+        s32 = np.uint64(32)
+        a_lo, a_hi, b_lo, b_hi = a & m32, a >> s32, b & m32, b >> s32
+        lo_lo, hi_lo, lo_hi, hi_hi = a_lo * b_lo, a_hi * b_lo, a_lo * b_hi, a_hi * b_hi
+        cross = (lo_lo >> s32) + (hi_lo & m32) + lo_hi
+        return hi_hi + (hi_lo >> s32) + (cross >> s32)
+
+
+def _uniform(seed, seq, chunk, lo, hi):
+    """NumPy twin of hash3 + uniform_int in csrc/common/hash.h (vectorised)."""
+    import numpy as np
+
+    h = _mix64(_mix64(_mix64(np.uint64(seed & _MASK64)) ^ seq.astype(np.uint64)) ^ chunk.astype(np.uint64))
+    span = (hi - lo).astype(np.uint64) + np.uint64(1)
+    return lo + _mulhi64(h, span).astype(np.int64)
+
+
+def synthesize_positions_numpy(lengths, target_len, *, method="logo", chunk_size=512, num_chunks=None,
+                               prefix_lens=None, suffix_lens=None, seed=0):
+    """An independent NumPy implementation of DESIGN.md's placement (vectorised over
+    sequences and tokens); the C++ twin must match it bitwise. Returns (T,) int64."""
+    import numpy as np
+
+    n = np.asarray(lengths, dtype=np.int64)
+    B = len(n)
+    T = np.broadcast_to(np.asarray(target_len, dtype=np.int64), (B,))
+    s = np.zeros(B, np.int64) if prefix_lens is None else np.broadcast_to(np.asarray(prefix_lens, np.int64), (B,))
+    q = np.zeros(B, np.int64) if suffix_lens is None else np.broadcast_to(np.asarray(suffix_lens, np.int64), (B,))
+    c = n - s - q
+    G = T - n
+    if num_chunks:
+        N = np.where(c > 0, np.minimum(num_chunks, np.maximum(c, 1)), 0)
+    else:
+        N = np.where(c > 0, (c + chunk_size - 1) // chunk_size, 0)
+    # chunk offsets, one column per chunk index (sequential over j for "pose")
+    maxN = int(N.max()) if B else 0
+    offsets = np.zeros((B, max(maxN, 1)), np.int64)
+    seq = np.arange(B, dtype=np.int64)
+    prev = np.zeros(B, np.int64)
+    for j in range(maxN):
+        live = (N > j) & (G > 0) & (method != "contiguous")
+        jj = np.full(B, j, np.int64)
+        if method == "logo":
+            Ns = np.maximum(N, 1)
+            o = _uniform(seed, seq, jj, (j * G) // Ns, ((j + 1) * G) // Ns)
+        elif method == "pose":
+            o = np.zeros(B, np.int64) if j == 0 else _uniform(seed, seq, jj, prev, np.maximum(G, prev))
+        else:
+            o = np.zeros(B, np.int64)
+        o = np.where(live, o, 0)
+        offsets[:, j] = o
+        prev = np.where(N > j, o, prev)
+    # per token
+    tok_seq = np.repeat(seq, n)
+    starts = np.repeat(np.cumsum(n) - n, n)
+    t = np.arange(int(n.sum()), dtype=np.int64) - starts
+    ss, cc, NN = s[tok_seq], c[tok_seq], N[tok_seq]
+    m = t - ss
+    if num_chunks:
+        NNs = np.maximum(NN, 1)
+        base, rem = cc // NNs, cc % NNs
+        head = rem * (base + 1)
+        j = np.where(m < head, m // (base + 1), rem + (m - head) // np.maximum(base, 1))
+    else:
+        j = m // chunk_size
+    j = np.clip(np.where(m < cc, j, NN - 1), 0, None)
+    off = offsets[tok_seq, np.minimum(j, max(maxN, 1) - 1)]
+    in_middle_or_suffix = (t >= ss) & (cc > 0)
+    return t + np.where(in_middle_or_suffix, off, 0)

@@ -1,0 +1,103 @@
+"""Preference losses on packed batches, fed by :func:`longalign_ops.sequence_logprobs`.
+
+Chosen and rejected answers of a prompt live in the same packed batch; their per-sequence
+log-probs come from one ``sequence_logprobs`` call. Every loss returns the mean over the batch.
+
+- ``logo_loss``: LOGO (Tang et al. 2024, eq. 2-3), reference-free, M rejected answers.
+- ``simpo_loss``: SimPO (Meng et al. 2024), reference-free, one rejected answer.
+- ``dpo_loss``: DPO (Rafailov et al. 2023).
+- ``longpo_loss``: LongPO (Chen et al. 2025): DPO on the long-context input whose reference
+  log-probs are taken on the short prompt, plus an NLL term on the chosen answer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import check_finite_number, check_tensor
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _vector(name: str, t, B: Optional[int] = None) -> torch.Tensor:
+    check_tensor(name, t, ndim=1, dtypes=_FLOAT)
+    if B is not None and t.shape[0] != B:
+        raise ValueError(f"{name} must have {B} entries (one per example), got {t.shape[0]}")
+    return t.float()
+
+
+def logo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *, beta: float, gamma: float,
+              chosen_nll: Optional[torch.Tensor] = None, sft_weight: float = 0.0) -> torch.Tensor:
+    """``mean_b[-log sigmoid(beta * (c_b - mean_j r_bj) - gamma) + sft_weight * nll_b]``.
+
+    Args:
+        chosen_logps: ``(B,)`` length-averaged log-probs of the chosen answers
+            (``sequence_logprobs(..., average=True)``).
+        rejected_logps: ``(B, M)`` (or ``(B,)`` for M = 1) length-averaged log-probs of the
+            M rejected answers of each prompt.
+        beta, gamma: reward scale and target margin.
+        chosen_nll: ``(B,)`` the SFT term per example; default ``-chosen_logps`` (the
+            length-averaged NLL of the chosen answer).
+        sft_weight: weight of the SFT term (LOGO's lambda).
+    """
+    beta = check_finite_number("beta", beta)
+    gamma = check_finite_number("gamma", gamma)
+    sft_weight = check_finite_number("sft_weight", sft_weight, minimum=0.0)
+    c = _vector("chosen_logps", chosen_logps)
+    check_tensor("rejected_logps", rejected_logps, dtypes=_FLOAT)
+    r = rejected_logps.float()
+    if r.dim() == 1:
+        r = r[:, None]
+    if r.dim() != 2 or r.shape[0] != c.shape[0] or r.shape[1] < 1:
+        raise ValueError(f"rejected_logps must be ({c.shape[0]}, M) with M >= 1, got {tuple(rejected_logps.shape)}")
+    loss = -F.logsigmoid(beta * (c - r.mean(1)) - gamma)
+    if sft_weight:
+        nll = -c if chosen_nll is None else _vector("chosen_nll", chosen_nll, c.shape[0])
+        loss = loss + sft_weight * nll
+    return loss.mean()
+
+
+def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *, beta: float = 2.0,
+               gamma: float = 0.5) -> torch.Tensor:
+    """SimPO: ``mean[-log sigmoid(beta * (c - r) - gamma)]`` on length-averaged log-probs ``(B,)``."""
+    c = _vector("chosen_logps", chosen_logps)
+    r = _vector("rejected_logps", rejected_logps, c.shape[0])
+    beta = check_finite_number("beta", beta)
+    gamma = check_finite_number("gamma", gamma)
+    return (-F.logsigmoid(beta * (c - r) - gamma)).mean()
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, *, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO: ``mean[-log sigmoid(beta * ((pc - rc) - (pr - rr)))]`` on summed log-probs ``(B,)``.
+    ``label_smoothing`` eps gives the conservative variant (cDPO):
+    ``-(1-eps) log sigmoid(z) - eps log sigmoid(-z)``."""
+    pc = _vector("policy_chosen", policy_chosen)
+    B = pc.shape[0]
+    pr = _vector("policy_rejected", policy_rejected, B)
+    rc = _vector("ref_chosen", ref_chosen, B)
+    rr = _vector("ref_rejected", ref_rejected, B)
+    beta = check_finite_number("beta", beta)
+    eps = check_finite_number("label_smoothing", label_smoothing, minimum=0.0)
+    if eps > 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {eps}")
+    z = beta * ((pc - rc) - (pr - rr))
+    return (-(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)).mean()
+
+
+def longpo_loss(policy_chosen_long: torch.Tensor, policy_rejected_long: torch.Tensor, ref_chosen_short: torch.Tensor,
+                ref_rejected_short: torch.Tensor, *, beta: float = 0.1, chosen_nll: Optional[torch.Tensor] = None,
+                nll_weight: float = 0.0) -> torch.Tensor:
+    """LongPO: DPO whose policy log-probs are taken with the long-context prompt and whose
+    reference log-probs are taken with the short prompt the answers were generated from (the
+    short-to-long constraint), plus ``nll_weight`` times the chosen answer's NLL ``(B,)``
+    (default: ``-policy_chosen_long``)."""
+    loss = dpo_loss(policy_chosen_long, policy_rejected_long, ref_chosen_short, ref_rejected_short, beta)
+    nll_weight = check_finite_number("nll_weight", nll_weight, minimum=0.0)
+    if nll_weight:
+        pc = _vector("policy_chosen_long", policy_chosen_long)
+        nll = -pc if chosen_nll is None else _vector("chosen_nll", chosen_nll, pc.shape[0])
+        loss = loss + nll_weight * nll.mean()
+    return loss
