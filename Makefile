@@ -17,7 +17,7 @@ test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 demo: install
-	$(PY) train/demo.py --out runs/demo
+	$(PY) bench/bench_e2e.py --preset tiny --world-size 8 --out runs/demo
 
 bench-cpu: install
 	$(PY) bench/bench_packer.py

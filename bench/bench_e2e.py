@@ -1,0 +1,171 @@
+"""End-to-end benchmark: what LongAlign's figure 5 measures, on one device.
+
+    python bench/bench_e2e.py --preset tiny --out DIR [--world-size 8] [--convergence-steps 300]
+
+Trains the same model (same initial weights) on the same data, one epoch (every sequence once),
+under naive batching, sorted batching, packing, and packing with LongAlign loss weighting.
+Data-parallel idle time is emulated faithfully: each step runs every rank's micro-batch one
+after another, times each, and counts the step as its slowest rank's time (what a synchronous
+data-parallel step waits for). Writes DIR/e2e.csv and DIR/e2e.png.
+
+With --convergence-steps N it also trains naive and packing+weighting for N steps each and
+plots both loss curves against sequences seen, with a common held-out metric (the mean over
+sequences of their per-token loss), in DIR/convergence.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "train"))
+from common import write_csv  # noqa: E402
+
+import train  # noqa: E402
+import longalign_ops as la  # noqa: E402
+
+STRATEGIES = {
+    "naive": ["--strategy", "naive", "--no-loss-weighting"],
+    "sorted": ["--strategy", "sorted", "--no-loss-weighting"],
+    "packing": ["--strategy", "packing", "--no-loss-weighting"],
+    "packing+weighting": ["--strategy", "packing", "--loss-weighting"],
+}
+
+
+def epoch_steps(common, strategy_args):
+    cfg = train.parse_args(common + strategy_args)
+    units = train.load_units(cfg, print)
+    lengths = [len(u["input_ids"]) for u in units]
+    return train.make_plan(cfg, lengths, cfg.world_size, 0).num_steps
+
+
+def summarise(name, history, world):
+    timed = history[1:] if len(history) > 1 else history  # step 1 carries one-time start-up costs
+    slowest = np.array([r["slowest_rank_ms"] for r in timed])
+    rank_ms = np.array([r["rank_ms"] for r in timed])
+    real = sum(r["real_tokens"] for r in timed)
+    slots = sum(r["real_tokens"] / max(1e-9, 1 - r["padding_ratio"]) for r in timed)
+    return dict(strategy=name, tokens_per_s=real / (slowest.sum() / 1e3), step_ms=float(slowest.mean()),
+                padding_ratio=1 - real / slots, idle_ratio=float((slowest[:, None] - rank_ms).sum() / (world * slowest.sum())),
+                steps=len(history), timed_steps=len(timed), real_tokens=real, final_loss=history[-1]["loss"])
+
+
+def held_out_loss(model, cfg, device) -> float:
+    """Mean over held-out sequences of their per-token loss: one metric for every strategy."""
+    rng = np.random.default_rng(10_000 + cfg.seed)
+    eval_cfg = train.parse_args(["--preset", cfg.preset, "--num-samples", "64", "--window", str(cfg.window)])
+    seqs = train.sft_sequences(train.embedded_dataset(eval_cfg, rng))
+    model.eval()
+    vals = []
+    with torch.no_grad():
+        for s in seqs:
+            ids = torch.from_numpy(s["input_ids"]).to(device)[None]
+            hidden = model.model(input_ids=ids).last_hidden_state[0]
+            labels = torch.from_numpy(s["labels"]).to(device)
+            vals.append(la.fused_linear_cross_entropy(hidden.float(), model.lm_head.weight.float(), labels).item())
+    return float(np.mean(vals))
+
+
+def plot_bars(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    names = [r["strategy"] for r in rows]
+    vals = [r["tokens_per_s"] for r in rows]
+    bars = ax.bar(names, vals, color=["#999999", "#6f9fd8", "#2f7f4f", "#1f5f3f"][: len(rows)])
+    for b, r in zip(bars, rows):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x\n"
+                f"pad {r['padding_ratio']:.0%}, idle {r['idle_ratio']:.0%}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("real tokens / s (slowest rank per step)")
+    ax.set_title(f"end-to-end training throughput ({rows[0].get('device', '')}, {rows[0]['world_size']} ranks emulated)")
+    ax.margins(y=0.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def convergence(common, steps, out, device):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    rows = []
+    for name in ("naive", "packing+weighting"):
+        res = train.main(common + STRATEGIES[name] + ["--max-steps", str(steps), "--out",
+                                                     os.path.join(out, f"conv-{name}"), "--warmup-steps", "20"])
+        hist = res["history"]
+        seen = np.cumsum([r["sequences"] for r in hist])
+        ax.plot(seen, [r["loss"] for r in hist], label=f"{name} (training objective)", alpha=0.8)
+        rows.append(dict(strategy=name, steps=steps, sequences_seen=int(seen[-1]),
+                         held_out_loss=held_out_loss(res["model"], res["config"], device)))
+    ax.set_xlabel("sequences seen")
+    ax.set_ylabel("loss")
+    ax.set_title("held-out loss: " + ", ".join(f"{r['strategy']} {r['held_out_loss']:.3f}" for r in rows), fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out, "convergence.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return rows, path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--out", default="runs/e2e")
+    ap.add_argument("--world-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=None, help="naive/sorted sequences per rank (default: preset)")
+    ap.add_argument("--num-samples", type=int, default=None)
+    ap.add_argument("--max-steps", type=int, default=None, help="cap steps per strategy (default: one epoch)")
+    ap.add_argument("--convergence-steps", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = args.batch_size or (4 if args.preset == "tiny" else 1)
+    common = ["--preset", args.preset, "--world-size", str(args.world_size), "--batch-size", str(batch),
+              "--seed", str(args.seed), "--no-plot", "--log-every", "1000000"]
+    if args.num_samples:
+        common += ["--num-samples", str(args.num_samples)]
+    rows = []
+    for name, extra in STRATEGIES.items():
+        steps = epoch_steps(common, extra)
+        if args.max_steps:
+            steps = min(steps, args.max_steps)
+        print(f"{name}: {steps} steps")
+        res = train.main(common + extra + ["--max-steps", str(steps), "--out", os.path.join(args.out, name)])
+        rows.append(dict(summarise(name, res["history"], args.world_size), preset=args.preset,
+                         world_size=args.world_size, batch_size=batch))
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["speedup_vs_naive"] = r["tokens_per_s"] / base
+    csv_path = write_csv(os.path.join(args.out, "e2e.csv"), rows)
+    png = os.path.join(args.out, "e2e.png")
+    plot_bars([dict(r, device=r.get("device", "")) for r in rows], png)
+    print(f"\n{'strategy':>18} {'tokens/s':>10} {'step ms':>9} {'padding':>8} {'idle':>6} {'vs naive':>8}")
+    for r in rows:
+        print(f"{r['strategy']:>18} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {r['padding_ratio']:>8.3f} "
+              f"{r['idle_ratio']:>6.3f} {r['speedup_vs_naive']:>7.2f}x")
+    print(f"\ntable: {csv_path}\nplot:  {png}")
+    if args.convergence_steps:
+        conv, conv_png = convergence(common, args.convergence_steps, args.out, device)
+        write_csv(os.path.join(args.out, "convergence.csv"), conv)
+        for r in conv:
+            print(f"convergence {r['strategy']:>18}: held-out loss {r['held_out_loss']:.4f} after "
+                  f"{r['sequences_seen']} sequences")
+        print(f"plot:  {conv_png}")
+
+
+if __name__ == "__main__":
+    main()

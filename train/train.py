@@ -1,0 +1,506 @@
+"""Minimal long-context alignment training: SFT with naive / sorted / packed batching (LongAlign)
+and LOGO preference training, on a transformers Llama model, with every longalign_ops op.
+
+    python train/train.py --preset tiny --strategy packing --objective sft --max-steps 8 --out runs/x
+    torchrun --nproc_per_node=2 train/train.py --preset tiny ...       (DDP: gloo on CPU, nccl on GPU)
+
+Reads top to bottom: config, small helpers (model, data, batches, loss), one loop.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import longalign_ops as la
+import longalign_ops.integrations.transformers  # noqa: F401  registers attn_implementation="longalign"
+from longalign_ops.losses import logo_loss
+
+# ----------------------------------------------------------------------------- config
+
+PRESETS = {
+    # a couple of million parameters: seconds per step on a 2-core CPU
+    "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+                 intermediate_size=512, vocab_size=1024, window=512, num_samples=512, short_len=48),
+    # ~0.45B parameters, 64K window: one H100/H200
+    "small": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=4,
+                  intermediate_size=2816, vocab_size=32000, window=65536, num_samples=2048, short_len=700),
+}
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    model: Optional[str] = None         # local model dir (nothing is fetched from a hub)
+    data: Optional[str] = None          # JSONL of {"messages": [...]}; default: embedded retrieval task
+    tokenizer: Optional[str] = None     # local tokenizer dir for --data
+    strategy: str = "packing"           # naive | sorted | packing
+    loss_weighting: Optional[bool] = None  # LongAlign K/(N_i M); default: on with packing
+    objective: str = "sft"              # sft | logo
+    max_steps: int = 8
+    out: str = "runs/train"
+    seed: int = 0
+    lr: float = 2e-3
+    warmup_steps: int = 4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    world_size: int = 1                 # ranks emulated in one process (torchrun sets real ranks)
+    batch_size: int = 4                 # sequences per rank per step (naive, sorted)
+    window: Optional[int] = None        # max tokens per pack / sequence (preset default)
+    num_samples: Optional[int] = None
+    grad_checkpointing: bool = False
+    resume: bool = False
+    ckpt_every: int = 0                 # 0: only at the end
+    log_every: int = 1
+    # LOGO
+    num_rejected: int = 2
+    target_window: int = 4              # synthesised positions cover window * target_window
+    beta: float = 3.0
+    gamma: float = 0.3
+    sft_weight: float = 0.1
+    plot: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def parse_args(argv=None) -> Config:
+    cfg = Config()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, value in asdict(cfg).items():
+        if name == "extra":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif name == "loss_weighting":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = type(value) if value is not None else (int if name in ("window", "num_samples") else str)
+            ap.add_argument(flag, type=kind, default=value)
+    args = ap.parse_args(argv)
+    cfg = Config(**{k: v for k, v in vars(args).items()})
+    if cfg.preset not in PRESETS:
+        ap.error(f"--preset must be one of {list(PRESETS)}")
+    if cfg.strategy not in ("naive", "sorted", "packing"):
+        ap.error("--strategy must be naive, sorted or packing")
+    if cfg.objective not in ("sft", "logo"):
+        ap.error("--objective must be sft or logo")
+    preset = PRESETS[cfg.preset]
+    cfg.window = cfg.window or preset["window"]
+    cfg.num_samples = cfg.num_samples or preset["num_samples"]
+    if cfg.loss_weighting is None:
+        cfg.loss_weighting = cfg.strategy == "packing" and cfg.objective == "sft"
+    return cfg
+
+
+# ----------------------------------------------------------------------------- helpers: model
+
+
+def build_model(cfg: Config, device: torch.device):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if cfg.model:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, attn_implementation="longalign")
+    else:
+        p = PRESETS[cfg.preset]
+        mc = LlamaConfig(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"],
+                         intermediate_size=p["intermediate_size"], num_hidden_layers=p["num_hidden_layers"],
+                         num_attention_heads=p["num_attention_heads"], num_key_value_heads=p["num_key_value_heads"],
+                         max_position_embeddings=cfg.window * max(1, cfg.target_window), rope_theta=10000.0,
+                         tie_word_embeddings=False)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank and every strategy
+        model = LlamaForCausalLM._from_config(mc, attn_implementation="longalign")
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device)
+
+
+class CausalLMWithLoss(torch.nn.Module):
+    """The model body plus our loss: DDP wraps this, so its gradient hooks see every step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, mb, loss_fn):
+        out = self.model.model(input_ids=mb["input_ids"][None], position_ids=mb["position_ids"][None],
+                               cu_seq_lens_q=mb["cu_seqlens"], cu_seq_lens_k=mb["cu_seqlens"],
+                               max_length_q=mb["max_len"], max_length_k=mb["max_len"])
+        hidden = out.last_hidden_state[0]
+        weight = self.model.lm_head.weight
+        return loss_fn(hidden, weight.to(hidden.dtype), mb)
+
+
+# ----------------------------------------------------------------------------- helpers: data
+
+PAD, BOS, EOS, SEP, QUERY, ANSWER = 0, 1, 2, 3, 4, 5
+FIRST_KEY = 16
+
+
+def retrieval_sample(rng, n_pairs: int, vocab: int):
+    """Key-value retrieval: BOS (k v1 v2 SEP)*n QUERY k* ANSWER v1* v2* EOS; the answer (v1*,
+    v2*, EOS) is the only target. Needs attention across the whole context, so long samples
+    teach long-range retrieval."""
+    n_keys = (vocab - FIRST_KEY) // 3
+    keys = rng.choice(n_keys, size=n_pairs, replace=False) + FIRST_KEY
+    values = rng.integers(FIRST_KEY + n_keys, vocab, size=(n_pairs, 2))
+    q = int(rng.integers(n_pairs))
+    body = np.stack([keys, values[:, 0], values[:, 1], np.full(n_pairs, SEP)], 1).reshape(-1)
+    prompt = np.concatenate([[BOS], body, [QUERY, keys[q], ANSWER]])
+    return prompt, values, q
+
+
+def embedded_dataset(cfg: Config, rng) -> List[dict]:
+    """LongAlign-like length mix: 85% short (log-normal), 15% spread evenly up to the window."""
+    p = PRESETS[cfg.preset]
+    max_pairs = (cfg.window - 8) // 4
+    samples = []
+    for _ in range(cfg.num_samples):
+        if rng.random() < 0.15:
+            n_pairs = int(rng.integers(max(1, max_pairs // 4), max_pairs + 1))
+        else:
+            n_pairs = int(np.clip(rng.lognormal(math.log(p["short_len"] / 4), 0.6), 1, max_pairs))
+        n_pairs = min(n_pairs, (p["vocab_size"] - FIRST_KEY) // 3)
+        prompt, values, q = retrieval_sample(rng, n_pairs, p["vocab_size"])
+        answers = [np.concatenate([values[q], [EOS]])]
+        wrong = [j for j in range(n_pairs) if j != q]
+        for j in rng.permutation(wrong)[: cfg.num_rejected] if wrong else []:
+            answers.append(np.concatenate([values[j], [EOS]]))
+        samples.append(dict(prompt=prompt, answers=answers))
+    return samples
+
+
+def jsonl_dataset(cfg: Config, log) -> List[dict]:
+    """{"messages": [{"role", "content"}, ...]} records, tokenised with a local tokenizer; the
+    assistant turns are the targets. Bad records are reported with their number and skipped."""
+    from transformers import AutoTokenizer
+
+    if not cfg.tokenizer:
+        raise SystemExit("--data needs --tokenizer (a local tokenizer directory)")
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
+    samples, errors = [], []
+    with open(cfg.data, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                msgs = rec["messages"]
+                if not msgs or not any(m.get("role") == "assistant" and m.get("content") for m in msgs):
+                    raise ValueError("no assistant message with content")
+                ids, target = [], []
+                for m in msgs:
+                    piece = tok.encode(f"<|{m['role']}|>\n{m['content']}\n", add_special_tokens=False)
+                    ids += piece
+                    target += [m["role"] == "assistant"] * len(piece)
+                if len(ids) + 1 > cfg.window:
+                    raise ValueError(f"{len(ids) + 1} tokens, longer than the window ({cfg.window})")
+                samples.append(dict(ids=np.array([tok.bos_token_id or 0] + ids), target=np.array([False] + target)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                errors.append((lineno, str(e)))
+    for lineno, msg in errors[:20]:
+        log(f"data: record {lineno} skipped: {msg}")
+    if len(errors) > 20:
+        log(f"data: ... and {len(errors) - 20} more records skipped")
+    if not samples:
+        raise SystemExit(f"data: no usable record in {cfg.data} ({len(errors)} skipped)")
+    return samples
+
+
+def sft_sequences(samples) -> List[dict]:
+    """(input_ids, labels) per sequence; labels already shifted: label t is token t+1 when that
+    token is a target, else -100."""
+    seqs = []
+    for s in samples:
+        if "ids" in s:
+            ids, target = s["ids"], s["target"]
+        else:
+            ids = np.concatenate([s["prompt"], s["answers"][0]])
+            target = np.concatenate([np.zeros(len(s["prompt"]), bool), np.ones(len(s["answers"][0]), bool)])
+        labels = np.full(len(ids), -100, np.int64)
+        labels[:-1] = np.where(target[1:], ids[1:], -100)
+        seqs.append(dict(input_ids=ids.astype(np.int64), labels=labels))
+    return seqs
+
+
+def logo_groups(samples, num_rejected: int) -> List[List[dict]]:
+    """One group per prompt: prompt + chosen answer, then prompt + each rejected answer (prompts
+    with fewer than `num_rejected` wrong answers are left out)."""
+    groups = []
+    for s in samples:
+        group = []
+        for ans in s["answers"]:
+            ids = np.concatenate([s["prompt"], ans]).astype(np.int64)
+            labels = np.full(len(ids), -100, np.int64)
+            labels[len(s["prompt"]) - 1:-1] = ans
+            group.append(dict(input_ids=ids, labels=labels, answer_len=len(ans)))
+        if len(group) == 1 + num_rejected:
+            groups.append(group)
+    return groups
+
+
+# ----------------------------------------------------------------------------- helpers: batches
+
+
+def make_plan(cfg: Config, units_lengths, ranks: int, epoch: int):
+    strategy = {"packing": "bfd"}.get(cfg.strategy, cfg.strategy)
+    return la.pack(units_lengths, cfg.window, strategy=strategy, world_size=ranks, batch_size=cfg.batch_size,
+                   overlong="drop", seed=cfg.seed + epoch)
+
+
+def micro_batch(cfg: Config, units, idx, device):
+    """Flat tokens + cu_seqlens for one rank's micro-batch. Packed: sequences back to back.
+    Naive / sorted: each sequence right-padded to the batch's longest, one row per sequence, so
+    the padding costs what it costs in a padded batch. A rank with nothing gets one ignored
+    token (it still joins DDP's gradient averaging)."""
+    seqs = [s for i in idx for s in (units[i] if isinstance(units[i], list) else [units[i]])]
+    if not seqs:
+        seqs = [dict(input_ids=np.array([PAD]), labels=np.array([-100]))]
+    padded = cfg.strategy != "packing"
+    L = max(len(s["input_ids"]) for s in seqs)
+    ids, labels, pos, lens = [], [], [], []
+    for s in seqs:
+        n = len(s["input_ids"])
+        pad = L - n if padded else 0
+        ids.append(np.concatenate([s["input_ids"], np.full(pad, PAD)]))
+        labels.append(np.concatenate([s["labels"], np.full(pad, -100)]))
+        lens.append(n + pad)
+        pos.append(np.arange(n + pad))
+    real = sum(len(s["input_ids"]) for s in seqs) if idx else 0
+    t = lambda a, dt=torch.int64: torch.from_numpy(np.concatenate(a)).to(device=device, dtype=dt)  # noqa: E731
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=device)
+    return dict(input_ids=t(ids), labels=t(labels), position_ids=t(pos), cu_seqlens=cu, max_len=int(max(lens)),
+                real_tokens=real, slots=int(sum(lens)) if idx else 0, seqs=seqs, num_units=len(idx))
+
+
+def logo_positions(cfg: Config, mb):
+    """Synthesised ids over window * target_window; the answer stays contiguous (suffix)."""
+    suffix = [s["answer_len"] + 2 if "answer_len" in s else 0 for s in mb["seqs"]]
+    lens = mb["cu_seqlens"].diff().cpu()
+    target = lens * max(1, cfg.target_window)
+    return la.synthesize_positions(mb["cu_seqlens"], target, method="logo", chunk_size=64,
+                                   suffix_lens=torch.tensor(suffix).clamp(max=lens), seed=cfg.seed)
+
+
+# ----------------------------------------------------------------------------- helpers: loss
+
+
+def make_loss_fn(cfg: Config, step_ranks: int, step_sequences: int, scale: float):
+    """The per-micro-batch loss. With LongAlign weighting: sum_t K/(N_i M) nll_t (K ranks, M
+    sequences in the optimisation step), so DDP's average over ranks gives each sequence equal
+    weight; otherwise the token mean. `scale` folds in gradient accumulation and emulated ranks."""
+
+    def sft(hidden, weight, mb):
+        if cfg.loss_weighting:
+            w = la.longalign_loss_weights(mb["cu_seqlens"], mb["labels"], num_packs=step_ranks,
+                                          num_sequences=max(1, step_sequences))
+            loss = la.fused_linear_cross_entropy(hidden, weight, mb["labels"], token_weights=w, reduction="sum")
+        else:
+            loss = la.fused_linear_cross_entropy(hidden, weight, mb["labels"], reduction="mean")
+        return loss * scale
+
+    def logo(hidden, weight, mb):
+        if mb["num_units"] == 0:  # an idle rank: zero loss that still touches every parameter (DDP)
+            return (hidden.sum() + weight.sum()) * 0.0
+        logps = la.sequence_logprobs(hidden, weight, mb["labels"], mb["cu_seqlens"], average=True)
+        per_group = 1 + cfg.num_rejected
+        groups = logps.view(-1, per_group)  # logo_groups keeps only complete groups
+        return logo_loss(groups[:, 0], groups[:, 1:], beta=cfg.beta, gamma=cfg.gamma, sft_weight=cfg.sft_weight) * scale
+
+    return logo if cfg.objective == "logo" else sft
+
+
+def count_targets(units, idx) -> int:
+    seqs = [s for i in idx for s in (units[i] if isinstance(units[i], list) else [units[i]])]
+    return sum(int((s["labels"] != -100).any()) for s in seqs)
+
+
+# ----------------------------------------------------------------------------- helpers: run
+
+
+def setup_distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return rank, world
+    return 0, 1
+
+
+def lr_lambda(cfg: Config):
+    def f(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def plot_loss(metrics_path: str, png: str) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in open(metrics_path)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def load_units(cfg: Config, log):
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.objective == "logo":
+        if cfg.data:
+            raise SystemExit("--objective logo uses the embedded retrieval task (chosen + rejected answers)")
+        return logo_groups(embedded_dataset(cfg, rng), cfg.num_rejected)
+    return sft_sequences(jsonl_dataset(cfg, log) if cfg.data else embedded_dataset(cfg, rng))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def main(argv=None, step_hook=None) -> dict:
+    cfg = parse_args(argv)
+    rank, world = setup_distributed()
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    emulated = cfg.world_size if world == 1 else 1  # ranks run one after another in this process
+    ranks = world * emulated
+    os.makedirs(cfg.out, exist_ok=True)
+    is_main = rank == 0
+
+    from tqdm import tqdm
+
+    log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
+    units = load_units(cfg, log)
+    lengths = [sum(len(s["input_ids"]) for s in u) if isinstance(u, list) else len(u["input_ids"]) for u in units]
+    model = build_model(cfg, device)
+    wrapped = CausalLMWithLoss(model)
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    start = 0
+    if cfg.resume and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+        if is_main and os.path.exists(metrics_path):  # keep the history up to the checkpoint
+            kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start]
+            open(metrics_path, "w").writelines(kept)
+        log(f"resumed from {ckpt_path} at step {start}")
+    elif is_main and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{cfg.preset}: {n_params / 1e6:.1f}M parameters, {len(units)} units, strategy={cfg.strategy}, "
+        f"objective={cfg.objective}, weighting={cfg.loss_weighting}, ranks={ranks} ({world} processes), "
+        f"device={device}")
+
+    plans, history = {}, []
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not is_main or not sys.stderr.isatty(), dynamic_ncols=True,
+               leave=False)
+    for step in range(start, cfg.max_steps):
+        # an optimisation step = grad_accum plan steps; the data order is a pure function of
+        # (seed, step), so a resumed run sees exactly the batches it would have seen
+        plan_steps = []
+        for a in range(cfg.grad_accum):
+            k = step * cfg.grad_accum + a
+            epoch = 0
+            while True:
+                if epoch not in plans:
+                    plans[epoch] = make_plan(cfg, lengths, ranks, epoch)
+                if k < plans[epoch].num_steps:
+                    break
+                k -= plans[epoch].num_steps
+                epoch += 1
+            plan_steps.append(plans[epoch].steps[k])
+        step_sequences = sum(count_targets(units, pack) for ps in plan_steps for pack in ps)
+        loss_fn = make_loss_fn(cfg, ranks, step_sequences, 1.0 / (cfg.grad_accum * emulated))
+        t0 = time.perf_counter()
+        total_loss, real, slots, rank_ms = 0.0, 0, 0, [0.0] * emulated
+        for a, ps in enumerate(plan_steps):
+            for e in range(emulated):
+                r = rank * emulated + e if world > 1 else e
+                t_rank = time.perf_counter()
+                mb = micro_batch(cfg, units, ps[r], device)
+                if cfg.objective == "logo":
+                    mb["position_ids"] = logo_positions(cfg, mb)
+                sync = wrapped.no_sync() if world > 1 and a < len(plan_steps) - 1 else contextlib.nullcontext()
+                with sync, autocast:
+                    loss = wrapped(mb, loss_fn)
+                    loss.backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                rank_ms[e] += (time.perf_counter() - t_rank) * 1e3
+                total_loss += loss.item()
+                real += mb["real_tokens"]
+                slots += mb["slots"]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ms = (time.perf_counter() - t0) * 1e3
+        stats = torch.tensor([total_loss, real, slots], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(stats)
+        loss_value = stats[0].item() / world
+        row = dict(step=step + 1, loss=loss_value, tokens_per_s=stats[1].item() / (ms / 1e3),
+                   padding_ratio=1.0 - stats[1].item() / max(1.0, stats[2].item()), ms=ms,
+                   slowest_rank_ms=max(rank_ms), rank_ms=rank_ms, lr=sched.get_last_lr()[0],
+                   real_tokens=int(stats[1].item()), sequences=step_sequences)
+        history.append(row)
+        if is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if (step + 1) % cfg.log_every == 0:
+                log(f"step {step + 1:5d} | loss {loss_value:.4f} | {row['tokens_per_s']:9.0f} tok/s | "
+                    f"padding {row['padding_ratio']:.3f} | {ms:8.1f} ms")
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+        if is_main and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.max_steps:
+            torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                            step=step + 1, config=asdict(cfg)), ckpt_path)
+        if step_hook is not None:  # after the step is complete (and checkpointed)
+            step_hook(row)
+    bar.close()
+    if is_main:
+        torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                        step=cfg.max_steps, config=asdict(cfg)), ckpt_path)
+        png = plot_loss(metrics_path, os.path.join(cfg.out, "loss.png")) if cfg.plot and history else None
+        log(f"done: {cfg.out}/metrics.jsonl" + (f", {png}" if png else ""))
+    checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+    with open(os.path.join(cfg.out, f"rank{rank}.json"), "w") as f:
+        json.dump(dict(rank=rank, param_checksum=checksum, losses=[h["loss"] for h in history]), f)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return dict(history=history, checksum=checksum, model=model, config=cfg)
+
+
+if __name__ == "__main__":
+    main()
