@@ -43,6 +43,31 @@ def _tile_coords(pid, tile_seq, tile_block, TILE_LIST: tl.constexpr, BLOCKS_PER_
 
 
 @triton.jit
+def _sequence_bounds(cu_q, cu_k, seq):
+    """Start and length of sequence `seq` on the query side and on the key side."""
+    q_start = tl.load(cu_q + seq)
+    k_start = tl.load(cu_k + seq)
+    return q_start, tl.load(cu_q + seq + 1) - q_start, k_start, tl.load(cu_k + seq + 1) - k_start
+
+
+@triton.jit
+def _load_rows(base, first_row, rows, row_valid, stride_t, head_offset, offs_d, d_valid):
+    """A (rows x head dim) tile of one head; int64 row offsets, as total * heads * dim may pass 2^31."""
+    r = (first_row + rows).to(tl.int64)
+    return tl.load(base + r[:, None] * stride_t + head_offset + offs_d[None, :],
+                   mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+
+
+@triton.jit
+def _key_limit(len_q, len_k, mblk, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """One past the last key that row block `mblk` can see (bottom-right causal alignment)."""
+    hi = len_k
+    if IS_CAUSAL:
+        hi = tl.minimum(len_k, tl.maximum((mblk + 1) * BLOCK_M + len_k - len_q, 0))
+    return hi
+
+
+@triton.jit
 def _varlen_attention_fwd_kernel(
     Q, K, V, Out, Lse, cu_q, cu_k, tile_seq, tile_block,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -54,10 +79,7 @@ def _varlen_attention_fwd_kernel(
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
     kh = h // GROUP
-    q_start = tl.load(cu_q + seq)
-    len_q = tl.load(cu_q + seq + 1) - q_start
-    k_start = tl.load(cu_k + seq)
-    len_k = tl.load(cu_k + seq + 1) - k_start
+    q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq)
     if mblk * BLOCK_M >= len_q:
         return
 
@@ -66,25 +88,17 @@ def _varlen_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < len_q
     d_valid = offs_d < HEAD_DIM
-    # int64 row offsets: total * heads * dim may pass 2^31 elements
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    q = _load_rows(Q, q_start, offs_m, m_valid, stride_qt, h * stride_qh, offs_d, d_valid)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag = len_k - len_q  # bottom-right alignment
-    hi = len_k
-    if IS_CAUSAL:
-        hi = tl.minimum(len_k, tl.maximum((mblk + 1) * BLOCK_M + diag, 0))
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, _key_limit(len_q, len_k, mblk, BLOCK_M, IS_CAUSAL), BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < len_k
-        k_rows = (k_start + cols).to(tl.int64)
-        k = tl.load(K + k_rows[:, None] * stride_kt + kh * stride_kh + offs_d[None, :],
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        k = _load_rows(K, k_start, cols, n_valid, stride_kt, kh * stride_kh, offs_d, d_valid)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         keep = n_valid[None, :]
         if IS_CAUSAL:
@@ -96,8 +110,7 @@ def _varlen_attention_fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + k_rows[:, None] * stride_vt + kh * stride_vh + offs_d[None, :],
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        v = _load_rows(V, k_start, cols, n_valid, stride_vt, kh * stride_vh, offs_d, d_valid)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -141,10 +154,7 @@ def _varlen_attention_bwd_dkdv_kernel(
 ):
     seq, nblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     kh = tl.program_id(1)
-    q_start = tl.load(cu_q + seq)
-    len_q = tl.load(cu_q + seq + 1) - q_start
-    k_start = tl.load(cu_k + seq)
-    len_k = tl.load(cu_k + seq + 1) - k_start
+    q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq)
     if nblk * BLOCK_N >= len_k:
         return
 
@@ -155,8 +165,8 @@ def _varlen_attention_bwd_dkdv_kernel(
     d_valid = offs_d < HEAD_DIM
     kv_mask = n_valid[:, None] & d_valid[None, :]
     k_rows = (k_start + offs_n).to(tl.int64)
-    k = tl.load(K + k_rows[:, None] * stride_kt + kh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + k_rows[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_rows(K, k_start, offs_n, n_valid, stride_kt, kh * stride_kh, offs_d, d_valid)
+    v = _load_rows(V, k_start, offs_n, n_valid, stride_vt, kh * stride_vh, offs_d, d_valid)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -171,11 +181,8 @@ def _varlen_attention_bwd_dkdv_kernel(
         for start_m in range(lo, len_q, BLOCK_M):
             offs_m = start_m + offs_m0
             m_valid = offs_m < len_q
-            q_rows = (q_start + offs_m).to(tl.int64)
-            q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                        mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-            do = tl.load(dOut + q_rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
-                         mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+            q = _load_rows(Q, q_start, offs_m, m_valid, stride_qt, h * stride_qh, offs_d, d_valid)
+            do = _load_rows(dOut, q_start, offs_m, m_valid, stride_dot, h * stride_doh, offs_d, d_valid)
             lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
             # rows that saw no key have lse = -inf and p = 0
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -209,10 +216,7 @@ def _varlen_attention_bwd_dq_kernel(
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
     kh = h // GROUP
-    q_start = tl.load(cu_q + seq)
-    len_q = tl.load(cu_q + seq + 1) - q_start
-    k_start = tl.load(cu_k + seq)
-    len_k = tl.load(cu_k + seq + 1) - k_start
+    q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq)
     if mblk * BLOCK_M >= len_q:
         return
 
@@ -223,24 +227,19 @@ def _varlen_attention_bwd_dq_kernel(
     d_valid = offs_d < HEAD_DIM
     q_mask = m_valid[:, None] & d_valid[None, :]
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(dOut + q_rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _load_rows(Q, q_start, offs_m, m_valid, stride_qt, h * stride_qh, offs_d, d_valid)
+    do = _load_rows(dOut, q_start, offs_m, m_valid, stride_dot, h * stride_doh, offs_d, d_valid)
     lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag = len_k - len_q
-    hi = len_k
-    if IS_CAUSAL:
-        hi = tl.minimum(len_k, tl.maximum((mblk + 1) * BLOCK_M + diag, 0))
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, _key_limit(len_q, len_k, mblk, BLOCK_M, IS_CAUSAL), BLOCK_N):
         cols = start_n + offs_n0
         n_valid = cols < len_k
-        k_rows = (k_start + cols).to(tl.int64)
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + k_rows[:, None] * stride_kt + kh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + k_rows[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(K, k_start, cols, n_valid, stride_kt, kh * stride_kh, offs_d, d_valid)
+        v = _load_rows(V, k_start, cols, n_valid, stride_vt, kh * stride_vh, offs_d, d_valid)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         keep = m_valid[:, None] & n_valid[None, :]
         if IS_CAUSAL:
