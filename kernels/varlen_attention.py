@@ -51,11 +51,19 @@ def _sequence_bounds(cu_q, cu_k, seq):
 
 
 @triton.jit
-def _load_rows(base, first_row, rows, row_valid, stride_t, head_offset, offs_d, d_valid):
-    """A (rows x head dim) tile of one head; int64 row offsets, as total * heads * dim may pass 2^31."""
-    r = (first_row + rows).to(tl.int64)
-    return tl.load(base + r[:, None] * stride_t + head_offset + offs_d[None, :],
-                   mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+def _head_base(ptr, first_row, stride_t, head, stride_h):
+    """Pointer to (first_row, head, 0): one 64-bit scalar per program, so the per-element
+    offsets of a tile stay 32-bit (64-bit pointer tiles cost ~64 registers per K tile)."""
+    return ptr + first_row.to(tl.int64) * stride_t + head.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _tile_offsets(rows, stride_t, offs_d, WIDE_OFFSETS: tl.constexpr):
+    """Offsets of a (rows x head dim) tile from its head base; 64-bit only when a sequence's
+    rows times the row stride can pass 2^31 (decided on the host)."""
+    if WIDE_OFFSETS:
+        rows = rows.to(tl.int64)
+    return rows[:, None] * stride_t + offs_d[None, :]
 
 
 @triton.jit
@@ -74,7 +82,7 @@ def _varlen_attention_fwd_kernel(
     total_q, qk_scale_log2, BLOCKS_PER_SEQ,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
@@ -88,7 +96,11 @@ def _varlen_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < len_q
     d_valid = offs_d < HEAD_DIM
-    q = _load_rows(Q, q_start, offs_m, m_valid, stride_qt, h * stride_qh, offs_d, d_valid)
+    q_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(_head_base(Q, q_start, stride_qt, h, stride_qh) + _tile_offsets(offs_m, stride_qt, offs_d, WIDE_OFFSETS),
+                mask=q_mask, other=0.0)
+    k_base = _head_base(K, k_start, stride_kt, kh, stride_kh)
+    v_base = _head_base(V, k_start, stride_vt, kh, stride_vh)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -98,7 +110,8 @@ def _varlen_attention_fwd_kernel(
     for start_n in range(0, _key_limit(len_q, len_k, mblk, BLOCK_M, IS_CAUSAL), BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < len_k
-        k = _load_rows(K, k_start, cols, n_valid, stride_kt, kh * stride_kh, offs_d, d_valid)
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + _tile_offsets(cols, stride_kt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         keep = n_valid[None, :]
         if IS_CAUSAL:
@@ -110,7 +123,7 @@ def _varlen_attention_fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, k_start, cols, n_valid, stride_vt, kh * stride_vh, offs_d, d_valid)
+        v = tl.load(v_base + _tile_offsets(cols, stride_vt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -119,9 +132,8 @@ def _varlen_attention_fwd_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
-    o_rows = (q_start + offs_m).to(tl.int64)
-    tl.store(Out + o_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(_head_base(Out, q_start, stride_ot, h, stride_oh) + _tile_offsets(offs_m, stride_ot, offs_d, WIDE_OFFSETS),
+             out.to(Out.dtype.element_ty), mask=q_mask)
     tl.store(Lse + h.to(tl.int64) * total_q + q_start + offs_m, lse, mask=m_valid)
 
 
@@ -150,7 +162,7 @@ def _varlen_attention_bwd_dkdv_kernel(
     total_q, qk_scale_log2, sm_scale, BLOCKS_PER_SEQ,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     seq, nblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     kh = tl.program_id(1)
@@ -164,9 +176,10 @@ def _varlen_attention_bwd_dkdv_kernel(
     n_valid = offs_n < len_k
     d_valid = offs_d < HEAD_DIM
     kv_mask = n_valid[:, None] & d_valid[None, :]
-    k_rows = (k_start + offs_n).to(tl.int64)
-    k = _load_rows(K, k_start, offs_n, n_valid, stride_kt, kh * stride_kh, offs_d, d_valid)
-    v = _load_rows(V, k_start, offs_n, n_valid, stride_vt, kh * stride_vh, offs_d, d_valid)
+    k = tl.load(_head_base(K, k_start, stride_kt, kh, stride_kh) + _tile_offsets(offs_n, stride_kt, offs_d, WIDE_OFFSETS),
+                mask=kv_mask, other=0.0)
+    v = tl.load(_head_base(V, k_start, stride_vt, kh, stride_vh) + _tile_offsets(offs_n, stride_vt, offs_d, WIDE_OFFSETS),
+                mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -178,15 +191,19 @@ def _varlen_attention_bwd_dkdv_kernel(
         lo = (lo // BLOCK_M) * BLOCK_M
     for g in range(GROUP):
         h = kh * GROUP + g
+        q_base = _head_base(Q, q_start, stride_qt, h, stride_qh)
+        do_base = _head_base(dOut, q_start, stride_dot, h, stride_doh)
+        stat_base = h.to(tl.int64) * total_q + q_start
         for start_m in range(lo, len_q, BLOCK_M):
             offs_m = start_m + offs_m0
             m_valid = offs_m < len_q
-            q = _load_rows(Q, q_start, offs_m, m_valid, stride_qt, h * stride_qh, offs_d, d_valid)
-            do = _load_rows(dOut, q_start, offs_m, m_valid, stride_dot, h * stride_doh, offs_d, d_valid)
-            lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
+            q_mask = m_valid[:, None] & d_valid[None, :]
+            q = tl.load(q_base + _tile_offsets(offs_m, stride_qt, offs_d, WIDE_OFFSETS), mask=q_mask, other=0.0)
+            do = tl.load(do_base + _tile_offsets(offs_m, stride_dot, offs_d, WIDE_OFFSETS), mask=q_mask, other=0.0)
+            lse = tl.load(Lse + stat_base + offs_m, mask=m_valid, other=0.0)
             # rows that saw no key have lse = -inf and p = 0
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
+            delta = tl.load(Delta + stat_base + offs_m, mask=m_valid, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
             keep = m_valid[:, None] & n_valid[None, :]
             if IS_CAUSAL:
@@ -197,10 +214,10 @@ def _varlen_attention_bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
-    tl.store(dK + k_rows[:, None] * stride_dkt + kh * stride_dkh + offs_d[None, :], dk.to(dK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(dV + k_rows[:, None] * stride_dvt + kh * stride_dvh + offs_d[None, :], dv.to(dV.dtype.element_ty),
-             mask=kv_mask)
+    tl.store(_head_base(dK, k_start, stride_dkt, kh, stride_dkh) + _tile_offsets(offs_n, stride_dkt, offs_d, WIDE_OFFSETS),
+             dk.to(dK.dtype.element_ty), mask=kv_mask)
+    tl.store(_head_base(dV, k_start, stride_dvt, kh, stride_dvh) + _tile_offsets(offs_n, stride_dvt, offs_d, WIDE_OFFSETS),
+             dv.to(dV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -211,7 +228,7 @@ def _varlen_attention_bwd_dq_kernel(
     total_q, qk_scale_log2, sm_scale, BLOCKS_PER_SEQ,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
@@ -226,20 +243,25 @@ def _varlen_attention_bwd_dq_kernel(
     m_valid = offs_m < len_q
     d_valid = offs_d < HEAD_DIM
     q_mask = m_valid[:, None] & d_valid[None, :]
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q = _load_rows(Q, q_start, offs_m, m_valid, stride_qt, h * stride_qh, offs_d, d_valid)
-    do = _load_rows(dOut, q_start, offs_m, m_valid, stride_dot, h * stride_doh, offs_d, d_valid)
-    lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
+    q = tl.load(_head_base(Q, q_start, stride_qt, h, stride_qh) + _tile_offsets(offs_m, stride_qt, offs_d, WIDE_OFFSETS),
+                mask=q_mask, other=0.0)
+    do = tl.load(_head_base(dOut, q_start, stride_dot, h, stride_doh)
+                 + _tile_offsets(offs_m, stride_dot, offs_d, WIDE_OFFSETS), mask=q_mask, other=0.0)
+    stat_base = h.to(tl.int64) * total_q + q_start
+    lse = tl.load(Lse + stat_base + offs_m, mask=m_valid, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(Delta + stat_base + offs_m, mask=m_valid, other=0.0)
+    k_base = _head_base(K, k_start, stride_kt, kh, stride_kh)
+    v_base = _head_base(V, k_start, stride_vt, kh, stride_vh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag = len_k - len_q
     for start_n in range(0, _key_limit(len_q, len_k, mblk, BLOCK_M, IS_CAUSAL), BLOCK_N):
         cols = start_n + offs_n0
         n_valid = cols < len_k
-        k = _load_rows(K, k_start, cols, n_valid, stride_kt, kh * stride_kh, offs_d, d_valid)
-        v = _load_rows(V, k_start, cols, n_valid, stride_vt, kh * stride_vh, offs_d, d_valid)
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + _tile_offsets(cols, stride_kt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
+        v = tl.load(v_base + _tile_offsets(cols, stride_vt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         keep = m_valid[:, None] & n_valid[None, :]
         if IS_CAUSAL:
@@ -249,29 +271,43 @@ def _varlen_attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
-    tl.store(dQ + q_rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(dQ.dtype.element_ty),
-             mask=q_mask)
+    tl.store(_head_base(dQ, q_start, stride_dqt, h, stride_dqh) + _tile_offsets(offs_m, stride_dqt, offs_d, WIDE_OFFSETS),
+             dq.to(dQ.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def attention_config(head_dim: int, on_gpu: bool) -> dict:
-    """Tile sizes, in one place.
+def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability=(9, 0)) -> dict:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, in one place.
 
-    GPU (sm80/sm90): 128x64 forward tiles keep the q tile and the fp32 accumulator in registers
-    up to D=128; D>128 halves BLOCK_M to stay under the register file; backward uses 64x64
-    because it holds four (M x N or N x D) tiles at once.
-    Interpreter: 32x32, so that small test shapes (97, 1025 tokens) cross several tiles and
-    the numpy-executed loops stay short.
+    GPU choices are the largest tiles that compile without register spills for the device's
+    architecture (bench/compile_check.py reads the cubins; tests/test_compile.py keeps every
+    entry spill-free on sm_80 and sm_90).
+    fwd: 128 x 64 query x key tiles for D <= 128 (the flash-attn 2 shape), 64 x 64 above.
+    dkdv owns BLOCK_N keys and their fp32 dK, dV accumulators while it walks BLOCK_M query
+    rows, so it takes the smallest tiles; dq owns BLOCK_M query rows and walks keys.
+    sm_80 has the same register file but allocates differently: three entries are narrower.
+    fp32 (ieee dots, for accuracy) needs 16-32 wide tiles to stay out of local memory: it is
+    the correctness path, bf16 / fp16 the fast one.
+    Interpreter: 32 x 32, so small test shapes (97, 1025 tokens) cross several tiles.
     """
     if not on_gpu:
-        return dict(fwd=(32, 32, 4, 1), bwd=(32, 32, 4, 1))
+        return dict(fwd=(32, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1))
+    hopper = tuple(capability) >= (9, 0)
+    if dtype == torch.float32:
+        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 16, 4, 1) if hopper else (16, 16, 8, 1), dq=(32, 16, 4, 1))
     if head_dim <= 64:
-        return dict(fwd=(128, 64, 4, 3), bwd=(64, 64, 4, 2))
+        return dict(fwd=(128, 64, 8, 3), dkdv=(64, 64, 8, 2) if hopper else (32, 32, 4, 2), dq=(64, 64, 8, 2))
     if head_dim <= 128:
-        return dict(fwd=(128, 64, 8, 3), bwd=(64, 64, 8, 2))
-    return dict(fwd=(64, 64, 8, 2), bwd=(32, 64, 8, 2))
+        return dict(fwd=(128, 64, 8, 3), dkdv=(64, 32, 4, 2), dq=(64, 64, 4, 2) if hopper else (32, 64, 4, 2))
+    return dict(fwd=(64, 64, 8, 2), dkdv=(16, 16, 4, 1), dq=(32, 16, 4, 2))
+
+
+def _config_for(q: torch.Tensor) -> dict:
+    on_gpu = _on_gpu(q)
+    cap = torch.cuda.get_device_capability(q.device) if on_gpu else (0, 0)
+    return attention_config(q.shape[-1], q.dtype, on_gpu, cap)
 
 
 def _tiles(lengths, block: int, causal_work_first: bool, device):
@@ -309,6 +345,11 @@ class _Schedule:
         return self.tile_seq, self.tile_block
 
 
+def _wide_offsets(max_q: int, max_k: int, *tensors) -> bool:
+    """64-bit in-tile offsets only when a sequence's rows x row stride can reach 2^31."""
+    return max(max_q, max_k, 1) * max(t.stride(0) for t in tensors) >= 2 ** 31
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs stay fp32 (as PyTorch's fp32 attention does); tf32 would cost ~1e-3 accuracy
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -328,7 +369,7 @@ def varlen_attention_forward(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, 
         torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
     if total_q == 0:
         return out, lse
-    BLOCK_M, BLOCK_N, warps, stages = attention_config(D, _on_gpu(q))["fwd"]
+    BLOCK_M, BLOCK_N, warps, stages = _config_for(q)["fwd"]
     sched = _Schedule(lens_q, cu_q.numel() - 1, max_q, BLOCK_M, causal, q.device)
     if sched.num_programs == 0:
         return out, lse
@@ -338,7 +379,7 @@ def varlen_attention_forward(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, 
         total_q, scale * LOG2E, sched.blocks_per_seq,
         GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         IS_CAUSAL=causal, TILE_LIST=sched.tile_list, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
+        WIDE_OFFSETS=_wide_offsets(max_q, max_k, q, k, v, out), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -354,33 +395,36 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, lens_q, lens_k,
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     if total_q == 0 or k.shape[0] == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    on_gpu = _on_gpu(q)
-    BLOCK_M, BLOCK_N, warps, stages = attention_config(D, on_gpu)["bwd"]
+    cfg = _config_for(q)
     BLOCK_D = triton.next_power_of_2(D)
     delta = torch.empty_like(lse)
-    PRE_M = 64
+    PRE_M = max(16, 8192 // BLOCK_D)  # rows per program: 64 at D=128, 32 at D=256 (no spills)
     _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(total_q, PRE_M), Hq)](
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), total_q,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_M,
     )
-    common = dict(GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                  IS_CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
-    # dK, dV: keys in sequences that hold no queries (or are never seen) still get zeros below
+    common = dict(GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+                  WIDE_OFFSETS=_wide_offsets(max_q, max_k, q, k, v, do, dq, dk, dv))
+    # dK, dV: one program per key block and kv head; every key row is written exactly once
+    BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
     kv_sched = _Schedule(lens_k, cu_k.numel() - 1, max_k, BLOCK_N, False, q.device)
     if kv_sched.num_programs:
         _varlen_attention_bwd_dkdv_kernel[(kv_sched.num_programs, Hk)](
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *kv_sched.args(),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            total_q, scale * LOG2E, scale, kv_sched.blocks_per_seq, TILE_LIST=kv_sched.tile_list, **common,
+            total_q, scale * LOG2E, scale, kv_sched.blocks_per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            TILE_LIST=kv_sched.tile_list, num_warps=warps, num_stages=stages, **common,
         )
+    BLOCK_M, BLOCK_N, warps, stages = cfg["dq"]
     q_sched = _Schedule(lens_q, cu_q.numel() - 1, max_q, BLOCK_M, causal, q.device)
     if q_sched.num_programs:
         _varlen_attention_bwd_dq_kernel[(q_sched.num_programs, Hq)](
             q, k, v, do, lse, delta, dq, cu_q, cu_k, *q_sched.args(),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dq.stride(0), dq.stride(1),
-            total_q, scale * LOG2E, scale, q_sched.blocks_per_seq, TILE_LIST=q_sched.tile_list, **common,
+            total_q, scale * LOG2E, scale, q_sched.blocks_per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            TILE_LIST=q_sched.tile_list, num_warps=warps, num_stages=stages, **common,
         )
     return dq, dk, dv
 

@@ -50,8 +50,8 @@ def _weighted_cross_entropy_fwd_kernel(
     w = 1.0
     if HAS_WEIGHTS:
         w = tl.load(Weights + row).to(tl.float32)
-    if ignored:
-        w = 0.0
+    # a select, not a runtime branch: w's type must not depend on a run-time value
+    w = tl.where(ignored, 0.0, w)
 
     # pass 1: online max and sum of exp over the vocabulary
     m = float("-inf")

@@ -1,0 +1,124 @@
+"""Compile every Triton kernel ahead of time for sm_80 and sm_90, without a GPU (triton ships
+ptxas), and print the compiler's resource report: registers per thread, spills, shared memory.
+
+    python bench/compile_check.py [--arch 80,90]
+
+This catches what the interpreter cannot (type errors in compiled control flow, register
+spills) and costs no device time; tests/test_compile.py runs it for sm_90 in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from longalign_ops.kernels import varlen_attention as va  # noqa: E402
+from longalign_ops.kernels import weighted_cross_entropy as ce  # noqa: E402
+
+
+def _signature(fn, pointers: dict, floats=(), i64=(), constexprs: dict = None):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = "*" + pointers[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i64" if name in i64 else "i32"
+    return sig
+
+
+def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90):
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    cfg = va.attention_config(head_dim, torch_dtype, on_gpu=True, capability=divmod(arch, 10))
+    common = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), IS_CAUSAL=causal,
+                  TILE_LIST=True, DOT_PRECISION=va._dot_precision(torch_dtype), WIDE_OFFSETS=False)
+    t = dtype
+    ptr = dict(Q=t, K=t, V=t, Out=t, Lse="fp32", cu_q="i32", cu_k="i32", tile_seq="i32", tile_block="i32",
+               dOut=t, Delta="fp32", dK=t, dV=t, dQ=t)
+    floats = ("qk_scale_log2", "sm_scale")
+    for kernel, fn in (("fwd", va._varlen_attention_fwd_kernel), ("dkdv", va._varlen_attention_bwd_dkdv_kernel),
+                       ("dq", va._varlen_attention_bwd_dq_kernel)):
+        BM, BN, warps, stages = cfg[kernel]
+        yield (f"varlen_attention {kernel}", fn, ptr, floats, dict(common, BLOCK_M=BM, BLOCK_N=BN), warps, stages)
+    block_d = triton.next_power_of_2(head_dim)
+    yield ("varlen_attention bwd preprocess", va._varlen_attention_bwd_preprocess_kernel,
+           dict(Out=t, dOut=t, Delta="fp32"), (), dict(HEAD_DIM=head_dim, BLOCK_D=block_d,
+                                                       BLOCK_M=max(16, 8192 // block_d)), 4, 1)
+
+
+def cross_entropy_cases(dtype="bf16", vocab=128256):
+    ptr = dict(Logits=dtype, Grad=dtype, Labels="i64", Weights="fp32", Scale="fp32", Loss="fp32", Lse="fp32")
+    for softcap in (False, True):
+        yield (f"weighted_cross_entropy (softcap={softcap})", ce._weighted_cross_entropy_fwd_kernel, ptr,
+               ("softcap",), dict(HAS_WEIGHTS=True, HAS_SOFTCAP=softcap, COMPUTE_GRAD=True,
+                                  BLOCK_V=ce._block_v(vocab, True)), 16, 1)
+
+
+def cubin_usage(cubin: bytes) -> dict:
+    """Registers and local-memory stack of the cubin triton built, via the cuobjdump it ships."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        open(path, "wb").write(cubin)
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    fields = dict(x.split(":", 1) for x in out.strip().splitlines()[-1].split() if ":" in x)
+    return dict(n_regs=int(fields["REG"]), stack_bytes=int(fields["STACK"]))
+
+
+def compile_kernel(fn, ptr, floats, constexprs, warps, stages, arch):
+    src = ASTSource(fn=fn, signature=_signature(fn, ptr, floats, (), constexprs), constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def all_cases(arch):
+    return [case for dtype, d, causal in (("bf16", 128, True), ("fp16", 64, False), ("bf16", 256, True),
+                                          ("bf16", 40, True), ("fp32", 64, True))
+            for case in attention_cases(dtype, d, causal, arch)] + list(cross_entropy_cases())
+
+
+def compile_all(archs=(90,), quiet=False):
+    results = []
+    for arch in archs:
+        for name, fn, ptr, floats, constexprs, warps, stages in all_cases(arch):
+            k = compile_kernel(fn, ptr, floats, constexprs, warps, stages, arch)
+            row = dict(arch=f"sm_{arch}", kernel=name, dtype=ptr.get("Q") or ptr.get("Out") or ptr.get("Logits"),
+                       head_dim=constexprs.get("HEAD_DIM", ""), shared_bytes=k.metadata.shared, num_warps=warps,
+                       **cubin_usage(k.asm["cubin"]))
+            results.append(row)
+            if not quiet:
+                print(f"{row['arch']} {name:40} {row['dtype']:>5} D={row['head_dim']!s:>4}: {row['n_regs']:3d} regs, "
+                      f"{row['stack_bytes']:5d} B stack (spills), {row['shared_bytes']:6d} B shared, {warps} warps",
+                      flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="80,90")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if any kernel spills to local memory")
+    ap.add_argument("--out", default=None, help="also write the report as CSV")
+    args = ap.parse_args()
+    rows = compile_all(tuple(int(a) for a in args.arch.split(",")))
+    if args.out:
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from common import write_csv
+
+        print(f"wrote {write_csv(args.out, rows)}")
+    spilled = [r for r in rows if r["stack_bytes"]]
+    if spilled:
+        print(f"{len(spilled)} kernel configuration(s) spill: " + ", ".join(f"{r['kernel']} {r['dtype']} D={r['head_dim']}"
+                                                                          for r in spilled))
+    raise SystemExit(1 if args.strict and spilled else 0)
