@@ -249,3 +249,22 @@ def test_gpu_128k_sequence_runs():
     out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+
+
+def test_longalign_modelling_call_pattern():
+    """LongAlign's Llama patch: kv heads already repeated, the packed row's cu_seqlens passed in
+    place of the attention mask, the *row* length (not the longest sequence) as max_seqlen,
+    positional arguments, causal as a keyword; without a packed mask, uniform rows."""
+    from longalign_ops.flash_attn_compat import flash_attn_unpadded_func
+
+    bsz, row_len, H, D = 1, 96, 4, 32
+    q = torch.randn(bsz * row_len, H, D)
+    k = torch.randn(bsz * row_len, H, D)
+    v = torch.randn(bsz * row_len, H, D)
+    cu = make_cu([40, 1, 55])
+    out = flash_attn_unpadded_func(q, k, v, cu, cu, row_len, row_len, causal=True)
+    ref, _ = reference.varlen_attention(q, k, v, cu, cu, causal=True)
+    assert out.shape == (bsz * row_len, H, D) and max_err(out, ref) < 1e-5
+    rows = torch.arange(0, 3 * 32 + 1, 32, dtype=torch.int32)  # no packing: 3 rows of 32
+    out = flash_attn_unpadded_func(q, k, v, rows, rows, 32, 32, causal=True)
+    assert max_err(out, reference.varlen_attention(q, k, v, rows, rows, causal=True)[0]) < 1e-5

@@ -11,7 +11,7 @@ namespace {
 
 // Reusable per-thread buffers for the internal arrays: fresh multi-MB vectors on every call
 // cost more in page faults than the packing itself (measured: ~1000 faults per 100K-sequence call).
-enum ScratchSlot { kCount, kStart, kHead, kBinOf, kFill, kPerm, kNumSlots };
+enum ScratchSlot { kCount, kStart, kBinOf, kFill, kPerm, kKept, kNumSlots };
 std::vector<int64_t>& scratch(ScratchSlot slot, size_t n, int64_t value) {
   static thread_local std::vector<int64_t> buffers[kNumSlots];
   buffers[slot].assign(n, value);
@@ -106,23 +106,36 @@ class CapacitySet {
   std::vector<std::vector<uint64_t>> levels_;
 };
 
+// Bins of a best-fit-decreasing packing, with each bin's tokens and sum of squared lengths
+// accumulated while placing (no second pass over the items).
+struct Bins {
+  Packs packs;
+  std::vector<int64_t> tokens;
+  std::vector<double> sum_sq;
+};
+
 // Best-fit decreasing: each item, longest first, goes to an open bin with the least room that
 // fits it. Bins of equal room are interchangeable, so each room keeps a stack of bins.
-Packs best_fit_decreasing(const std::vector<int64_t>& by_len_desc, const std::vector<int64_t>& len, int64_t cap) {
+Bins best_fit_decreasing(const std::vector<int64_t>& by_len_desc, const std::vector<int64_t>& len, int64_t cap) {
   CapacitySet rooms(cap);
-  std::vector<int64_t>& head = scratch(kHead, cap + 1, -1);  // room -> top bin of its stack
-  std::vector<int64_t> next_bin, remaining, bin_size;
+  // int32 bin ids keep the room -> bin table (cap + 1 entries) in L2
+  static thread_local std::vector<int32_t> head;
+  head.assign(cap + 1, -1);  // room -> top bin of its stack
+  std::vector<int32_t> next_bin;
+  std::vector<int64_t> remaining, bin_size;
+  std::vector<double> sum_sq;
   std::vector<int64_t>& bin_of = scratch(kBinOf, by_len_desc.size(), 0);
 
   for (size_t k = 0; k < by_len_desc.size(); ++k) {
     const int64_t L = len[by_len_desc[k]];
     const int64_t c = rooms.first_at_least(L);
-    int64_t b;
+    int32_t b;
     if (c < 0) {
-      b = static_cast<int64_t>(remaining.size());
+      b = static_cast<int32_t>(remaining.size());
       remaining.push_back(cap);
       next_bin.push_back(-1);
       bin_size.push_back(0);
+      sum_sq.push_back(0.0);
     } else {
       b = head[c];
       head[c] = next_bin[b];
@@ -130,6 +143,7 @@ Packs best_fit_decreasing(const std::vector<int64_t>& by_len_desc, const std::ve
     }
     bin_of[k] = b;
     bin_size[b]++;
+    sum_sq[b] += static_cast<double>(L) * L;
     const int64_t r = remaining[b] -= L;
     if (r > 0) {
       if (head[r] < 0) rooms.insert(r);
@@ -137,14 +151,18 @@ Packs best_fit_decreasing(const std::vector<int64_t>& by_len_desc, const std::ve
       head[r] = b;
     }
   }
-  Packs packs;
+  Bins bins;
+  Packs& packs = bins.packs;
   packs.offsets.assign(bin_size.size() + 1, 0);
   for (size_t b = 0; b < bin_size.size(); ++b) packs.offsets[b + 1] = packs.offsets[b] + bin_size[b];
   packs.order.resize(by_len_desc.size());
   std::vector<int64_t>& fill = scratch(kFill, bin_size.size(), 0);
   std::copy(packs.offsets.begin(), packs.offsets.end() - 1, fill.begin());
   for (size_t k = 0; k < by_len_desc.size(); ++k) packs.order[fill[bin_of[k]]++] = by_len_desc[k];
-  return packs;
+  bins.tokens.resize(remaining.size());
+  for (size_t b = 0; b < remaining.size(); ++b) bins.tokens[b] = cap - remaining[b];
+  bins.sum_sq = std::move(sum_sq);
+  return bins;
 }
 
 double pack_cost(const Packs& packs, int64_t p, const std::vector<int64_t>& len, bool padded, double a) {
@@ -263,7 +281,7 @@ PackResult pack(const int64_t* lengths, int64_t n, const PackConfig& cfg) {
   const double a = cfg.linear_cost;
   std::vector<int64_t>& len = res.effective_lengths;
   len.assign(lengths, lengths + n);
-  std::vector<int64_t> kept;
+  std::vector<int64_t>& kept = scratch(kKept, 0, 0);
   kept.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
     if (len[i] > cfg.max_tokens) {
@@ -289,18 +307,17 @@ PackResult pack(const int64_t* lengths, int64_t n, const PackConfig& cfg) {
     for (int64_t g : group_ids)
       append_batches(packs, sorted.data() + g * group, std::min(group, total - g * group), cfg.batch_size, W);
   } else {
-    const Packs bins = best_fit_decreasing(sort_by_length(kept, len, cfg.max_tokens, /*descending=*/true), len,
-                                           cfg.max_tokens);
+    const Bins bins = best_fit_decreasing(sort_by_length(kept, len, cfg.max_tokens, /*descending=*/true), len,
+                                          cfg.max_tokens);
     // Balance: packs of similar cost share a step, so each step's slowest rank is close to its
     // mean. Sorting by cost and cutting into runs of world_size minimises the sum over steps of
     // the per-step maximum for equal-size groups (exchange argument).
-    std::vector<double> key(bins.size());
-    for (int64_t b = 0; b < bins.size(); ++b) {
-      double tokens = 0;
-      for (int64_t k = bins.begin(b); k < bins.end(b); ++k) tokens += static_cast<double>(len[bins.order[k]]);
-      key[b] = cfg.balance == "tokens" ? tokens : pack_cost(bins, b, len, false, a);
-    }
-    std::vector<int64_t> by_cost(bins.size());
+    const int64_t num_bins = bins.packs.size();
+    std::vector<double> key(num_bins);
+    for (int64_t b = 0; b < num_bins; ++b)
+      key[b] = cfg.balance == "tokens" ? static_cast<double>(bins.tokens[b])
+                                       : bins.sum_sq[b] + a * static_cast<double>(bins.tokens[b]);
+    std::vector<int64_t> by_cost(num_bins);
     std::iota(by_cost.begin(), by_cost.end(), 0);
     std::stable_sort(by_cost.begin(), by_cost.end(), [&](int64_t x, int64_t y) { return key[x] > key[y]; });
     while (by_cost.size() % W) by_cost.push_back(-1);  // idle ranks in the last step
@@ -308,12 +325,13 @@ PackResult pack(const int64_t* lengths, int64_t n, const PackConfig& cfg) {
     std::vector<int64_t> step_ids(by_cost.size() / W);
     std::iota(step_ids.begin(), step_ids.end(), 0);
     seeded_shuffle(step_ids, cfg.seed, /*stream=*/3);
-    packs.order.reserve(bins.order.size());
+    const Packs& bp = bins.packs;
+    packs.order.reserve(bp.order.size());
     for (int64_t s : step_ids) {
       for (int64_t r = 0; r < W; ++r) {
         const int64_t b = by_cost[s * W + r];
-        if (b >= 0) packs.order.insert(packs.order.end(), bins.order.begin() + bins.begin(b),
-                                       bins.order.begin() + bins.end(b));
+        if (b >= 0) packs.order.insert(packs.order.end(), bp.order.begin() + bp.begin(b),
+                                       bp.order.begin() + bp.end(b));
         packs.close();
       }
     }
