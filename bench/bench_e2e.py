@@ -24,7 +24,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "train"))
-from common import write_csv  # noqa: E402
+from common import device_name, write_csv  # noqa: E402
 
 import train  # noqa: E402
 import longalign_ops as la  # noqa: E402
@@ -152,7 +152,7 @@ def main() -> None:
         r["speedup_vs_naive"] = r["tokens_per_s"] / base
     csv_path = write_csv(os.path.join(args.out, "e2e.csv"), rows)
     png = os.path.join(args.out, "e2e.png")
-    plot_bars([dict(r, device=r.get("device", "")) for r in rows], png)
+    plot_bars([dict(r, device=device_name()) for r in rows], png)
     print(f"\n{'strategy':>18} {'tokens/s':>10} {'step ms':>9} {'padding':>8} {'idle':>6} {'vs naive':>8}")
     for r in rows:
         print(f"{r['strategy']:>18} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {r['padding_ratio']:>8.3f} "
