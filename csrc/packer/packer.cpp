@@ -165,13 +165,19 @@ Bins best_fit_decreasing(const std::vector<int64_t>& by_len_desc, const std::vec
   return bins;
 }
 
+// A padded micro-batch pays attention and projections on every slot of its longest sequence.
+double padded_cost(int64_t count, int64_t longest, double a) {
+  const double m = static_cast<double>(longest);
+  return static_cast<double>(count) * (m * m + a * m);
+}
+
 double pack_cost(const Packs& packs, int64_t p, const std::vector<int64_t>& len, bool padded, double a) {
   const int64_t b = packs.begin(p), e = packs.end(p);
   if (b == e) return 0.0;
   if (padded) {
-    double m = 0;
-    for (int64_t k = b; k < e; ++k) m = std::max(m, static_cast<double>(len[packs.order[k]]));
-    return static_cast<double>(e - b) * (m * m + a * m);
+    int64_t m = 0;
+    for (int64_t k = b; k < e; ++k) m = std::max(m, len[packs.order[k]]);
+    return padded_cost(e - b, m, a);
   }
   double c = 0;
   for (int64_t k = b; k < e; ++k) {
@@ -195,13 +201,15 @@ struct StepStats {
   double imbalance = 0.0;  // mean over steps of max / mean rank cost
 };
 
-StepStats step_stats(const Packs& packs, const std::vector<int64_t>& len, bool padded, double a, int64_t world) {
+// Sum over steps of the slowest rank's cost, and the mean over steps of max / mean rank cost,
+// for any rank_cost(step, rank).
+template <typename RankCost>
+StepStats accumulate_steps(int64_t steps, int64_t world, RankCost rank_cost) {
   StepStats st;
-  const int64_t steps = packs.size() / world;
   for (int64_t s = 0; s < steps; ++s) {
     double mx = 0, sum = 0;
     for (int64_t r = 0; r < world; ++r) {
-      const double c = pack_cost(packs, s * world + r, len, padded, a);
+      const double c = rank_cost(s, r);
       mx = std::max(mx, c);
       sum += c;
     }
@@ -212,6 +220,11 @@ StepStats step_stats(const Packs& packs, const std::vector<int64_t>& len, bool p
   return st;
 }
 
+StepStats step_stats(const Packs& packs, const std::vector<int64_t>& len, bool padded, double a, int64_t world) {
+  return accumulate_steps(packs.size() / world, world,
+                          [&](int64_t s, int64_t r) { return pack_cost(packs, s * world + r, len, padded, a); });
+}
+
 // Step statistics of the naive plan without materialising it (it is only the baseline of
 // est_speedup_vs_naive): walk the shuffled order in micro-batches and cost them directly.
 StepStats naive_step_stats(const std::vector<int64_t>& kept, int64_t batch, int64_t world, uint64_t seed,
@@ -219,24 +232,13 @@ StepStats naive_step_stats(const std::vector<int64_t>& kept, int64_t batch, int6
   std::vector<int64_t>& perm = scratch(kPerm, 0, 0);
   perm.assign(kept.begin(), kept.end());
   seeded_shuffle(perm, seed, /*stream=*/1);
-  StepStats st;
   const int64_t n = static_cast<int64_t>(perm.size()), per_step = batch * world;
-  int64_t steps = 0;
-  for (int64_t s = 0; s < n; s += per_step, ++steps) {
-    double mx = 0, sum = 0;
-    for (int64_t r = 0; r < world; ++r) {
-      const int64_t b = std::min(n, s + r * batch), e = std::min(n, s + (r + 1) * batch);
-      int64_t m = 0;
-      for (int64_t k = b; k < e; ++k) m = std::max(m, len[perm[k]]);
-      const double c = static_cast<double>(e - b) * (static_cast<double>(m) * m + a * m);
-      mx = std::max(mx, c);
-      sum += c;
-    }
-    st.total += mx;
-    st.imbalance += sum > 0 ? mx / (sum / world) : 1.0;
-  }
-  if (steps) st.imbalance /= steps;
-  return st;
+  return accumulate_steps((n + per_step - 1) / per_step, world, [&](int64_t s, int64_t r) {
+    const int64_t b = std::min(n, s * per_step + r * batch), e = std::min(n, s * per_step + (r + 1) * batch);
+    int64_t m = 0;
+    for (int64_t k = b; k < e; ++k) m = std::max(m, len[perm[k]]);
+    return b == e ? 0.0 : padded_cost(e - b, m, a);
+  });
 }
 
 Packs naive_packs(const std::vector<int64_t>& kept, int64_t batch, int64_t world, uint64_t seed) {
