@@ -223,6 +223,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return _reduce(loss, scale, reduction)
 
     @staticmethod
+    @torch.autocast(device_type="cuda", enabled=False)
+    @torch.autocast(device_type="cpu", enabled=False)
     def backward(ctx, grad_out):
         need = ctx.needs_input_grad
         if ctx.reduction == "none":
@@ -261,6 +263,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         return _reduce(loss, scale, reduction)
 
     @staticmethod
+    @torch.autocast(device_type="cuda", enabled=False)
+    @torch.autocast(device_type="cpu", enabled=False)
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
             logits, labels, weights = ctx.saved_tensors

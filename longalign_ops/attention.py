@@ -65,7 +65,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         out, lse = VarlenAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, lens_q, lens_k, max_q, max_k,
                                                  bool(causal), scale)
     else:
-        out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=bool(causal),
-                                              softmax_scale=scale, compute_dtype=torch.float32)
+        with torch.autocast(device_type=q.device.type, enabled=False):  # the reference computes in fp32
+            out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=bool(causal),
+                                                  softmax_scale=scale, compute_dtype=torch.float32)
         out, lse = out.to(q.dtype), lse.float()
     return (out, lse) if return_lse else out

@@ -12,6 +12,13 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _REDUCTIONS = ("none", "sum", "mean")
 
 
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast would give a matmul here, or None when autocast is off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 def _rows_for(t: torch.Tensor):
     from .kernels import weighted_cross_entropy as k
 
@@ -81,9 +88,16 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                                    softcap)
     from .kernels.weighted_cross_entropy import FusedLinearCrossEntropyFunction
 
-    hidden = hidden.contiguous()
-    return FusedLinearCrossEntropyFunction.apply(hidden, weight.contiguous(), bias, labels, weights, ignore_index,
-                                                 reduction, softcap, _rows_for(hidden))
+    # under autocast, the lm head runs in the autocast dtype as nn.Linear would (the casts are
+    # differentiable, so fp32 parameters still get fp32 gradients); the loss math stays fp32
+    amp = _autocast_dtype(device)
+    if amp is not None and hidden.dtype == torch.float32:
+        hidden, weight = hidden.to(amp), weight.to(amp)
+        bias = bias.to(amp) if bias is not None else None
+    with torch.autocast(device_type=device.type, enabled=False):
+        hidden = hidden.contiguous()
+        return FusedLinearCrossEntropyFunction.apply(hidden, weight.contiguous(), bias, labels, weights,
+                                                     ignore_index, reduction, softcap, _rows_for(hidden))
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, token_weights: Optional[torch.Tensor] = None,
@@ -97,7 +111,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, token_weights: 
     from .kernels.weighted_cross_entropy import CrossEntropyFunction
 
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    return CrossEntropyFunction.apply(logits, labels, weights, ignore_index, reduction, softcap, _rows_for(logits))
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return CrossEntropyFunction.apply(logits, labels, weights, ignore_index, reduction, softcap,
+                                          _rows_for(logits))
 
 
 def _sequence_ids(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:

@@ -279,3 +279,17 @@ def test_gpu_bf16(reduction):
                                          compute_dtype=torch.float32)
     rh, rW = torch.autograd.grad(ref, (hd, Wd), go.float())
     assert rel_err(out, ref) < 1e-2 and rel_err(gh, rh) < 3e-2 and rel_err(gW, rW) < 3e-2
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_under_autocast(reduction):
+    """Inside torch.autocast the lm head runs in the autocast dtype (as nn.Linear would), the
+    loss math in fp32, and fp32 parameters get fp32 gradients."""
+    h, W, b, y, w = make(20, 16, 333, torch.float32, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = la.fused_linear_cross_entropy(h, W, y, bias=b, token_weights=w, reduction=reduction)
+        gh, gW, gb = torch.autograd.grad(out.sum(), (h, W, b))
+    assert out.dtype == torch.float32 and gh.dtype == gW.dtype == gb.dtype == torch.float32
+    lo = [t.detach().bfloat16().float() for t in (h, W, b)]  # what the bf16 lm head sees
+    ref = reference.linear_cross_entropy(*lo[:2], y, bias=lo[2], token_weights=w, reduction=reduction)
+    assert rel_err(out, ref) < 1e-2
