@@ -122,3 +122,35 @@ def test_one_step_through_the_triton_kernels(tmp_path):
         run(["--max-steps", "1", "--window", "128", "--num-samples", "16", "--objective", objective, "--out", out,
              "--no-plot"], interpret="1")
         assert metrics(out)[0]["loss"] > 0
+
+
+@pytest.mark.parametrize("extra", [["--grad-accum", "2", "--world-size", "2"], ["--grad-accum", "3"]])
+def test_weighted_objective_is_mean_of_sequence_means(cpu_reference_path, extra):
+    """With LongAlign weighting, the micro-batch losses of one optimisation step (ranks x
+    accumulation packs, each scaled as the loop scales it) add up to the mean over the step's
+    sequences of their per-token mean loss, whatever the accumulation."""
+    import numpy as np
+    import torch
+
+    import longalign_ops as la
+
+    cfg = train.parse_args(["--num-samples", "40", "--loss-weighting"] + extra)
+    units = train.load_units(cfg, print)
+    lengths = [len(u["input_ids"]) for u in units]
+    model = train.build_model(cfg, torch.device("cpu"))
+    wrapped = train.CausalLMWithLoss(model)
+    ranks = cfg.world_size
+    plan_steps = train.optimizer_step_batches(cfg, {}, lengths, ranks, 0)
+    loss_fn, M = train.step_loss_fn(cfg, units, plan_steps, ranks, emulated=ranks)
+    with torch.no_grad():
+        total = sum(wrapped(train.micro_batch(cfg, units, pack, "cpu"), loss_fn).item()
+                    for ps in plan_steps for pack in ps)
+        means = []
+        for i in (i for ps in plan_steps for pack in ps for i in pack):
+            u = units[i]
+            if (u["labels"] != -100).any():
+                hidden = model.model(input_ids=torch.from_numpy(u["input_ids"])[None]).last_hidden_state[0]
+                means.append(la.fused_linear_cross_entropy(hidden, model.lm_head.weight,
+                                                           torch.from_numpy(u["labels"])).item())
+    assert len(means) == M
+    assert total == pytest.approx(float(np.mean(means)), rel=1e-4)

@@ -295,14 +295,14 @@ def logo_positions(cfg: Config, mb):
 # ----------------------------------------------------------------------------- helpers: loss
 
 
-def make_loss_fn(cfg: Config, step_ranks: int, step_sequences: int, scale: float):
+def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float):
     """The per-micro-batch loss. With LongAlign weighting: sum_t K/(N_i M) nll_t (K ranks, M
     sequences in the optimisation step), so DDP's average over ranks gives each sequence equal
     weight; otherwise the token mean. `scale` folds in gradient accumulation and emulated ranks."""
 
     def sft(hidden, weight, mb):
         if cfg.loss_weighting:
-            w = la.longalign_loss_weights(mb["cu_seqlens"], mb["labels"], num_packs=step_ranks,
+            w = la.longalign_loss_weights(mb["cu_seqlens"], mb["labels"], num_packs=step_packs,
                                           num_sequences=max(1, step_sequences))
             loss = la.fused_linear_cross_entropy(hidden, weight, mb["labels"], token_weights=w, reduction="sum")
         else:
@@ -318,6 +318,32 @@ def make_loss_fn(cfg: Config, step_ranks: int, step_sequences: int, scale: float
         return logo_loss(groups[:, 0], groups[:, 1:], beta=cfg.beta, gamma=cfg.gamma, sft_weight=cfg.sft_weight) * scale
 
     return logo if cfg.objective == "logo" else sft
+
+
+def optimizer_step_batches(cfg: Config, plans: dict, lengths, ranks: int, step: int):
+    """The grad_accum plan steps (each a list of per-rank index lists) of optimisation step
+    `step`. The data order is a pure function of (seed, step), so a resumed run sees exactly
+    the batches it would have seen; epochs are re-planned with seed + epoch."""
+    out = []
+    for a in range(cfg.grad_accum):
+        k, epoch = step * cfg.grad_accum + a, 0
+        while True:
+            if epoch not in plans:
+                plans[epoch] = make_plan(cfg, lengths, ranks, epoch)
+            if k < plans[epoch].num_steps:
+                break
+            k -= plans[epoch].num_steps
+            epoch += 1
+        out.append(plans[epoch].steps[k])
+    return out
+
+
+def step_loss_fn(cfg: Config, units, plan_steps, ranks: int, emulated: int):
+    """The loss of one optimisation step's micro-batches, and M. K counts every pack of the
+    step (ranks x accumulation); DDP averages over the real ranks and `scale` over
+    accumulation and emulated ranks, which together divide by K."""
+    step_sequences = sum(count_targets(units, pack) for ps in plan_steps for pack in ps)
+    return make_loss_fn(cfg, ranks * cfg.grad_accum, step_sequences, 1.0 / (cfg.grad_accum * emulated)), step_sequences
 
 
 def count_targets(units, idx) -> int:
@@ -425,22 +451,8 @@ def main(argv=None, step_hook=None) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not is_main or not sys.stderr.isatty(), dynamic_ncols=True,
                leave=False)
     for step in range(start, cfg.max_steps):
-        # an optimisation step = grad_accum plan steps; the data order is a pure function of
-        # (seed, step), so a resumed run sees exactly the batches it would have seen
-        plan_steps = []
-        for a in range(cfg.grad_accum):
-            k = step * cfg.grad_accum + a
-            epoch = 0
-            while True:
-                if epoch not in plans:
-                    plans[epoch] = make_plan(cfg, lengths, ranks, epoch)
-                if k < plans[epoch].num_steps:
-                    break
-                k -= plans[epoch].num_steps
-                epoch += 1
-            plan_steps.append(plans[epoch].steps[k])
-        step_sequences = sum(count_targets(units, pack) for ps in plan_steps for pack in ps)
-        loss_fn = make_loss_fn(cfg, ranks, step_sequences, 1.0 / (cfg.grad_accum * emulated))
+        plan_steps = optimizer_step_batches(cfg, plans, lengths, ranks, step)
+        loss_fn, step_sequences = step_loss_fn(cfg, units, plan_steps, ranks, emulated)
         t0 = time.perf_counter()
         total_loss, real, slots, rank_ms = 0.0, 0, 0, [0.0] * emulated
         for a, ps in enumerate(plan_steps):
