@@ -154,3 +154,15 @@ def test_weighted_objective_is_mean_of_sequence_means(cpu_reference_path, extra)
                                                            torch.from_numpy(u["labels"])).item())
     assert len(means) == M
     assert total == pytest.approx(float(np.mean(means)), rel=1e-4)
+
+
+def test_local_model_directory(tmp_path, cpu_reference_path):
+    """--model DIR loads a saved model from disk (nothing is fetched) with our attention."""
+    import torch
+
+    cfg = train.parse_args([])
+    train.build_model(cfg, torch.device("cpu")).save_pretrained(str(tmp_path / "model"))
+    res = train.main(["--model", str(tmp_path / "model"), "--max-steps", "2", "--out", str(tmp_path / "run"),
+                      "--no-plot"])
+    assert res["model"].config._attn_implementation == "longalign"
+    assert len(res["history"]) == 2 and res["history"][-1]["loss"] > 0

@@ -77,6 +77,8 @@ def test_matches_reference(lengths, Hq, Hk, D, dtype, causal):
 def test_query_and_key_lengths_differ(causal):
     # bottom-right causal: with lk < lq the first lq - lk rows see no key at all
     check_against_reference([10, 33, 5, 0], [40, 20, 5, 3], 4, 2, 32, torch.float32, causal)
+    # queries without a single key: output 0, lse -inf, zero gradients
+    check_against_reference([7, 4], [0, 9], 2, 1, 16, torch.float32, causal)
 
 
 def test_head_dim_256():
