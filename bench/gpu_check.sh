@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command on a GPU machine with no registry: install, GPU tests, every benchmark, plots.
-#   bash bench/gpu_check.sh            (results under bench/results/<device>-<date>/, and $OUT if set)
+#   bash bench/gpu_check.sh            (results under bench/results/<device>-<date>/, copied to $OUT if set)
 # Optional peers (liger-kernel, cut-cross-entropy) are installed from ./.whl if that folder exists.
+# Each step has its own time limit, so one slow or hung step cannot take the whole lease (the
+# device tool allows 10 minutes a call): the sum of the limits below is 9.5 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
@@ -11,11 +13,13 @@ dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', 
 dir=bench/results/${dev}-$(date +%F)
 mkdir -p "$dir"
 status=0
-python3 -m pytest -q -m gpu tests 2>&1 | tee "$dir/gpu_tests.log" || status=1
-python3 bench/bench_varlen_attention.py --out "$dir/varlen_attention.csv" || status=1
-python3 bench/bench_cross_entropy.py --out "$dir/cross_entropy.csv" || status=1
-python3 bench/bench_positions.py --out "$dir/positions.csv" || status=1
-python3 bench/bench_e2e.py --preset small --world-size 8 --out "$dir" || status=1
-python3 bench/plot.py "$dir" || status=1
-if [ -n "${OUT:-}" ]; then cp "$dir"/*.csv "$dir"/*.png "$dir"/*.log "$OUT"/ 2>/dev/null; fi
+step() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$@" || { echo "!! failed or timed out: $*"; status=1; }; }
+step 150 python3 -m pytest -q -m gpu tests --junitxml "$dir/gpu_tests.xml"
+step 120 python3 bench/bench_varlen_attention.py --out "$dir/varlen_attention.csv"
+step 90 python3 bench/bench_cross_entropy.py --out "$dir/cross_entropy.csv"
+step 30 python3 bench/bench_positions.py --out "$dir/positions.csv"
+# a capped end-to-end run: the same 256 sequences for every strategy, 8 ranks emulated
+step 160 python3 bench/bench_e2e.py --preset small --world-size 8 --num-samples 256 --max-steps 24 --out "$dir"
+step 20 python3 bench/plot.py "$dir"
+if [ -n "${OUT:-}" ]; then cp "$dir"/*.csv "$dir"/*.png "$dir"/*.xml "$OUT"/ 2>/dev/null; fi
 exit $status
