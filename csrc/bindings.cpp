@@ -78,7 +78,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "synthesize_positions",
       [](I32 cu, I64 target, py::object prefix, py::object suffix, int method, int64_t chunk_size,
-         int64_t num_chunks, uint64_t seed) {
+         int64_t num_chunks, uint64_t seed, bool one_pass) {
         const int64_t B = cu.size() - 1;
         if (B < 0 || target.size() != B) throw std::invalid_argument("target_len must have one entry per sequence");
         const int64_t total = B >= 0 ? cu.data()[B] : 0;
@@ -88,10 +88,10 @@ PYBIND11_MODULE(_C, m) {
         {
           py::gil_scoped_release release;
           longalign::synthesize_positions_cpu(cu.data(), B, target.data(), p, s, method, chunk_size, num_chunks,
-                                              seed, out.mutable_data());
+                                              seed, out.mutable_data(), one_pass);
         }
         return out;
       },
       py::arg("cu_seqlens"), py::arg("target_len"), py::arg("prefix"), py::arg("suffix"), py::arg("method"),
-      py::arg("chunk_size"), py::arg("num_chunks"), py::arg("seed"));
+      py::arg("chunk_size"), py::arg("num_chunks"), py::arg("seed"), py::arg("one_pass") = false);
 }

@@ -134,11 +134,14 @@ def synthesize_positions(cu_seqlens: torch.Tensor, target_len: Union[int, torch.
 
 def _synthesize_cuda(lib, cu_seqlens, cu_host, target, prefix, suffix, method, chunk_size, num_chunks, seed, total):
     device = cu_seqlens.device
-    chunk_base = _C.positions_chunk_base(cu_host, prefix, suffix, chunk_size, num_chunks)
     to_dev = lambda a: None if a is None else torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
     cu = cu_seqlens.contiguous()
-    tgt, pre, suf, base = to_dev(target), to_dev(prefix), to_dev(suffix), to_dev(chunk_base)
-    scratch = torch.empty(max(int(chunk_base[-1]), 1), dtype=torch.int64, device=device)
+    tgt, pre, suf = to_dev(target), to_dev(prefix), to_dev(suffix)
+    base = scratch = None
+    if method == METHODS["pose"]:  # only "pose" needs the per-sequence offset table (a chain)
+        chunk_base = _C.positions_chunk_base(cu_host, prefix, suffix, chunk_size, num_chunks)
+        base = to_dev(chunk_base)
+        scratch = torch.empty(max(int(chunk_base[-1]), 1), dtype=torch.int64, device=device)
     out = torch.empty(total, dtype=torch.int64, device=device)
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     with torch.cuda.device(device):

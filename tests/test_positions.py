@@ -163,3 +163,24 @@ def test_gpu_matches_cpu_twin_bitwise(method):
         cpu = synthesize_positions(cu_of(lengths), torch.tensor(T), method=method, prefix_lens=s, seed=11)
         gpu = synthesize_positions(cu_of(lengths, "cuda"), torch.tensor(T), method=method, prefix_lens=s, seed=11)
         assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("method", ["logo", "contiguous", "pose"])
+@pytest.mark.parametrize("num_chunks", [None, 5])
+def test_one_pass_path_of_the_cuda_kernel_matches_bitwise(method, num_chunks):
+    """The CUDA kernel draws "logo" offsets per token (one pass) while the CPU twin fills a
+    table per sequence; both come from positions.h. Run the kernel's path on the CPU."""
+    from longalign_ops import _C
+    from longalign_ops.positions import METHODS
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 400, 300)
+    T = lengths + rng.integers(0, 3000, 300)
+    s = np.minimum(rng.integers(0, 9, 300), lengths)
+    q = np.minimum(rng.integers(0, 9, 300), lengths - s)
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    args = (cu, T.astype(np.int64), s.astype(np.int64), q.astype(np.int64), METHODS[method],
+            1 if num_chunks else 37, num_chunks or 0, 99)
+    assert np.array_equal(_C.synthesize_positions(*args, one_pass=True), _C.synthesize_positions(*args))
+    assert np.array_equal(_C.synthesize_positions(*args), synthesize_positions_numpy(
+        lengths, T, method=method, chunk_size=37, num_chunks=num_chunks, prefix_lens=s, suffix_lens=q, seed=99))

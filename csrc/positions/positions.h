@@ -50,15 +50,31 @@ LA_HD void sequence_chunk_offsets(int method, uint64_t seed, int64_t seq, int64_
   }
 }
 
-// Position id of token t (0 <= t < n) of a sequence whose chunk offsets are `offsets`.
+// Where token_position gets chunk j's offset: a table filled by sequence_chunk_offsets (needed
+// for "pose", whose offsets form a chain), or drawn on the spot for "logo" and "contiguous",
+// whose offset of chunk j depends on (seed, sequence, j) alone: one pass, no table.
+struct TableOffsets {
+  const int64_t* table;
+  LA_HD int64_t operator()(int64_t j) const { return table[j]; }
+};
+
+struct HashOffsets {
+  int method;
+  uint64_t seed;
+  int64_t seq, N, G;
+  LA_HD int64_t operator()(int64_t j) const { return next_chunk_offset(method, seed, seq, j, N, G, 0); }
+};
+
+// Position id of token t (0 <= t < n) of a sequence whose chunk offsets `offset(j)` gives.
+template <typename Offsets>
 LA_HD int64_t token_position(int64_t t, int64_t n, int64_t s, int64_t q, int64_t chunk_size, int64_t num_chunks,
-                             const int64_t* offsets) {
+                             const Offsets& offset) {
   const int64_t c = n - s - q;
   if (t < s || c <= 0) return t;
   const int64_t N = middle_chunk_count(c, chunk_size, num_chunks);
   const int64_t m = t - s;
-  if (m < c) return t + offsets[chunk_of_middle_token(m, c, N, chunk_size, num_chunks)];
-  return t + offsets[N - 1];  // suffix: right after the last chunk
+  if (m < c) return t + offset(chunk_of_middle_token(m, c, N, chunk_size, num_chunks));
+  return t + offset(N - 1);  // suffix: right after the last chunk
 }
 
 }  // namespace longalign

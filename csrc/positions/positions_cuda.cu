@@ -1,8 +1,9 @@
 // CUDA position synthesis. Takes raw device pointers and a stream (no torch headers); Python
 // calls it through ctypes with tensor data_ptr()s and the current stream.
-// Two launches, no host round trip: (1) one thread per sequence writes its chunk offsets into a
-// scratch table ("pose" offsets form a chain, so they are sequential per sequence); (2) one
-// thread per token finds its sequence by binary search over cu_seqlens and writes its id.
+// "logo" and "contiguous": one pass, one thread per token: find the sequence by binary search
+// over cu_seqlens, draw the chunk's offset from the counter-based hash, write the id.
+// "pose": offsets form a chain, so one thread per sequence first writes them into a scratch
+// table, then the same token pass reads them. No host round trip in either case.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -24,10 +25,12 @@ __global__ void chunk_offsets_kernel(const int32_t* __restrict__ cu, const int64
   }
 }
 
-__global__ void token_positions_kernel(const int32_t* __restrict__ cu, const int64_t* __restrict__ prefix,
-                                       const int64_t* __restrict__ suffix, const int64_t* __restrict__ chunk_base,
-                                       const int64_t* __restrict__ scratch, int64_t B, int64_t total,
-                                       int64_t chunk_size, int64_t num_chunks, int64_t* __restrict__ out) {
+template <bool FROM_TABLE>
+__global__ void token_positions_kernel(const int32_t* __restrict__ cu, const int64_t* __restrict__ target,
+                                       const int64_t* __restrict__ prefix, const int64_t* __restrict__ suffix,
+                                       const int64_t* __restrict__ chunk_base, const int64_t* __restrict__ scratch,
+                                       int64_t B, int64_t total, int method, int64_t chunk_size, int64_t num_chunks,
+                                       uint64_t seed, int64_t* __restrict__ out) {
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     // last i with cu[i] <= g; zero-length sequences share a start, so take the last one
@@ -38,7 +41,12 @@ __global__ void token_positions_kernel(const int32_t* __restrict__ cu, const int
     }
     const int64_t start = cu[lo], n = static_cast<int64_t>(cu[lo + 1]) - start;
     const int64_t s = prefix ? prefix[lo] : 0, q = suffix ? suffix[lo] : 0;
-    out[g] = token_position(g - start, n, s, q, chunk_size, num_chunks, scratch + chunk_base[lo]);
+    if (FROM_TABLE) {
+      out[g] = token_position(g - start, n, s, q, chunk_size, num_chunks, TableOffsets{scratch + chunk_base[lo]});
+    } else {
+      const HashOffsets hash{method, seed, lo, middle_chunk_count(n - s - q, chunk_size, num_chunks), target[lo] - n};
+      out[g] = token_position(g - start, n, s, q, chunk_size, num_chunks, hash);
+    }
   }
 }
 
@@ -51,7 +59,8 @@ extern "C" int longalign_synthesize_positions_cuda(const int32_t* cu_seqlens, co
                                                     int64_t num_chunks, uint64_t seed, int64_t* out,
                                                     void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (B > 0) {
+  const bool from_table = method == kPose;  // chunk_base and scratch are only read for "pose"
+  if (from_table && B > 0) {
     const int threads = 128;
     const int64_t blocks = (B + threads - 1) / threads;
     chunk_offsets_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), threads, 0, st>>>(
@@ -62,8 +71,15 @@ extern "C" int longalign_synthesize_positions_cuda(const int32_t* cu_seqlens, co
   if (total > 0) {
     const int threads = 256;
     const int64_t blocks = (total + threads - 1) / threads;
-    token_positions_kernel<<<static_cast<unsigned>(blocks < 1048576 ? blocks : 1048576), threads, 0, st>>>(
-        cu_seqlens, prefix, suffix, chunk_base, scratch, B, total, chunk_size, num_chunks, out);
+    const unsigned grid = static_cast<unsigned>(blocks < 1048576 ? blocks : 1048576);
+    if (from_table)
+      token_positions_kernel<true><<<grid, threads, 0, st>>>(cu_seqlens, target_len, prefix, suffix, chunk_base,
+                                                             scratch, B, total, method, chunk_size, num_chunks, seed,
+                                                             out);
+    else
+      token_positions_kernel<false><<<grid, threads, 0, st>>>(cu_seqlens, target_len, prefix, suffix, nullptr,
+                                                              nullptr, B, total, method, chunk_size, num_chunks, seed,
+                                                              out);
   }
   return static_cast<int>(cudaGetLastError());
 }
