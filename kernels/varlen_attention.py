@@ -15,7 +15,6 @@ program in a fixed order, so gradients are bitwise repeatable whatever ``determi
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

@@ -17,7 +17,6 @@ recomputes the chunks (one extra logits matmul per chunk).
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton

@@ -1,7 +1,6 @@
 """Package-level checks: imports without a GPU, the kernels (not the fallbacks) run in CI, and
 the CUDA library was compiled where nvcc exists."""
 import ctypes
-import glob
 import os
 import shutil
 
