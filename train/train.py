@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 import numpy as np
@@ -70,15 +70,12 @@ class Config:
     gamma: float = 0.3
     sft_weight: float = 0.1
     plot: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def parse_args(argv=None) -> Config:
     cfg = Config()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(cfg).items():
-        if name == "extra":
-            continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
