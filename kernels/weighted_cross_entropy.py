@@ -207,9 +207,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Saves only the computed gradients (scalar reductions) or the inputs ("none")."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, weights, ignore_index, reduction, softcap, rows):
+    def forward(ctx, hidden, weight, bias, labels, weights, ignore_index, reduction, softcap, rows, grad_enabled):
+        # needs_input_grad ignores torch.no_grad(); the caller passes the grad mode it saw
         need = ctx.needs_input_grad
-        compute_grad = reduction != "none" and (need[0] or need[1] or need[2])
+        compute_grad = grad_enabled and reduction != "none" and (need[0] or need[1] or need[2])
         scale = _grad_scale(labels, weights, ignore_index, reduction, hidden.device)
         loss, _, gh, gw, gb = linear_cross_entropy_pass(rows, hidden, weight, bias, labels, weights, scale,
                                                         ignore_index, softcap, compute_grad, need[1], need[2])
@@ -241,15 +242,15 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 gb = gb * g if gb is not None else None
         gb = gb.to(ctx.bias_dtype) if gb is not None else None
         return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy on given logits. The user's logits are never overwritten."""
 
     @staticmethod
-    def forward(ctx, logits, labels, weights, ignore_index, reduction, softcap, rows):
-        compute_grad = reduction != "none" and ctx.needs_input_grad[0]
+    def forward(ctx, logits, labels, weights, ignore_index, reduction, softcap, rows, grad_enabled):
+        compute_grad = grad_enabled and reduction != "none" and ctx.needs_input_grad[0]
         scale = _grad_scale(labels, weights, ignore_index, reduction, logits.device)
         grad = torch.empty_like(logits) if compute_grad else None
         loss, _ = rows(logits, grad if compute_grad else logits, labels, weights, scale, ignore_index, softcap,
@@ -273,4 +274,4 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             (grad,) = ctx.saved_tensors
             grad = grad * grad_out.reshape(()).to(grad.dtype)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None

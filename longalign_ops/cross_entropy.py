@@ -90,6 +90,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
     # under autocast, the lm head runs in the autocast dtype as nn.Linear would (the casts are
     # differentiable, so fp32 parameters still get fp32 gradients); the loss math stays fp32
+    grad_enabled = torch.is_grad_enabled()  # read before the Function runs its forward under no_grad
     amp = _autocast_dtype(device)
     if amp is not None and hidden.dtype == torch.float32:
         hidden, weight = hidden.to(amp), weight.to(amp)
@@ -97,7 +98,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     with torch.autocast(device_type=device.type, enabled=False):
         hidden = hidden.contiguous()
         return FusedLinearCrossEntropyFunction.apply(hidden, weight.contiguous(), bias, labels, weights,
-                                                     ignore_index, reduction, softcap, _rows_for(hidden))
+                                                     ignore_index, reduction, softcap, _rows_for(hidden), grad_enabled)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, token_weights: Optional[torch.Tensor] = None,
@@ -113,7 +114,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, token_weights: 
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     with torch.autocast(device_type=logits.device.type, enabled=False):
         return CrossEntropyFunction.apply(logits, labels, weights, ignore_index, reduction, softcap,
-                                          _rows_for(logits))
+                                          _rows_for(logits), torch.is_grad_enabled())
 
 
 def _sequence_ids(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:

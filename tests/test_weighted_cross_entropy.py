@@ -293,3 +293,30 @@ def test_under_autocast(reduction):
     lo = [t.detach().bfloat16().float() for t in (h, W, b)]  # what the bf16 lm head sees
     ref = reference.linear_cross_entropy(*lo[:2], y, bias=lo[2], token_weights=w, reduction=reduction)
     assert rel_err(out, ref) < 1e-2
+
+
+def test_no_gradient_work_under_no_grad():
+    """Evaluation under torch.no_grad() does one matmul per chunk, not three (autograd's
+    needs_input_grad does not see no_grad, so the op must ask itself)."""
+    T, H, V = 16, 8, 200
+    h, W, b, y, w = make(T, H, V, torch.float32)
+    chunks = -(-T // chunk_tokens(T, H, V))
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.out,
+                        torch.ops.aten.addmm_.default):
+                CountMatmuls.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), CountMatmuls():
+        loss = la.fused_linear_cross_entropy(h, W, y, token_weights=w)
+    assert CountMatmuls.count == chunks
+    ref = reference.linear_cross_entropy(h.detach(), W.detach(), y, token_weights=w)
+    assert rel_err(loss, ref) < 1e-5
+    CountMatmuls.count = 0
+    with CountMatmuls():
+        la.fused_linear_cross_entropy(h, W, y, token_weights=w)
+    assert CountMatmuls.count == 3 * chunks  # logits, d hidden, d weight
