@@ -63,3 +63,12 @@ def test_padded_batch_and_gradients(models):
     grads = [p.grad for p in ours.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     ours.zero_grad()
+
+
+def test_a_mask_it_cannot_honour_is_refused():
+    from longalign_ops.integrations.transformers import longalign_attention_forward
+
+    q = torch.randn(1, 2, 5, 8)
+    mask4d = torch.zeros(1, 1, 5, 5)
+    with pytest.raises(ValueError, match="2-D padding mask"):
+        longalign_attention_forward(torch.nn.Module(), q, q, q, mask4d)

@@ -40,6 +40,12 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         raise NotImplementedError("sliding-window attention is not implemented")
     if softcap not in (None, 0.0):
         raise NotImplementedError("attention softcapping is not implemented")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        # our registered mask function gives None or the 2-D padding mask; any other mask would
+        # be ignored here, so refuse it rather than attend where it forbids
+        raise ValueError(f"attn_implementation='{NAME}' takes no mask or a 2-D padding mask, got a mask of shape "
+                         f"{tuple(attention_mask.shape)}; pass packed sequences through position_ids or "
+                         f"cu_seq_lens_q/k instead")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     B, Hq, S, D = query.shape
     Sk = key.shape[2]
