@@ -15,11 +15,12 @@ program in a fixed order, so gradients are bitwise repeatable whatever ``determi
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .._validation import on_compiled_gpu
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -304,7 +305,7 @@ def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability
 
 
 def _config_for(q: torch.Tensor) -> dict:
-    on_gpu = _on_gpu(q)
+    on_gpu = on_compiled_gpu(q)
     cap = torch.cuda.get_device_capability(q.device) if on_gpu else (0, 0)
     return attention_config(q.shape[-1], q.dtype, on_gpu, cap)
 
@@ -353,9 +354,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs stay fp32 (as PyTorch's fp32 attention does); tf32 would cost ~1e-3 accuracy
     return "ieee" if dtype == torch.float32 else "tf32"
 
-
-def _on_gpu(t: torch.Tensor) -> bool:
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def varlen_attention_forward(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, causal, scale):

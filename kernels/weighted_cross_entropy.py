@@ -16,11 +16,12 @@ recomputes the chunks (one extra logits matmul per chunk).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .._validation import on_compiled_gpu
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -36,7 +37,7 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _weighted_cross_entropy_fwd_kernel(
-    Logits, stride_lt, Grad, stride_gt, Labels, Weights, Scale, scale_stride, Loss, Lse,
+    Logits, stride_lt, Grad, stride_gt, Labels, Weights, Scale, scale_stride, Loss,
     V, ignore_index, softcap,
     HAS_WEIGHTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -70,7 +71,6 @@ def _weighted_cross_entropy_fwd_kernel(
     z = _softcapped(z, softcap, HAS_SOFTCAP)
     loss = tl.where(ignored, 0.0, w * (lse - z))
     tl.store(Loss + row, loss)
-    tl.store(Lse + row, lse)
 
     if COMPUTE_GRAD:
         g = w * tl.load(Scale + row * scale_stride).to(tl.float32)
@@ -93,27 +93,23 @@ def _block_v(V: int, on_gpu: bool) -> int:
     return min(4096 if on_gpu else 1024, triton.next_power_of_2(max(V, 16)))
 
 
-def _on_gpu(t: torch.Tensor) -> bool:
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-
 
 def triton_rows(logits, grad, labels, weights, scale, ignore_index, softcap, compute_grad):
-    """Row kernel launch: fills loss (T,) fp32 and lse (T,) fp32; writes gradients into `grad`
+    """Row kernel launch: returns the token losses (T,) fp32; writes gradients into `grad`
     (which may be `logits` itself) when `compute_grad`."""
     T, V = logits.shape
     loss = torch.empty(T, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(T, dtype=torch.float32, device=logits.device)
     if T == 0:
-        return loss, lse
-    on_gpu = _on_gpu(logits)
+        return loss
+    on_gpu = on_compiled_gpu(logits)
     grad = logits if grad is None else grad
     _weighted_cross_entropy_fwd_kernel[(T,)](
         logits, logits.stride(0), grad, grad.stride(0), labels, weights if weights is not None else labels,
-        scale, 0 if scale.numel() == 1 else 1, loss, lse, V, ignore_index, softcap or 1.0,
+        scale, 0 if scale.numel() == 1 else 1, loss, V, ignore_index, softcap or 1.0,
         HAS_WEIGHTS=weights is not None, HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad,
         BLOCK_V=_block_v(V, on_gpu), num_warps=16 if on_gpu and V >= 32768 else 4,
     )
-    return loss, lse
+    return loss
 
 
 def torch_rows(logits, grad, labels, weights, scale, ignore_index, softcap, compute_grad):
@@ -136,7 +132,7 @@ def torch_rows(logits, grad, labels, weights, scale, ignore_index, softcap, comp
             d *= 1.0 - (x / softcap) ** 2
         d *= (w * scale.float().expand_as(w))[:, None]
         (logits if grad is None else grad).copy_(d)
-    return loss, lse
+    return loss
 
 
 # ----------------------------------------------------------------------------- host passes
@@ -154,13 +150,12 @@ def chunk_tokens(T: int, H: int, V: int) -> int:
 
 def linear_cross_entropy_pass(rows, hidden, weight, bias, labels, weights, scale, ignore_index, softcap,
                               compute_grad, need_weight_grad=True, need_bias_grad=True, chunk=None):
-    """Chunked lm-head + cross-entropy. Returns loss (T,) fp32, lse (T,) fp32, and when
+    """Chunked lm-head + cross-entropy. Returns loss (T,) fp32 and, when
     `compute_grad` the gradients of hidden, weight and bias for per-token output scale `scale`."""
     T, H = hidden.shape
     V = weight.shape[0]
     chunk = chunk or chunk_tokens(T, H, V)
     loss = torch.empty(T, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(T, dtype=torch.float32, device=hidden.device)
     gh = torch.empty_like(hidden) if compute_grad else None
     # accumulated in the weight's dtype, as the matmul peers do: an fp32 copy of a 128K x 4K
     # lm head would cost 2 GB of extra memory
@@ -172,7 +167,7 @@ def linear_cross_entropy_pass(rows, hidden, weight, bias, labels, weights, scale
         h = hidden[s:e]
         logits = torch.addmm(bias.to(h.dtype), h, weight.t()) if bias is not None else h @ weight.t()
         sc = scale if scale.numel() == 1 else scale[s:e]
-        loss[s:e], lse[s:e] = rows(logits, None, labels[s:e], None if weights is None else weights[s:e], sc,
+        loss[s:e] = rows(logits, None, labels[s:e], None if weights is None else weights[s:e], sc,
                                    ignore_index, softcap, compute_grad)
         if compute_grad:  # logits now hold d loss / d logits
             torch.mm(logits, weight, out=gh[s:e])
@@ -181,7 +176,7 @@ def linear_cross_entropy_pass(rows, hidden, weight, bias, labels, weights, scale
             if gb is not None:
                 gb += logits.sum(0, dtype=torch.float32)
         del logits
-    return loss, lse, gh, gw, gb
+    return loss, gh, gw, gb
 
 
 def _grad_scale(labels, weights, ignore_index, reduction, device):
@@ -212,7 +207,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         compute_grad = grad_enabled and reduction != "none" and (need[0] or need[1] or need[2])
         scale = _grad_scale(labels, weights, ignore_index, reduction, hidden.device)
-        loss, _, gh, gw, gb = linear_cross_entropy_pass(rows, hidden, weight, bias, labels, weights, scale,
+        loss, gh, gw, gb = linear_cross_entropy_pass(rows, hidden, weight, bias, labels, weights, scale,
                                                         ignore_index, softcap, compute_grad, need[1], need[2])
         ctx.reduction, ctx.ignore_index, ctx.softcap, ctx.rows = reduction, ignore_index, softcap, rows
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -229,7 +224,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         if ctx.reduction == "none":
             hidden, weight, bias, labels, weights = ctx.saved_tensors
-            _, _, gh, gw, gb = linear_cross_entropy_pass(ctx.rows, hidden, weight, bias, labels, weights,
+            _, gh, gw, gb = linear_cross_entropy_pass(ctx.rows, hidden, weight, bias, labels, weights,
                                                          grad_out.float().contiguous(), ctx.ignore_index,
                                                          ctx.softcap, True, need[1], need[2])
         else:
@@ -253,7 +248,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         compute_grad = grad_enabled and reduction != "none" and ctx.needs_input_grad[0]
         scale = _grad_scale(labels, weights, ignore_index, reduction, logits.device)
         grad = torch.empty_like(logits) if compute_grad else None
-        loss, _ = rows(logits, grad if compute_grad else logits, labels, weights, scale, ignore_index, softcap,
+        loss = rows(logits, grad if compute_grad else logits, labels, weights, scale, ignore_index, softcap,
                        compute_grad)
         ctx.reduction, ctx.ignore_index, ctx.softcap, ctx.rows = reduction, ignore_index, softcap, rows
         if reduction == "none":

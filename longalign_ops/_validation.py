@@ -35,6 +35,11 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def on_compiled_gpu(t: torch.Tensor) -> bool:
+    """The kernels run compiled on a GPU (not in the interpreter): GPU tile configs apply."""
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
 def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None,
                  device: Optional[torch.device] = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
@@ -85,11 +90,12 @@ def _host_lengths(cu: torch.Tensor) -> np.ndarray:
     return host
 
 
-def check_cu_seqlens(name: str, cu, total: int, *, device: torch.device, max_seqlen: Optional[int] = None,
+def check_cu_seqlens(name: str, cu, total: Optional[int], *, device: torch.device, max_seqlen: Optional[int] = None,
                      max_seqlen_name: str = "max_seqlen", force: bool = False) -> Optional[np.ndarray]:
-    """Check cu_seqlens (B+1,) int32: starts at 0, non-decreasing, ends at ``total``, and no
-    sequence longer than ``max_seqlen``. Returns the (B,) int64 host lengths, or None when value
-    checks are off (and ``force`` is not set)."""
+    """Check cu_seqlens (B+1,) int32: starts at 0, non-decreasing, ends at ``total`` (unless
+    None: the tensor then defines the total), and no sequence longer than ``max_seqlen``.
+    Returns the (B,) int64 host lengths, or None when value checks are off (and ``force`` is
+    not set)."""
     check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
     if cu.numel() < 1:
         raise ValueError(f"{name} must have at least one entry (B+1 with B >= 0)")
@@ -103,7 +109,7 @@ def check_cu_seqlens(name: str, cu, total: int, *, device: torch.device, max_seq
     if bad.size:
         raise ValueError(f"{name} must be non-decreasing: {bad.size} decrease(s), first at index {int(bad[0]) + 1} "
                          f"({int(host[bad[0]])} -> {int(host[bad[0] + 1])})")
-    if host[-1] != total:
+    if total is not None and host[-1] != total:
         raise ValueError(f"{name} must end at the total number of tokens {total}, got {int(host[-1])}")
     if max_seqlen is not None and lengths.size and lengths.max() > max_seqlen:
         raise ValueError(f"{max_seqlen_name}={max_seqlen} is smaller than the longest sequence in {name} "

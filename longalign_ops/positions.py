@@ -50,7 +50,7 @@ def _cuda_lib():
     return _lib["handle"]
 
 
-def _per_sequence(name: str, value, B: int, lengths: np.ndarray, allow_none: bool) -> Optional[np.ndarray]:
+def _per_sequence(name: str, value, B: int, allow_none: bool) -> Optional[np.ndarray]:
     if value is None:
         return None if allow_none else np.zeros(B, np.int64)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
@@ -89,10 +89,8 @@ def synthesize_positions(cu_seqlens: torch.Tensor, target_len: Union[int, torch.
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-    total = int(cu_seqlens[-1]) if cu_seqlens.numel() and cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1 \
-        else -1
-    lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, total, device=cu_seqlens.device, force=True)
-    B = len(lengths)
+    lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, None, device=cu_seqlens.device, force=True)
+    B, total = len(lengths), int(lengths.sum())
     if num_chunks is None:
         chunk_size = check_int("chunk_size", chunk_size, minimum=1)
         num_chunks = 0
@@ -100,9 +98,9 @@ def synthesize_positions(cu_seqlens: torch.Tensor, target_len: Union[int, torch.
         num_chunks = check_int("num_chunks", num_chunks, minimum=1)
         chunk_size = 1
     seed = check_int("seed", seed, minimum=-(2 ** 63)) & 0xFFFFFFFFFFFFFFFF
-    target = _per_sequence("target_len", target_len, B, lengths, allow_none=False)
-    prefix = _per_sequence("prefix_lens", prefix_lens, B, lengths, allow_none=True)
-    suffix = _per_sequence("suffix_lens", suffix_lens, B, lengths, allow_none=True)
+    target = _per_sequence("target_len", target_len, B, allow_none=False)
+    prefix = _per_sequence("prefix_lens", prefix_lens, B, allow_none=True)
+    suffix = _per_sequence("suffix_lens", suffix_lens, B, allow_none=True)
     for name, arr in (("prefix_lens", prefix), ("suffix_lens", suffix)):
         if arr is not None and (arr < 0).any():
             bad = np.flatnonzero(arr < 0)
