@@ -136,7 +136,7 @@ def test_weighted_objective_is_mean_of_sequence_means(cpu_reference_path, extra)
 
     cfg = train.parse_args(["--num-samples", "40", "--loss-weighting"] + extra)
     units = train.load_units(cfg, print)
-    lengths = [len(u["input_ids"]) for u in units]
+    lengths = train.unit_lengths(units)
     model = train.build_model(cfg, torch.device("cpu"))
     wrapped = train.CausalLMWithLoss(model)
     ranks = cfg.world_size

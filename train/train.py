@@ -255,12 +255,22 @@ def make_plan(cfg: Config, units_lengths, ranks: int, epoch: int):
                    overlong="drop", seed=cfg.seed + epoch)
 
 
+def sequences_of(units, idx) -> List[dict]:
+    """The sequences of units `idx`: an SFT unit is one sequence, a LOGO unit a group of them."""
+    return [s for i in idx for s in (units[i] if isinstance(units[i], list) else [units[i]])]
+
+
+def unit_lengths(units) -> List[int]:
+    """Tokens per unit: what the packer packs (a LOGO group stays in one pack)."""
+    return [sum(len(s["input_ids"]) for s in sequences_of(units, [i])) for i in range(len(units))]
+
+
 def micro_batch(cfg: Config, units, idx, device):
     """Flat tokens + cu_seqlens for one rank's micro-batch. Packed: sequences back to back.
     Naive / sorted: each sequence right-padded to the batch's longest, one row per sequence, so
     the padding costs what it costs in a padded batch. A rank with nothing gets one ignored
     token (it still joins DDP's gradient averaging)."""
-    seqs = [s for i in idx for s in (units[i] if isinstance(units[i], list) else [units[i]])]
+    seqs = sequences_of(units, idx)
     if not seqs:
         seqs = [dict(input_ids=np.array([PAD]), labels=np.array([-100]))]
     padded = cfg.strategy != "packing"
@@ -344,8 +354,7 @@ def step_loss_fn(cfg: Config, units, plan_steps, ranks: int, emulated: int):
 
 
 def count_targets(units, idx) -> int:
-    seqs = [s for i in idx for s in (units[i] if isinstance(units[i], list) else [units[i]])]
-    return sum(int((s["labels"] != -100).any()) for s in seqs)
+    return sum(int((s["labels"] != -100).any()) for s in sequences_of(units, idx))
 
 
 # ----------------------------------------------------------------------------- helpers: run
@@ -416,7 +425,7 @@ def main(argv=None, step_hook=None) -> dict:
 
     log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
     units = load_units(cfg, log)
-    lengths = [sum(len(s["input_ids"]) for s in u) if isinstance(u, list) else len(u["input_ids"]) for u in units]
+    lengths = unit_lengths(units)
     model = build_model(cfg, device)
     wrapped = CausalLMWithLoss(model)
     if world > 1:
@@ -424,6 +433,11 @@ def main(argv=None, step_hook=None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+
+    def save_checkpoint(steps_done: int):
+        torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                        step=steps_done, config=asdict(cfg)), ckpt_path)
+
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     start = 0
     if cfg.resume and os.path.exists(ckpt_path):
@@ -492,14 +506,12 @@ def main(argv=None, step_hook=None) -> dict:
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
         if is_main and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.max_steps:
-            torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                            step=step + 1, config=asdict(cfg)), ckpt_path)
+            save_checkpoint(step + 1)
         if step_hook is not None:  # after the step is complete (and checkpointed)
             step_hook(row)
     bar.close()
     if is_main:
-        torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        step=cfg.max_steps, config=asdict(cfg)), ckpt_path)
+        save_checkpoint(cfg.max_steps)
         png = plot_loss(metrics_path, os.path.join(cfg.out, "loss.png")) if cfg.plot and history else None
         log(f"done: {cfg.out}/metrics.jsonl" + (f", {png}" if png else ""))
     checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
