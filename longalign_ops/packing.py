@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import numbers
 import os
 import sys
 from functools import cached_property
@@ -17,6 +16,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from . import _C
+from ._validation import check_finite_number, check_int
 
 STRATEGIES = ("naive", "sorted", "bfd")
 BALANCES = ("tokens", "attention")
@@ -26,15 +26,6 @@ OVERLONG = ("error", "drop", "truncate")
 # attention costs ~2*H*L^2 FLOPs per sequence and the projections + MLP ~24*H^2 per token, so
 # a = 12*H; 49152 is H = 4096 (7B/8B models).
 DEFAULT_LINEAR_COST = 12 * 4096
-
-
-def _as_int(name: str, value, minimum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _as_choice(name: str, value, choices: Sequence[str]) -> str:
@@ -101,8 +92,8 @@ class PackPlan:
                 f"efficiency={s['efficiency']:.4f}, imbalance={s['imbalance']:.4f})")
 
     def _check(self, step: int, rank: int) -> int:
-        step = _as_int("step", step)
-        rank = _as_int("rank", rank)
+        step = check_int("step", step, minimum=-(2 ** 63))
+        rank = check_int("rank", rank, minimum=-(2 ** 63))
         if not 0 <= step < self.num_steps:
             raise ValueError(f"step must be in [0, {self.num_steps}), got {step}")
         if not 0 <= rank < self.world_size:
@@ -177,17 +168,15 @@ def pack(lengths, max_tokens: int, *, strategy: str = "bfd", world_size: int = 1
     """
     arr = _lengths_array(lengths)
     cfg = _C.PackConfig()
-    cfg.max_tokens = _as_int("max_tokens", max_tokens, 1)
+    cfg.max_tokens = check_int("max_tokens", max_tokens, 1)
     cfg.strategy = _as_choice("strategy", strategy, STRATEGIES)
-    cfg.world_size = _as_int("world_size", world_size, 1)
+    cfg.world_size = check_int("world_size", world_size, 1)
     cfg.batch_size_given = batch_size is not None
-    cfg.batch_size = 1 if batch_size is None else _as_int("batch_size", batch_size, 1)
+    cfg.batch_size = 1 if batch_size is None else check_int("batch_size", batch_size, 1)
     cfg.balance = _as_choice("balance", balance, BALANCES)
     cfg.overlong = _as_choice("overlong", overlong, OVERLONG)
-    cfg.seed = _as_int("seed", seed) & 0xFFFFFFFFFFFFFFFF
-    if not isinstance(linear_cost, numbers.Real) or not np.isfinite(linear_cost) or linear_cost < 0:
-        raise ValueError(f"linear_cost must be a finite number >= 0, got {linear_cost!r}")
-    cfg.linear_cost = float(linear_cost)
+    cfg.seed = check_int("seed", seed, minimum=-(2 ** 63)) & 0xFFFFFFFFFFFFFFFF
+    cfg.linear_cost = check_finite_number("linear_cost", linear_cost, minimum=0.0)
     raw = _C.pack(arr, cfg)
     return PackPlan(raw, cfg.world_size, cfg.strategy, cfg.max_tokens)
 
