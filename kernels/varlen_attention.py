@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import on_compiled_gpu
+from . import on_compiled_gpu
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -43,11 +43,20 @@ def _tile_coords(pid, tile_seq, tile_block, TILE_LIST: tl.constexpr, BLOCKS_PER_
 
 
 @triton.jit
-def _sequence_bounds(cu_q, cu_k, seq):
+def _clamped_span(cu, seq, total):
+    """[start, end) of sequence `seq`, clamped into [0, total): whatever cu_seqlens holds (with
+    validation off, or changed behind a cache), no program reads or writes outside the tensors."""
+    start = tl.minimum(tl.maximum(tl.load(cu + seq), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(cu + seq + 1), start), total)
+    return start, end - start
+
+
+@triton.jit
+def _sequence_bounds(cu_q, cu_k, seq, total_q, total_k):
     """Start and length of sequence `seq` on the query side and on the key side."""
-    q_start = tl.load(cu_q + seq)
-    k_start = tl.load(cu_k + seq)
-    return q_start, tl.load(cu_q + seq + 1) - q_start, k_start, tl.load(cu_k + seq + 1) - k_start
+    q_start, len_q = _clamped_span(cu_q, seq, total_q)
+    k_start, len_k = _clamped_span(cu_k, seq, total_k)
+    return q_start, len_q, k_start, len_k
 
 
 @triton.jit
@@ -79,7 +88,7 @@ def _key_limit(len_q, len_k, mblk, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexp
 def _varlen_attention_fwd_kernel(
     Q, K, V, Out, Lse, cu_q, cu_k, tile_seq, tile_block,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_q, qk_scale_log2, BLOCKS_PER_SEQ,
+    total_q, total_k, qk_scale_log2, BLOCKS_PER_SEQ,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
@@ -87,7 +96,7 @@ def _varlen_attention_fwd_kernel(
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
     kh = h // GROUP
-    q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq)
+    q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq, total_q, total_k)
     if mblk * BLOCK_M >= len_q:
         return
 
@@ -159,14 +168,14 @@ def _varlen_attention_bwd_dkdv_kernel(
     Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, tile_seq, tile_block,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_q, qk_scale_log2, sm_scale, BLOCKS_PER_SEQ,
+    total_q, total_k, qk_scale_log2, sm_scale, BLOCKS_PER_SEQ,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     seq, nblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     kh = tl.program_id(1)
-    q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq)
+    q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq, total_q, total_k)
     if nblk * BLOCK_N >= len_k:
         return
 
@@ -225,7 +234,7 @@ def _varlen_attention_bwd_dq_kernel(
     Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, tile_seq, tile_block,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
-    total_q, qk_scale_log2, sm_scale, BLOCKS_PER_SEQ,
+    total_q, total_k, qk_scale_log2, sm_scale, BLOCKS_PER_SEQ,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
@@ -233,7 +242,7 @@ def _varlen_attention_bwd_dq_kernel(
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
     kh = h // GROUP
-    q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq)
+    q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq, total_q, total_k)
     if mblk * BLOCK_M >= len_q:
         return
 
@@ -304,45 +313,22 @@ def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability
     return dict(fwd=(64, 64, 8, 2), dkdv=(16, 16, 4, 1), dq=(32, 16, 4, 2))
 
 
-def _config_for(q: torch.Tensor) -> dict:
+def config_for(q: torch.Tensor) -> dict:
+    """The tile config of the device and dtype `q` runs on (GPU capability read once per call)."""
     on_gpu = on_compiled_gpu(q)
     cap = torch.cuda.get_device_capability(q.device) if on_gpu else (0, 0)
     return attention_config(q.shape[-1], q.dtype, on_gpu, cap)
 
 
-def _tiles(lengths, block: int, causal_work_first: bool, device):
-    """(tile_seq, tile_block) int32 arrays over the real tiles, heaviest first (for causal
-    attention, later row blocks see more keys), so the longest programs start earliest."""
-    import numpy as np
-
-    nblocks = (lengths + block - 1) // block
-    seq = np.repeat(np.arange(len(lengths), dtype=np.int32), nblocks)
-    starts = np.repeat(np.cumsum(nblocks) - nblocks, nblocks)
-    blk = (np.arange(int(nblocks.sum())) - starts).astype(np.int32)
-    work = (blk + 1).astype(np.int64) if causal_work_first else np.repeat(nblocks, nblocks)
-    order = np.argsort(-work, kind="stable")
-    return (torch.from_numpy(seq[order]).to(device, non_blocking=True),
-            torch.from_numpy(blk[order]).to(device, non_blocking=True))
-
-
-class _Schedule:
-    """Grid description for one launch: a tile list (validated lengths known) or a dense grid."""
-
-    def __init__(self, lengths, num_seqs: int, max_seqlen: int, block: int, causal: bool, device):
-        self.block = block
-        if lengths is not None:
-            self.tile_seq, self.tile_block = _tiles(lengths, block, causal, device)
-            self.num_programs = int(self.tile_seq.numel())
-            self.blocks_per_seq = 1
-            self.tile_list = True
-        else:
-            self.blocks_per_seq = max(1, triton.cdiv(max_seqlen, block))
-            self.num_programs = num_seqs * self.blocks_per_seq
-            self.tile_seq = self.tile_block = torch.empty(1, dtype=torch.int32, device=device)
-            self.tile_list = False
-
-    def args(self):
-        return self.tile_seq, self.tile_block
+def _grid_args(tiles, num_seqs: int, max_seqlen: int, block: int, device):
+    """(programs, tile_seq, tile_block, blocks_per_seq, tile_list) for one launch: a host-built
+    (2, n) tile list of the real tiles, or, without one (validation off), the dense grid
+    B x cdiv(max_seqlen, block) whose programs past a sequence's end exit at once."""
+    if tiles is not None:
+        return tiles.shape[1], tiles[0], tiles[1], 1, True
+    per_seq = max(1, triton.cdiv(max_seqlen, block))
+    dummy = torch.empty(1, dtype=torch.int32, device=device)
+    return num_seqs * per_seq, dummy, dummy, per_seq, False
 
 
 def _wide_offsets(max_q: int, max_k: int, *tensors) -> bool:
@@ -355,44 +341,45 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-
-def varlen_attention_forward(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, causal, scale):
-    """Launch the forward kernel. Returns out (total_q, Hq, D) and lse (Hq, total_q) fp32."""
+def varlen_attention_forward(q, k, v, cu_q, cu_k, tiles, max_q, max_k, causal, scale):
+    """Launch the forward kernel over `tiles` (the (2, n) int32 list for BLOCK_M of
+    `config_for(q)["fwd"]`, or None for the dense grid). Returns out (total_q, Hq, D) and
+    lse (Hq, total_q) fp32. Rows no program reaches (a sequence past an understated max_seqlen,
+    validation off) are 0 with lse -inf."""
     total_q, Hq, D = q.shape
     Hk = k.shape[1]
-    validated = lens_q is not None
-    out = (torch.empty_like if validated else torch.zeros_like)(q)
-    lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device) if not validated else \
-        torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
+    out = (torch.empty_like if tiles is not None else torch.zeros_like)(q)
+    lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     if total_q == 0:
         return out, lse
-    BLOCK_M, BLOCK_N, warps, stages = _config_for(q)["fwd"]
-    sched = _Schedule(lens_q, cu_q.numel() - 1, max_q, BLOCK_M, causal, q.device)
-    if sched.num_programs == 0:
+    BLOCK_M, BLOCK_N, warps, stages = config_for(q)["fwd"]
+    programs, tile_seq, tile_block, per_seq, tile_list = _grid_args(tiles, cu_q.numel() - 1, max_q, BLOCK_M, q.device)
+    if programs == 0:
         return out, lse
-    _varlen_attention_fwd_kernel[(sched.num_programs, Hq)](
-        q, k, v, out, lse, cu_q, cu_k, *sched.args(),
+    _varlen_attention_fwd_kernel[(programs, Hq)](
+        q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_block,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        total_q, scale * LOG2E, sched.blocks_per_seq,
+        total_q, k.shape[0], scale * LOG2E, per_seq,
         GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        IS_CAUSAL=causal, TILE_LIST=sched.tile_list, DOT_PRECISION=_dot_precision(q.dtype),
+        IS_CAUSAL=causal, TILE_LIST=tile_list, DOT_PRECISION=_dot_precision(q.dtype),
         WIDE_OFFSETS=_wide_offsets(max_q, max_k, q, k, v, out), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
-def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, lens_q, lens_k, max_q, max_k, causal, scale):
-    """Launch the backward kernels. Returns dq, dk, dv in the inputs' dtypes."""
+def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k, causal, scale):
+    """Launch the backward kernels. `tiles_dkdv` lists key blocks of BLOCK_N and `tiles_dq` query
+    blocks of BLOCK_M (config_for(q)); None for the dense grid. Returns dq, dk, dv."""
     total_q, Hq, D = q.shape
-    Hk = k.shape[1]
+    total_k, Hk = k.shape[0], k.shape[1]
     do = do.contiguous()
-    # with a validated tile list every row is written by exactly one program; without one
-    # (validation off) rows past an understated max_seqlen would stay unwritten, so start at 0
-    alloc = torch.empty_like if lens_q is not None and lens_k is not None else torch.zeros_like
-    dq, dk, dv = alloc(q), alloc(k), alloc(v)
-    if total_q == 0 or k.shape[0] == 0:
+    # with tile lists every row is written by exactly one program; on the dense grid rows past
+    # an understated max_seqlen would stay unwritten, so start from 0
+    dq = (torch.empty_like if tiles_dq is not None else torch.zeros_like)(q)
+    dk, dv = ((torch.empty_like if tiles_dkdv is not None else torch.zeros_like)(t) for t in (k, v))
+    if total_q == 0 or total_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = _config_for(q)
+    cfg = config_for(q)
     BLOCK_D = triton.next_power_of_2(D)
     delta = torch.empty_like(lse)
     PRE_M = max(16, 8192 // BLOCK_D)  # rows per program: 64 at D=128, 32 at D=256 (no spills)
@@ -404,45 +391,25 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, lens_q, lens_k,
                   WIDE_OFFSETS=_wide_offsets(max_q, max_k, q, k, v, do, dq, dk, dv))
     # dK, dV: one program per key block and kv head; every key row is written exactly once
     BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
-    kv_sched = _Schedule(lens_k, cu_k.numel() - 1, max_k, BLOCK_N, False, q.device)
-    if kv_sched.num_programs:
-        _varlen_attention_bwd_dkdv_kernel[(kv_sched.num_programs, Hk)](
-            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *kv_sched.args(),
+    programs, tile_seq, tile_block, per_seq, tile_list = _grid_args(tiles_dkdv, cu_k.numel() - 1, max_k, BLOCK_N,
+                                                                    q.device)
+    if programs:
+        _varlen_attention_bwd_dkdv_kernel[(programs, Hk)](
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, tile_seq, tile_block,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            total_q, scale * LOG2E, scale, kv_sched.blocks_per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            TILE_LIST=kv_sched.tile_list, num_warps=warps, num_stages=stages, **common,
+            total_q, total_k, scale * LOG2E, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            TILE_LIST=tile_list, num_warps=warps, num_stages=stages, **common,
         )
     BLOCK_M, BLOCK_N, warps, stages = cfg["dq"]
-    q_sched = _Schedule(lens_q, cu_q.numel() - 1, max_q, BLOCK_M, causal, q.device)
-    if q_sched.num_programs:
-        _varlen_attention_bwd_dq_kernel[(q_sched.num_programs, Hq)](
-            q, k, v, do, lse, delta, dq, cu_q, cu_k, *q_sched.args(),
+    programs, tile_seq, tile_block, per_seq, tile_list = _grid_args(tiles_dq, cu_q.numel() - 1, max_q, BLOCK_M,
+                                                                    q.device)
+    if programs:
+        _varlen_attention_bwd_dq_kernel[(programs, Hq)](
+            q, k, v, do, lse, delta, dq, cu_q, cu_k, tile_seq, tile_block,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dq.stride(0), dq.stride(1),
-            total_q, scale * LOG2E, scale, q_sched.blocks_per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            TILE_LIST=q_sched.tile_list, num_warps=warps, num_stages=stages, **common,
+            total_q, total_k, scale * LOG2E, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            TILE_LIST=tile_list, num_warps=warps, num_stages=stages, **common,
         )
     return dq, dk, dv
-
-
-# ----------------------------------------------------------------------------- autograd
-
-
-class VarlenAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper. Saves q, k, v, out, lse; lengths and flags go on ctx."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, causal, scale):
-        out, lse = varlen_attention_forward(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.lens = (lens_q, lens_k, max_q, max_k)
-        ctx.causal, ctx.scale = causal, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.lens, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None, None, None

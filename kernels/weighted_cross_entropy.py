@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import on_compiled_gpu
+from . import on_compiled_gpu
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -81,7 +81,8 @@ def _weighted_cross_entropy_fwd_kernel(
             d = tl.exp(xc - lse) - tl.where(offs == label, 1.0, 0.0)
             if HAS_SOFTCAP:
                 d = d * (1.0 - (xc / softcap) * (xc / softcap))  # d tanh
-            tl.store(grad + offs, (d * g).to(Grad.dtype.element_ty), mask=offs < V)
+            # a select: an ignored row's logits may be NaN, its gradient is exactly 0
+            tl.store(grad + offs, tl.where(ignored, 0.0, d * g).to(Grad.dtype.element_ty), mask=offs < V)
 
 
 # ----------------------------------------------------------------------------- row functions
@@ -123,14 +124,15 @@ def torch_rows(logits, grad, labels, weights, scale, ignore_index, softcap, comp
     safe = torch.where(ignored, torch.zeros_like(labels), labels)
     z = x.gather(1, safe[:, None])[:, 0]
     w = torch.ones_like(lse) if weights is None else weights.float()
-    w = torch.where(ignored, torch.zeros_like(w), w)
-    loss = w * (lse - z)
+    # selects, not products with w = 0: an ignored row's logits may be NaN (a padded or masked
+    # hidden state), and it must contribute exactly 0, as in the Triton kernel
+    loss = torch.where(ignored, 0.0, w * (lse - z))
     if compute_grad:
         d = torch.exp(x - lse[:, None])
         d[torch.arange(len(safe)), safe] -= 1.0
         if softcap is not None:
             d *= 1.0 - (x / softcap) ** 2
-        d *= (w * scale.float().expand_as(w))[:, None]
+        d = torch.where(ignored[:, None], 0.0, d * (w * scale.float().expand_as(w))[:, None])
         (logits if grad is None else grad).copy_(d)
     return loss
 
@@ -179,7 +181,7 @@ def linear_cross_entropy_pass(rows, hidden, weight, bias, labels, weights, scale
     return loss, gh, gw, gb
 
 
-def _grad_scale(labels, weights, ignore_index, reduction, device):
+def grad_scale(labels, weights, ignore_index, reduction, device):
     """Per-token factor turning the token losses into the reduced loss: 1 for sum, 1/sum(w)
     over non-ignored tokens for mean (0 when that sum is 0: an all-ignored batch gives loss 0
     and zero gradients, not NaN)."""
@@ -191,82 +193,5 @@ def _grad_scale(labels, weights, ignore_index, reduction, device):
                        torch.zeros_like(denom)).reshape(1)
 
 
-def _reduce(loss, scale, reduction):
+def reduce_loss(loss, scale, reduction):
     return loss if reduction == "none" else (loss.sum() * scale[0] if reduction == "mean" else loss.sum())
-
-
-# ----------------------------------------------------------------------------- autograd
-
-
-class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """Saves only the computed gradients (scalar reductions) or the inputs ("none")."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, weights, ignore_index, reduction, softcap, rows, grad_enabled):
-        # needs_input_grad ignores torch.no_grad(); the caller passes the grad mode it saw
-        need = ctx.needs_input_grad
-        compute_grad = grad_enabled and reduction != "none" and (need[0] or need[1] or need[2])
-        scale = _grad_scale(labels, weights, ignore_index, reduction, hidden.device)
-        loss, gh, gw, gb = linear_cross_entropy_pass(rows, hidden, weight, bias, labels, weights, scale,
-                                                        ignore_index, softcap, compute_grad, need[1], need[2])
-        ctx.reduction, ctx.ignore_index, ctx.softcap, ctx.rows = reduction, ignore_index, softcap, rows
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        if reduction == "none":
-            ctx.save_for_backward(hidden, weight, bias, labels, weights)
-        else:
-            ctx.save_for_backward(gh, gw, gb)
-        return _reduce(loss, scale, reduction)
-
-    @staticmethod
-    @torch.autocast(device_type="cuda", enabled=False)
-    @torch.autocast(device_type="cpu", enabled=False)
-    def backward(ctx, grad_out):
-        need = ctx.needs_input_grad
-        if ctx.reduction == "none":
-            hidden, weight, bias, labels, weights = ctx.saved_tensors
-            _, gh, gw, gb = linear_cross_entropy_pass(ctx.rows, hidden, weight, bias, labels, weights,
-                                                         grad_out.float().contiguous(), ctx.ignore_index,
-                                                         ctx.softcap, True, need[1], need[2])
-        else:
-            gh, gw, gb = ctx.saved_tensors
-            g = grad_out.reshape(())
-            # the common case (the loss is the objective, grad 1) skips three full-size multiplies
-            if not torch.equal(g, torch.ones_like(g)):
-                gh = gh * g.to(gh.dtype) if gh is not None else None
-                gw = gw * g.to(gw.dtype) if gw is not None else None
-                gb = gb * g if gb is not None else None
-        gb = gb.to(ctx.bias_dtype) if gb is not None else None
-        return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None,
-                None, None, None, None, None, None, None)
-
-
-class CrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy on given logits. The user's logits are never overwritten."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, weights, ignore_index, reduction, softcap, rows, grad_enabled):
-        compute_grad = grad_enabled and reduction != "none" and ctx.needs_input_grad[0]
-        scale = _grad_scale(labels, weights, ignore_index, reduction, logits.device)
-        grad = torch.empty_like(logits) if compute_grad else None
-        loss = rows(logits, grad if compute_grad else logits, labels, weights, scale, ignore_index, softcap,
-                       compute_grad)
-        ctx.reduction, ctx.ignore_index, ctx.softcap, ctx.rows = reduction, ignore_index, softcap, rows
-        if reduction == "none":
-            ctx.save_for_backward(logits, labels, weights)
-        else:
-            ctx.save_for_backward(grad)
-        return _reduce(loss, scale, reduction)
-
-    @staticmethod
-    @torch.autocast(device_type="cuda", enabled=False)
-    @torch.autocast(device_type="cpu", enabled=False)
-    def backward(ctx, grad_out):
-        if ctx.reduction == "none":
-            logits, labels, weights = ctx.saved_tensors
-            grad = torch.empty_like(logits)
-            ctx.rows(logits, grad, labels, weights, grad_out.float().contiguous(), ctx.ignore_index, ctx.softcap,
-                     True)
-        else:
-            (grad,) = ctx.saved_tensors
-            grad = grad * grad_out.reshape(()).to(grad.dtype)
-        return grad, None, None, None, None, None, None, None

@@ -1,8 +1,8 @@
 """Host-side input checks shared by every public op.
 
-cu_seqlens checks need the values on the host (one sync). They are cached per tensor (keyed by
-identity and torch's in-place version counter), so the 32 layers of a model pay one check per
-batch. ``set_validation(False)`` or ``LONGALIGN_VALIDATE=0`` turns the value checks off for
+cu_seqlens checks need the values on the host (one sync). For device tensors they are cached per
+tensor (keyed by identity and torch's in-place version counter), so the 32 layers of a model pay
+one check per batch; a PackedBatch built from host lengths needs none. ``set_validation(False)`` or ``LONGALIGN_VALIDATE=0`` turns the value checks off for
 users who want zero host syncs; shape, dtype and device checks always run (they are free).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 _state = {"validate": os.environ.get("LONGALIGN_VALIDATE", "1") != "0"}
-_cache: Dict[int, Tuple[weakref.ref, int, np.ndarray]] = {}
+_cache: Dict[int, Tuple[weakref.ref, int, object]] = {}
 _CACHE_LIMIT = 256
 
 
@@ -33,11 +33,6 @@ def validation_enabled() -> bool:
 def use_triton(t: torch.Tensor) -> bool:
     """CUDA tensors run the Triton kernels; CPU tensors too when TRITON_INTERPRET=1 (CI)."""
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def on_compiled_gpu(t: torch.Tensor) -> bool:
-    """The kernels run compiled on a GPU (not in the interpreter): GPU tile configs apply."""
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None,
@@ -72,46 +67,54 @@ def check_finite_number(name: str, value, minimum: Optional[float] = None) -> fl
     return float(value)
 
 
-def _copy_to_host(cu: torch.Tensor) -> np.ndarray:
-    """The one host sync of validation (counted by the tests)."""
-    return cu.detach().to("cpu", torch.int64).numpy()
+def _cacheable(cu: torch.Tensor) -> bool:
+    return cu.device.type != "cpu"
 
 
-def _host_lengths(cu: torch.Tensor) -> np.ndarray:
-    key = id(cu)
-    hit = _cache.get(key)
-    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
-        return hit[2]
-    host = _copy_to_host(cu)
-    if len(_cache) >= _CACHE_LIMIT:
-        for k in [k for k, (ref, _, _) in _cache.items() if ref() is None] or list(_cache)[: _CACHE_LIMIT // 2]:
-            _cache.pop(k, None)
-    _cache[key] = (weakref.ref(cu), cu._version, host)
-    return host
+def _describe(name: str, cu: torch.Tensor):
+    """A validated PackedBatch for a cu_seqlens tensor. Device tensors are cached per tensor
+    (identity and torch's version counter), so a model's layers pay one sync per batch. CPU
+    tensors are re-read every time: that costs no sync, and a write through ``.numpy()`` or
+    ``.data`` (which torch's version counter does not see) can then never make a check stale."""
+    from .batch import PackedBatch
+
+    cacheable = _cacheable(cu)
+    if cacheable:
+        hit = _cache.get(id(cu))
+        if hit is not None and hit[0]() is cu and hit[1] == cu._version:
+            return hit[2]
+    batch = PackedBatch.from_cu_seqlens(cu, name=name)
+    if cacheable:
+        if len(_cache) >= _CACHE_LIMIT:
+            for k in [k for k, (ref, _, _) in _cache.items() if ref() is None] or list(_cache)[: _CACHE_LIMIT // 2]:
+                _cache.pop(k, None)
+        _cache[id(cu)] = (weakref.ref(cu), cu._version, batch)
+    return batch
 
 
-def check_cu_seqlens(name: str, cu, total: Optional[int], *, device: torch.device, max_seqlen: Optional[int] = None,
-                     max_seqlen_name: str = "max_seqlen", force: bool = False) -> Optional[np.ndarray]:
+def batch_for_cu(name: str, cu, total: Optional[int], *, device: torch.device, max_seqlen: Optional[int] = None,
+                 max_seqlen_name: str = "max_seqlen", force: bool = False):
     """Check cu_seqlens (B+1,) int32: starts at 0, non-decreasing, ends at ``total`` (unless
     None: the tensor then defines the total), and no sequence longer than ``max_seqlen``.
-    Returns the (B,) int64 host lengths, or None when value checks are off (and ``force`` is
-    not set)."""
+    Returns its validated :class:`PackedBatch`, or None when value checks are off (and
+    ``force`` is not set)."""
     check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
     if cu.numel() < 1:
         raise ValueError(f"{name} must have at least one entry (B+1 with B >= 0)")
     if not (force or _state["validate"]):
         return None
-    host = _host_lengths(cu)
-    if host[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
-    lengths = np.diff(host)
-    bad = np.flatnonzero(lengths < 0)
-    if bad.size:
-        raise ValueError(f"{name} must be non-decreasing: {bad.size} decrease(s), first at index {int(bad[0]) + 1} "
-                         f"({int(host[bad[0]])} -> {int(host[bad[0] + 1])})")
-    if total is not None and host[-1] != total:
-        raise ValueError(f"{name} must end at the total number of tokens {total}, got {int(host[-1])}")
-    if max_seqlen is not None and lengths.size and lengths.max() > max_seqlen:
+    batch = _describe(name, cu)
+    if total is not None and batch.total != total:
+        raise ValueError(f"{name} must end at the total number of tokens {total}, got {batch.total}")
+    if max_seqlen is not None and batch.max_len > max_seqlen:
         raise ValueError(f"{max_seqlen_name}={max_seqlen} is smaller than the longest sequence in {name} "
-                         f"({int(lengths.max())})")
-    return lengths
+                         f"({batch.max_len})")
+    return batch
+
+
+def check_cu_seqlens(name: str, cu, total: Optional[int], *, device: torch.device, max_seqlen: Optional[int] = None,
+                     max_seqlen_name: str = "max_seqlen", force: bool = False) -> Optional[np.ndarray]:
+    """As :func:`batch_for_cu`, returning the (B,) int64 host lengths (or None)."""
+    batch = batch_for_cu(name, cu, total, device=device, max_seqlen=max_seqlen, max_seqlen_name=max_seqlen_name,
+                         force=force)
+    return None if batch is None else batch.lengths

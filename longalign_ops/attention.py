@@ -1,22 +1,167 @@
-"""Public variable-length attention: checks, dispatch (Triton on GPU or under the interpreter,
-the PyTorch reference on plain CPU), and the autograd entry point."""
+"""Public variable-length attention: checks, the batch description, and the ``torch.library``
+custom ops ``longalign::varlen_attention_fwd`` / ``_bwd`` (fake kernels for FakeTensorMode and
+torch.compile, autograd registered) that dispatch between the Triton kernels (GPU, or CPU under
+TRITON_INTERPRET=1) and a PyTorch path of their own (SDPA per sequence) on a plain CPU."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from . import reference
-from ._validation import check_cu_seqlens, check_finite_number, check_int, check_tensor, use_triton
+from ._validation import batch_for_cu, check_finite_number, check_int, check_tensor, use_triton
+from .batch import PackedBatch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+Tensor = torch.Tensor
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = True,
+# ----------------------------------------------------------------------------- plain-CPU path
+
+
+def _clamped_bounds(cu: Tensor, total: int):
+    host = cu.tolist()  # this path runs on CPU tensors only: no device sync
+    return [(min(max(host[i], 0), total), min(max(host[i + 1], min(max(host[i], 0), total)), total))
+            for i in range(len(host) - 1)]
+
+
+def _torch_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    """The CPU path when Triton cannot run: SDPA per sequence in fp32 (bottom-right causal mask),
+    the LSE from the same scores. Same bounds rule as the kernels: spans clamped into [0, total)."""
+    total_q, Hq, D = q.shape
+    Hk = k.shape[1]
+    out = torch.zeros(total_q, Hq, D, dtype=torch.float32, device=q.device)
+    lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        for (qs, qe), (ks, ke) in zip(_clamped_bounds(cu_q, total_q), _clamped_bounds(cu_k, k.shape[0])):
+            Lq, Lk = qe - qs, ke - ks
+            if Lq == 0 or Lk == 0:
+                continue
+            qi, ki, vi = (t.float().transpose(0, 1) for t in (q[qs:qe], k[ks:ke], v[ks:ke]))
+            ki, vi = ki.repeat_interleave(Hq // Hk, 0), vi.repeat_interleave(Hq // Hk, 0)
+            keep = None
+            if causal:
+                keep = torch.arange(Lk, device=q.device)[None, :] <= torch.arange(Lq, device=q.device)[:, None] + Lk - Lq
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=keep, scale=scale)
+            s = (qi @ ki.transpose(1, 2)) * scale
+            if keep is not None:
+                s = s.masked_fill(~keep, float("-inf"))
+                o = o.masked_fill(~keep.any(1)[None, :, None], 0.0)  # rows that see no key: 0, not NaN
+            out[qs:qe] = o.transpose(0, 1)
+            lse[:, qs:qe] = torch.logsumexp(s, -1)
+    return out.to(q.dtype), lse
+
+
+def _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal: bool, scale: float):
+    """Gradients of :func:`_torch_attention` per sequence in fp32, from the saved LSE (autograd
+    does not run inside a custom op): P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - delta),
+    dQ = dS K * scale, dK = dS^T Q * scale, with delta = rowsum(dO * O)."""
+    total_q, Hq, D = q.shape
+    Hk = k.shape[1]
+    G = Hq // Hk
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        for (qs, qe), (ks, ke) in zip(_clamped_bounds(cu_q, total_q), _clamped_bounds(cu_k, k.shape[0])):
+            Lq, Lk = qe - qs, ke - ks
+            if Lq == 0 or Lk == 0:
+                continue
+            qi, doi, oi = (t[qs:qe].float().transpose(0, 1) for t in (q, dout, out))  # (Hq, Lq, D)
+            ki, vi = (t[ks:ke].float().transpose(0, 1).repeat_interleave(G, 0) for t in (k, v))
+            row_lse = lse[:, qs:qe, None]
+            p = torch.exp((qi @ ki.transpose(1, 2)) * scale - torch.where(torch.isinf(row_lse), float("inf"), row_lse))
+            if causal:
+                keep = torch.arange(Lk, device=q.device)[None, :] <= torch.arange(Lq, device=q.device)[:, None] + Lk - Lq
+                p = p.masked_fill(~keep, 0.0)
+            delta = (doi * oi).sum(-1, keepdim=True)
+            ds = p * (doi @ vi.transpose(1, 2) - delta)
+            dq[qs:qe] = ((ds @ ki) * scale).transpose(0, 1)
+            dk[ks:ke] = ((ds.transpose(1, 2) @ qi) * scale).view(Hk, G, Lk, D).sum(1).transpose(0, 1)
+            dv[ks:ke] = (p.transpose(1, 2) @ doi).view(Hk, G, Lk, D).sum(1).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("longalign::varlen_attention_fwd", mutates_args=())
+def _varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, tiles_fwd: Optional[Tensor],
+                          tiles_dkdv: Optional[Tensor], tiles_dq: Optional[Tensor], max_q: int, max_k: int,
+                          causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    """out (total_q, Hq, D) in q's dtype, lse (Hq, total_q) fp32. The backward's tile lists ride
+    along so that the autograd context holds them."""
+    if use_triton(q):
+        from .kernels.varlen_attention import varlen_attention_forward
+
+        return varlen_attention_forward(q, k, v, cu_q, cu_k, tiles_fwd, max_q, max_k, causal, scale)
+    return _torch_attention(q, k, v, cu_q, cu_k, causal, scale)
+
+
+@_varlen_attention_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, tiles_fwd, tiles_dkdv, tiles_dq, max_q, max_k, causal, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("longalign::varlen_attention_bwd", mutates_args=())
+def _varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+                          cu_k: Tensor, tiles_dkdv: Optional[Tensor], tiles_dq: Optional[Tensor], max_q: int,
+                          max_k: int, causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    if use_triton(q):
+        from .kernels.varlen_attention import varlen_attention_backward
+
+        return varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k,
+                                         causal, scale)
+    return _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale)
+
+
+@_varlen_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, _, tiles_dkdv, tiles_dq, max_q, max_k, causal, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq)
+    ctx.flags = (max_q, max_k, causal, scale)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq = ctx.saved_tensors
+    dq, dk, dv = _varlen_attention_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq,
+                                       *ctx.flags)
+    return (dq, dk, dv) + (None,) * 9
+
+
+_varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public entry
+
+
+def _tile_lists(q: Tensor, batch_q: Optional[PackedBatch], batch_k: Optional[PackedBatch]):
+    """The three tile lists the kernels of q's device and dtype launch over, or Nones (dense
+    grid) when no description is known, or on the plain-CPU path (which needs none)."""
+    if batch_q is None or batch_k is None or not use_triton(q):
+        return None, None, None
+    from .kernels.varlen_attention import config_for
+
+    cfg = config_for(q)
+    return batch_q.tiles(cfg["fwd"][0]), batch_k.tiles(cfg["dkdv"][1]), batch_q.tiles(cfg["dq"][0])
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k: Optional[Tensor] = None,
+                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *, causal: bool = True,
                      softmax_scale: Optional[float] = None, return_lse: bool = False, deterministic: bool = False):
     """Attention within each packed sequence.
+
+    ``varlen_attention(q, k, v, batch)`` with a :class:`PackedBatch` (the same sequences for
+    queries and keys; nothing is read back from the device; ``(q, k, v, batch_q, batch_k)``
+    when their lengths differ), or flash-attn's form
+    ``varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)``.
 
     Args:
         q: ``(total_q, Hq, D)`` fp16/bf16/fp32. k, v: ``(total_k, Hk, D)``, same dtype, ``Hq % Hk == 0``
@@ -47,26 +192,38 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"head dim must be a multiple of 8 in [8, 256], got {D}")
     if Hk == 0 or Hq % Hk:
         raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hk})")
-    max_q = check_int("max_seqlen_q", max_seqlen_q)
-    max_k = check_int("max_seqlen_k", max_seqlen_k)
-    lens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, device=device, max_seqlen=max_q,
-                              max_seqlen_name="max_seqlen_q")
-    lens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, device=device, max_seqlen=max_k,
-                              max_seqlen_name="max_seqlen_k")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
-                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    if isinstance(cu_seqlens_q, PackedBatch):
+        batch_q = cu_seqlens_q
+        batch_k = batch_q if cu_seqlens_k is None else cu_seqlens_k
+        if not isinstance(batch_k, PackedBatch) or max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("with a PackedBatch, pass no cu_seqlens_k / max_seqlen_q / max_seqlen_k: the batch "
+                             "describes queries and keys (or pass a second PackedBatch for the keys)")
+        if batch_k.num_sequences != batch_q.num_sequences:
+            raise ValueError(f"the query and key PackedBatch must describe the same number of sequences, got "
+                             f"{batch_q.num_sequences} and {batch_k.num_sequences}")
+        batch_q.check("q", total_q, device)
+        batch_k.check("k", total_k, device)
+        cu_q, cu_k = batch_q.cu_seqlens, batch_k.cu_seqlens
+        max_q, max_k = batch_q.max_len, batch_k.max_len
+    else:
+        if cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
+            raise TypeError("varlen_attention takes a PackedBatch, or cu_seqlens_q, cu_seqlens_k, max_seqlen_q "
+                            "and max_seqlen_k")
+        max_q = check_int("max_seqlen_q", max_seqlen_q)
+        max_k = check_int("max_seqlen_k", max_seqlen_k)
+        batch_q = batch_for_cu("cu_seqlens_q", cu_seqlens_q, total_q, device=device, max_seqlen=max_q,
+                               max_seqlen_name="max_seqlen_q")
+        batch_k = batch_q if cu_seqlens_k is cu_seqlens_q else batch_for_cu(
+            "cu_seqlens_k", cu_seqlens_k, total_k, device=device, max_seqlen=max_k, max_seqlen_name="max_seqlen_k")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                             f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+        # a validated description carries its own copy of cu_seqlens, consistent with its tiles
+        cu_q = batch_q.cu_seqlens if batch_q is not None else cu_seqlens_q
+        cu_k = batch_k.cu_seqlens if batch_k is not None else cu_seqlens_k
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else check_finite_number("softmax_scale", softmax_scale)
 
-    if use_triton(q):
-        from .kernels.varlen_attention import VarlenAttentionFunction
-
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out, lse = VarlenAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, lens_q, lens_k, max_q, max_k,
-                                                 bool(causal), scale)
-    else:
-        with torch.autocast(device_type=q.device.type, enabled=False):  # the reference computes in fp32
-            out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=bool(causal),
-                                                  softmax_scale=scale, compute_dtype=torch.float32)
-        out, lse = out.to(q.dtype), lse.float()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    tiles = _tile_lists(q, batch_q, batch_k)
+    out, lse = _varlen_attention_fwd(q, k, v, cu_q, cu_k, *tiles, max_q, max_k, bool(causal), float(scale))
     return (out, lse) if return_lse else out

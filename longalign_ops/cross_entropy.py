@@ -1,15 +1,19 @@
-"""Public token-weighted cross-entropy ops: checks, dispatch, per-sequence log-probs and the
-LongAlign loss weights. Kernels in ``longalign_ops.kernels.weighted_cross_entropy``."""
+"""Public token-weighted cross-entropy ops: checks, the ``torch.library`` custom ops
+(``longalign::fused_linear_cross_entropy``, ``longalign::cross_entropy`` and their backward ops,
+with fake kernels and autograd registered), per-sequence log-probs and the LongAlign loss weights.
+Kernels in ``longalign_ops.kernels.weighted_cross_entropy``."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from ._validation import check_cu_seqlens, check_finite_number, check_int, check_tensor, use_triton
+from ._validation import batch_for_cu, check_finite_number, check_int, check_tensor, use_triton, validation_enabled
+from .batch import PackedBatch
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _REDUCTIONS = ("none", "sum", "mean")
+Tensor = torch.Tensor
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -19,16 +23,14 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
-def _rows_for(t: torch.Tensor):
-    from .kernels import weighted_cross_entropy as k
-
-    return k.triton_rows if use_triton(t) else k.torch_rows
-
-
 def _check_targets(labels, token_weights, T: int, V: int, ignore_index: int, device, reduction, softcap):
+    """Shape / dtype checks always; value checks (one host sync for all of them) only while
+    validation is on. Returns int64 labels, fp32 weights (or None) and the ignore index."""
     check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32), device=device)
     if labels.shape[0] != T:
         raise ValueError(f"labels must have {T} entries (one per token), got {labels.shape[0]}")
+    if V < 1:
+        raise ValueError(f"the vocabulary must have at least one entry, got V={V}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     ignore_index = check_int("ignore_index", ignore_index, minimum=-(2 ** 62))
@@ -36,29 +38,192 @@ def _check_targets(labels, token_weights, T: int, V: int, ignore_index: int, dev
         check_finite_number("softcap", softcap)
         if softcap <= 0:
             raise ValueError(f"softcap must be > 0, got {softcap}")
-    flags = [((labels != ignore_index) & ((labels < 0) | (labels >= V))).sum()]
+    weights = None
     if token_weights is not None:
         check_tensor("token_weights", token_weights, ndim=1, dtypes=_FLOATS + (torch.float64,), device=device)
         if token_weights.shape[0] != T:
             raise ValueError(f"token_weights must have {T} entries (one per token), got {token_weights.shape[0]}")
-        flags += [torch.isnan(token_weights).sum(), (token_weights < 0).sum(), torch.isinf(token_weights).sum()]
-    # one host sync for every value check
-    bad = torch.stack(flags).tolist() if T else [0] * len(flags)
-    if bad[0]:
-        raise ValueError(f"labels: {bad[0]} of {T} are outside [0, {V}) and not ignore_index={ignore_index}")
-    if token_weights is not None:
-        for count, what in zip(bad[1:], ("NaN", "negative", "infinite")):
+        weights = token_weights
+        if reduction == "mean" and token_weights.dtype == torch.float64:
+            # the mean is invariant to the weights' scale: normalise in float64 so that weights
+            # far outside float32's range (1e-50, 1e300) still give the right mean
+            weights = token_weights / token_weights.abs().amax().clamp_min(torch.finfo(torch.float64).tiny)
+        weights = weights.float().contiguous()
+    if validation_enabled() and T:
+        flags = [((labels != ignore_index) & ((labels < 0) | (labels >= V))).sum()]
+        if token_weights is not None:
+            flags += [torch.isnan(token_weights).sum(), (token_weights < 0).sum(), torch.isinf(token_weights).sum(),
+                      (torch.isinf(weights) & torch.isfinite(token_weights)).sum(),
+                      ((weights == 0) & (token_weights != 0)).sum()]
+        bad = torch.stack(flags).tolist()  # the one host sync of the checks
+        if bad[0]:
+            raise ValueError(f"labels: {bad[0]} of {T} are outside [0, {V}) and not ignore_index={ignore_index}")
+        for count, what in zip(bad[1:], ("NaN", "negative", "infinite", "too large for float32 (they overflow to inf)",
+                                         "too small for float32 (they underflow to 0)")):
             if count:
                 raise ValueError(f"token_weights: {count} of {T} are {what}")
-    labels = labels.long().contiguous()
-    weights = token_weights.float().contiguous() if token_weights is not None else None
-    return labels, weights, ignore_index
+    return labels.long().contiguous(), weights, ignore_index
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                               bias: Optional[torch.Tensor] = None, token_weights: Optional[torch.Tensor] = None,
-                               ignore_index: int = -100, reduction: str = "mean",
-                               softcap: Optional[float] = None) -> torch.Tensor:
+# ----------------------------------------------------------------------------- custom ops
+
+
+def _kernels():
+    from .kernels import weighted_cross_entropy
+
+    return weighted_cross_entropy
+
+
+def _rows_for(t: torch.Tensor):
+    k = _kernels()
+    return k.triton_rows if use_triton(t) else k.torch_rows
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    # custom ops return tensors, never None: an empty tensor stands for "not computed"
+    return t if t is not None else like.new_empty(0)
+
+
+@torch.library.custom_op("longalign::fused_linear_cross_entropy", mutates_args=())
+def _flce(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, weights: Optional[Tensor],
+          ignore_index: int, reduction: str, softcap: Optional[float], compute_grad: bool, need_weight_grad: bool,
+          need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, d hidden, d weight, d bias): the gradients of the scalar loss are computed in the
+    forward pass, chunk by chunk, while each chunk's logits exist (empty when not asked for)."""
+    k = _kernels()
+    scale = k.grad_scale(labels, weights, ignore_index, reduction, hidden.device)
+    loss, gh, gw, gb = k.linear_cross_entropy_pass(_rows_for(hidden), hidden, weight, bias, labels, weights, scale,
+                                                   ignore_index, softcap, compute_grad, need_weight_grad,
+                                                   need_bias_grad)
+    return k.reduce_loss(loss, scale, reduction), _or_empty(gh, hidden), _or_empty(gw, hidden), _or_empty(gb, hidden)
+
+
+@_flce.register_fake
+def _(hidden, weight, bias, labels, weights, ignore_index, reduction, softcap, compute_grad, need_weight_grad,
+      need_bias_grad):
+    loss = hidden.new_empty(() if reduction != "none" else (hidden.shape[0],), dtype=torch.float32)
+    gh = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
+    gw = torch.empty_like(weight) if compute_grad and need_weight_grad else hidden.new_empty(0)
+    gb = hidden.new_empty(weight.shape[0], dtype=torch.float32) if compute_grad and bias is not None and \
+        need_bias_grad else hidden.new_empty(0)
+    return loss, gh, gw, gb
+
+
+@torch.library.custom_op("longalign::fused_linear_cross_entropy_bwd", mutates_args=())
+def _flce_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+              weights: Optional[Tensor], ignore_index: int, softcap: Optional[float], need_weight_grad: bool,
+              need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of reduction="none": the per-token output gradient is only known now, so the
+    chunks are recomputed (one extra logits matmul per chunk)."""
+    _, gh, gw, gb = _kernels().linear_cross_entropy_pass(_rows_for(hidden), hidden, weight, bias, labels, weights,
+                                                         grad_loss, ignore_index, softcap, True, need_weight_grad,
+                                                         need_bias_grad)
+    return gh, _or_empty(gw, hidden), _or_empty(gb, hidden)
+
+
+@_flce_bwd.register_fake
+def _(grad_loss, hidden, weight, bias, labels, weights, ignore_index, softcap, need_weight_grad, need_bias_grad):
+    gw = torch.empty_like(weight) if need_weight_grad else hidden.new_empty(0)
+    gb = hidden.new_empty(weight.shape[0], dtype=torch.float32) if bias is not None and need_bias_grad else \
+        hidden.new_empty(0)
+    return torch.empty_like(hidden), gw, gb
+
+
+def _flce_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, weights, ignore_index, reduction, softcap, _, need_w, need_b = inputs
+    loss, gh, gw, gb = output
+    ctx.mark_non_differentiable(gh, gw, gb)
+    ctx.reduction, ctx.ignore_index, ctx.softcap, ctx.need = reduction, ignore_index, softcap, (need_w, need_b)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, labels, weights)
+    else:
+        ctx.save_for_backward(gh, gw, gb)
+
+
+def _flce_backward(ctx, grad_loss, *_):
+    if ctx.reduction == "none":
+        hidden, weight, bias, labels, weights = ctx.saved_tensors
+        gh, gw, gb = _flce_bwd(grad_loss.float().contiguous(), hidden, weight, bias, labels, weights,
+                               ctx.ignore_index, ctx.softcap, *ctx.need)
+    else:
+        gh, gw, gb = ctx.saved_tensors
+        # no test for grad == 1 (it would be a device-to-host read in every step). Eager: scaled
+        # in place, no second weight-sized buffer (a second backward through the same graph is
+        # refused by autograd's saved-tensor version check instead of scaling twice). Traced
+        # (torch.compile, opcheck: tensor subclasses): out of place, as graph partitioning needs
+        g = grad_loss.reshape(())
+        if type(gh) is torch.Tensor:
+            gh.mul_(g.to(gh.dtype)), gw.mul_(g.to(gw.dtype)), gb.mul_(g)
+        else:
+            gh, gw, gb = gh * g.to(gh.dtype), gw * g.to(gw.dtype), gb * g
+    need = ctx.needs_input_grad
+    gb = gb.to(ctx.bias_dtype) if need[2] else None
+    return (gh if need[0] else None, gw if need[1] else None, gb) + (None,) * 8
+
+
+_flce.register_autograd(_flce_backward, setup_context=_flce_setup)
+
+
+@torch.library.custom_op("longalign::cross_entropy", mutates_args=())
+def _ce(logits: Tensor, labels: Tensor, weights: Optional[Tensor], ignore_index: int, reduction: str,
+        softcap: Optional[float], compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(loss, d logits of the scalar loss, or empty). The user's logits are never written."""
+    k = _kernels()
+    scale = k.grad_scale(labels, weights, ignore_index, reduction, logits.device)
+    grad = torch.empty_like(logits) if compute_grad else None
+    loss = _rows_for(logits)(logits, grad if compute_grad else logits, labels, weights, scale, ignore_index, softcap,
+                             compute_grad)
+    return k.reduce_loss(loss, scale, reduction), _or_empty(grad, logits)
+
+
+@_ce.register_fake
+def _(logits, labels, weights, ignore_index, reduction, softcap, compute_grad):
+    loss = logits.new_empty(() if reduction != "none" else (logits.shape[0],), dtype=torch.float32)
+    return loss, torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+
+
+@torch.library.custom_op("longalign::cross_entropy_bwd", mutates_args=())
+def _ce_bwd(grad_loss: Tensor, logits: Tensor, labels: Tensor, weights: Optional[Tensor], ignore_index: int,
+            softcap: Optional[float]) -> Tensor:
+    grad = torch.empty_like(logits)
+    _rows_for(logits)(logits, grad, labels, weights, grad_loss, ignore_index, softcap, True)
+    return grad
+
+
+@_ce_bwd.register_fake
+def _(grad_loss, logits, labels, weights, ignore_index, softcap):
+    return torch.empty_like(logits)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, labels, weights, ignore_index, reduction, softcap, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.reduction, ctx.ignore_index, ctx.softcap = reduction, ignore_index, softcap
+    ctx.save_for_backward(*((logits, labels, weights) if reduction == "none" else (output[1],)))
+
+
+def _ce_backward(ctx, grad_loss, _):
+    if ctx.reduction == "none":
+        logits, labels, weights = ctx.saved_tensors
+        grad = _ce_bwd(grad_loss.float().contiguous(), logits, labels, weights, ctx.ignore_index, ctx.softcap)
+    else:
+        (grad,) = ctx.saved_tensors
+        grad = grad * grad_loss.reshape(()).to(grad.dtype)
+    return (grad,) + (None,) * 6
+
+
+_ce.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+# ----------------------------------------------------------------------------- public entries
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                               token_weights: Optional[Tensor] = None, ignore_index: int = -100,
+                               reduction: str = "mean", softcap: Optional[float] = None,
+                               packed_batch: Optional[PackedBatch] = None, num_packs: Optional[int] = None,
+                               num_sequences: Optional[int] = None) -> Tensor:
     """lm head + token-weighted cross-entropy without materialising the ``(T, V)`` logits.
 
     Args:
@@ -69,6 +234,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         reduction: "none" -> ``(T,)`` fp32 ``w_t * nll_t`` (0 where ignored); "sum"; "mean" ->
             ``sum(w_t nll_t) / sum(w_t)`` over non-ignored tokens (0 when nothing counts).
         softcap: optional logit soft-capping ``c * tanh(z / c)`` (Gemma 2).
+        packed_batch, num_packs, num_sequences: LongAlign weighting from the batch description:
+            ``token_weights = longalign_loss_weights(packed_batch, labels, num_packs=K,
+            num_sequences=M)`` (use with ``reduction="sum"``).
 
     Works in chunks of tokens whose logits take about the hidden states' memory (see
     ``kernels.weighted_cross_entropy.chunk_tokens``). Differentiable in hidden, weight, bias.
@@ -84,60 +252,69 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         check_tensor("bias", bias, ndim=1, dtypes=_FLOATS, device=device)
         if bias.shape[0] != V:
             raise ValueError(f"bias must have {V} entries, got {bias.shape[0]}")
+    if packed_batch is not None:
+        if token_weights is not None:
+            raise ValueError("pass token_weights or packed_batch (LongAlign weights from the batch), not both")
+        if num_packs is None or num_sequences is None:
+            raise ValueError("packed_batch needs num_packs and num_sequences (the step's K and M)")
+        check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32), device=device)
+        token_weights = longalign_loss_weights(packed_batch, labels, num_packs=num_packs, num_sequences=num_sequences,
+                                               ignore_index=ignore_index)
     labels, weights, ignore_index = _check_targets(labels, token_weights, T, V, ignore_index, device, reduction,
                                                    softcap)
-    from .kernels.weighted_cross_entropy import FusedLinearCrossEntropyFunction
-
     # under autocast, the lm head runs in the autocast dtype as nn.Linear would (the casts are
     # differentiable, so fp32 parameters still get fp32 gradients); the loss math stays fp32
-    grad_enabled = torch.is_grad_enabled()  # read before the Function runs its forward under no_grad
     amp = _autocast_dtype(device)
     if amp is not None and hidden.dtype == torch.float32:
         hidden, weight = hidden.to(amp), weight.to(amp)
         bias = bias.to(amp) if bias is not None else None
+    need = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    # the gradients are made in the forward pass only when a backward can follow
+    compute_grad = torch.is_grad_enabled() and reduction != "none" and any(need)
     with torch.autocast(device_type=device.type, enabled=False):
-        hidden = hidden.contiguous()
-        return FusedLinearCrossEntropyFunction.apply(hidden, weight.contiguous(), bias, labels, weights,
-                                                     ignore_index, reduction, softcap, _rows_for(hidden), grad_enabled)
+        loss, *_ = _flce(hidden.contiguous(), weight.contiguous(), bias, labels, weights, ignore_index, reduction,
+                         softcap, compute_grad, need[1], need[2])
+    return loss
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, token_weights: Optional[torch.Tensor] = None,
-                  ignore_index: int = -100, reduction: str = "mean", softcap: Optional[float] = None) -> torch.Tensor:
+def cross_entropy(logits: Tensor, labels: Tensor, *, token_weights: Optional[Tensor] = None, ignore_index: int = -100,
+                  reduction: str = "mean", softcap: Optional[float] = None) -> Tensor:
     """Token-weighted cross-entropy on ``(T, V)`` logits; semantics as
     :func:`fused_linear_cross_entropy`. Differentiable in logits (never modified in place)."""
     check_tensor("logits", logits, ndim=2, dtypes=_FLOATS)
     T, V = logits.shape
     labels, weights, ignore_index = _check_targets(labels, token_weights, T, V, ignore_index, logits.device,
                                                    reduction, softcap)
-    from .kernels.weighted_cross_entropy import CrossEntropyFunction
-
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    compute_grad = torch.is_grad_enabled() and reduction != "none" and logits.requires_grad
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        return CrossEntropyFunction.apply(logits, labels, weights, ignore_index, reduction, softcap,
-                                          _rows_for(logits), torch.is_grad_enabled())
+        loss, _ = _ce(logits, labels, weights, ignore_index, reduction, softcap, compute_grad)
+    return loss
 
 
-def _sequence_ids(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
-    lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths, output_size=T)
+def _describe(name: str, cu_or_batch, tensor_name: str, T: int, device) -> PackedBatch:
+    """The batch description of a PackedBatch or cu_seqlens argument over the T tokens of
+    `tensor_name`."""
+    if isinstance(cu_or_batch, PackedBatch):
+        cu_or_batch.check(tensor_name, T, device)
+        return cu_or_batch
+    return batch_for_cu(name, cu_or_batch, T, device=device, force=True)
 
 
-def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,
-                      *, bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                      average: bool = False) -> torch.Tensor:
+def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens, *, bias: Optional[Tensor] = None,
+                      ignore_index: int = -100, average: bool = False) -> Tensor:
     """``(B,)`` fp32: per packed sequence, the sum (or, with ``average``, the mean) of
     ``log p(label_t)`` over its non-ignored tokens; 0 for a sequence with none.
 
     hidden ``(T, H)``, weight ``(V, H)``, labels ``(T,)`` already shifted (label t follows
-    position t), cu_seqlens ``(B+1,)`` int32 over the T tokens. Differentiable in hidden,
-    weight and bias; the logits are never materialised.
+    position t), cu_seqlens ``(B+1,)`` int32 over the T tokens or a :class:`PackedBatch`
+    (then nothing is read back from the device). Differentiable in hidden, weight and bias;
+    the logits are never materialised.
     """
     check_tensor("hidden", hidden, ndim=2, dtypes=_FLOATS)
-    T = hidden.shape[0]
-    check_cu_seqlens("cu_seqlens", cu_seqlens, T, device=hidden.device, force=True)
+    batch = _describe("cu_seqlens", cu_seqlens, "hidden", hidden.shape[0], hidden.device)
     nll = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction="none")
-    B = cu_seqlens.numel() - 1
-    seq = _sequence_ids(cu_seqlens, T)
+    B, seq = batch.num_sequences, batch.sequence_ids
     sums = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, seq, -nll)
     if not average:
         return sums
@@ -146,20 +323,19 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     return sums / counts.clamp_min(1.0)
 
 
-def longalign_loss_weights(cu_seqlens: torch.Tensor, labels: torch.Tensor, *, num_packs: int, num_sequences: int,
-                           ignore_index: int = -100) -> torch.Tensor:
+def longalign_loss_weights(cu_seqlens, labels: Tensor, *, num_packs: int, num_sequences: int,
+                           ignore_index: int = -100) -> Tensor:
     """``(T,)`` fp32 LongAlign weights ``K / (N_i * M)`` on the target tokens of each sequence
     (0 on ignored ones): K packs and M sequences in the whole optimisation step (all ranks),
     N_i the target tokens of sequence i. With ``reduction="sum"``, summing over the step's packs
-    and averaging over the K ranks gives ``(1/M) sum_i L_i / N_i``."""
+    and averaging over the K ranks gives ``(1/M) sum_i L_i / N_i``. ``cu_seqlens`` may be a
+    :class:`PackedBatch` (no device sync)."""
     check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32))
-    T = labels.shape[0]
-    check_cu_seqlens("cu_seqlens", cu_seqlens, T, device=labels.device, force=True)
+    batch = _describe("cu_seqlens", cu_seqlens, "labels", labels.shape[0], labels.device)
     K = check_int("num_packs", num_packs, minimum=1)
     M = check_int("num_sequences", num_sequences, minimum=1)
-    B = cu_seqlens.numel() - 1
-    seq = _sequence_ids(cu_seqlens, T)
+    seq = batch.sequence_ids
     target = labels != ignore_index
-    n = torch.zeros(B, dtype=torch.float64, device=labels.device).index_add(0, seq, target.double())
+    n = torch.zeros(batch.num_sequences, dtype=torch.float64, device=labels.device).index_add(0, seq, target.double())
     per_seq = torch.where(n > 0, K / (n.clamp_min(1.0) * M), torch.zeros_like(n))
     return (per_seq[seq] * target).float()

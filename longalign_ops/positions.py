@@ -19,8 +19,10 @@ import torch
 
 from . import _C
 from ._validation import check_cu_seqlens, check_int
+from .batch import PackedBatch
 
 METHODS = {"contiguous": 0, "logo": 1, "pose": 2}
+MAX_TARGET_LEN = 2 ** 40
 _lib = {"handle": None, "tried": False}
 
 
@@ -75,7 +77,8 @@ def synthesize_positions(cu_seqlens: torch.Tensor, target_len: Union[int, torch.
     """Position ids ``(T,)`` int64 on cu_seqlens' device.
 
     Args:
-        cu_seqlens: ``(B+1,)`` int32 cumulative lengths of the packed sequences.
+        cu_seqlens: ``(B+1,)`` int32 cumulative lengths of the packed sequences, or a
+            :class:`PackedBatch` (no device sync; use ``batch.with_positions(ids)`` after).
         target_len: int or ``(B,)``: the position window each sequence should cover (>= its length).
         method: "logo" (chunk offsets spread evenly over the window), "pose" (offsets a random
             non-decreasing walk from 0) or "contiguous" (``0..n-1``, the padding-free reset).
@@ -87,9 +90,12 @@ def synthesize_positions(cu_seqlens: torch.Tensor, target_len: Union[int, torch.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-    lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, None, device=cu_seqlens.device, force=True)
+    if isinstance(cu_seqlens, PackedBatch):  # host lengths known: nothing is read back
+        lengths, cu_seqlens = cu_seqlens.lengths, cu_seqlens.cu_seqlens
+    elif isinstance(cu_seqlens, torch.Tensor):
+        lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, None, device=cu_seqlens.device, force=True)
+    else:
+        raise TypeError(f"cu_seqlens must be a torch.Tensor or a PackedBatch, got {type(cu_seqlens).__name__}")
     B, total = len(lengths), int(lengths.sum())
     if num_chunks is None:
         chunk_size = check_int("chunk_size", chunk_size, minimum=1)
@@ -111,6 +117,12 @@ def synthesize_positions(cu_seqlens: torch.Tensor, target_len: Union[int, torch.
         i = int(over[0])
         raise ValueError(f"prefix_lens + suffix_lens longer than the sequence for {over.size} of {B} sequences "
                          f"(first: sequence {i}, {int(np.broadcast_to(ends, (B,))[i])} > {int(lengths[i])})")
+    # the placement multiplies chunk index by slack in int64: 2^40 (10^12 positions, far past any
+    # RoPE window) keeps every intermediate exact
+    huge = np.flatnonzero(target > MAX_TARGET_LEN)
+    if huge.size:
+        raise ValueError(f"target_len must be at most 2**40 = {MAX_TARGET_LEN}: {huge.size} of {B} sequences ask "
+                         f"for more (first: sequence {int(huge[0])}, {int(target[huge[0]])})")
     short = np.flatnonzero(target < lengths)
     if short.size:
         i = int(short[0])

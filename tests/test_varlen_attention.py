@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import longalign_ops
+import longalign_ops as la
 from longalign_ops import reference, varlen_attention
 from longalign_ops._validation import set_validation
 from longalign_ops.flash_attn_compat import flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func
@@ -131,21 +132,84 @@ def test_softmax_scale():
     assert max_err(varlen_attention(q, k, v, cq, ck, 30, 30), ref) > 1e-3  # the scale matters
 
 
-def test_validation_is_cached_per_tensor(monkeypatch):
+def test_validation_is_cached_per_device_tensor(monkeypatch):
+    """Device tensors: one host read per tensor version, however many layers use it."""
     from longalign_ops import _validation
+    from longalign_ops.batch import PackedBatch
 
     q, k, v, cq, _ = make_inputs([5, 6], [5, 6], 2, 2, 8, torch.float32)
-    copies = []
-    real_copy = _validation._copy_to_host
-    monkeypatch.setattr(_validation, "_copy_to_host", lambda cu: copies.append(cu) or real_copy(cu))
-    for _ in range(3):  # three "layers": one host copy
+    reads = []
+    real = PackedBatch.from_cu_seqlens.__func__
+    monkeypatch.setattr(PackedBatch, "from_cu_seqlens",
+                        classmethod(lambda cls, cu, **kw: reads.append(cu) or real(cls, cu, **kw)))
+    monkeypatch.setattr(_validation, "_cacheable", lambda cu: True)  # as for a CUDA tensor
+    for _ in range(3):  # three "layers": one host read
         varlen_attention(q, k, v, cq, cq, 6, 6)
-    assert len(copies) == 1
+    assert len(reads) == 1
     with torch.no_grad():
         cq[1] = 6  # an in-place change bumps the version: checked again, and now wrong
     with pytest.raises(ValueError, match="max_seqlen_q=5 is smaller"):
         varlen_attention(q, k, v, cq, cq, 5, 5)
-    assert len(copies) == 2
+    assert len(reads) == 2
+
+
+def test_cpu_cu_seqlens_written_through_numpy_is_checked_again():
+    """A write through .numpy() does not bump torch's version counter; CPU tensors are never
+    cached, so the next call sees it (it used to read out of bounds from a stale tile list)."""
+    q, k, v, cq, _ = make_inputs([5, 6], [5, 6], 2, 2, 8, torch.float32)
+    varlen_attention(q, k, v, cq, cq, 6, 6)
+    cq.numpy()[2] = 40
+    with pytest.raises(ValueError, match="must end at the total number of tokens 11, got 40"):
+        varlen_attention(q, k, v, cq, cq, 40, 40)
+
+
+@pytest.mark.parametrize("cu_values", [[0, 1000], [0, -50, 11], [0, 11, 5000, 3], [-7, 3, 11]])
+def test_kernels_stay_in_bounds_whatever_cu_seqlens_holds_with_validation_off(cu_values):
+    """Validation off: q/k/v are views into NaN-guarded buffers; a kernel that read outside
+    [0, total) would pick up NaN. Bounds are clamped in the kernels, so every output and
+    gradient is finite."""
+    la.set_validation(False)
+    try:
+        T, H, D = 11, 2, 16
+        guard = 64
+        bufs = [torch.full((T + 2 * guard, H, D), float("nan")) for _ in range(3)]
+        for b in bufs:
+            b[guard:guard + T] = torch.randn(T, H, D)
+        q, k, v = (b[guard:guard + T].detach().requires_grad_() for b in bufs)
+        cu = torch.tensor(cu_values, dtype=torch.int32)
+        out, lse = varlen_attention(q, k, v, cu, cu, 2000, 2000, return_lse=True)
+        assert torch.isfinite(out).all()
+        out.sum().backward()
+        for t in (q, k, v):
+            assert torch.isfinite(t.grad).all()
+    finally:
+        la.set_validation(True)
+
+
+def test_packed_batch_matches_cu_seqlens_form():
+    lengths = [0, 1, 97, 33, 0, 5]
+    q, k, v, cq, _ = make_inputs(lengths, lengths, 4, 2, 40, torch.float32)
+    batch = la.PackedBatch.from_lengths(lengths, device="cpu")
+    out_b, lse_b = varlen_attention(q, k, v, batch, return_lse=True)
+    out_c, lse_c = varlen_attention(q, k, v, cq, cq, 97, 97, return_lse=True)
+    assert torch.equal(out_b, out_c) and torch.equal(lse_b, lse_c)
+    ref, _ = reference.varlen_attention(q, k, v, cq, cq)
+    assert max_err(out_b, ref) < 1e-5
+    g = torch.randn_like(out_b)
+    grads_b = torch.autograd.grad(out_b, (q, k, v), g)
+    grads_c = torch.autograd.grad(varlen_attention(q, k, v, cq, cq, 97, 97), (q, k, v), g)
+    for a, b in zip(grads_b, grads_c):
+        assert torch.equal(a, b)
+
+
+def test_packed_batch_that_disagrees_with_the_tensors_is_refused():
+    q, k, v, _, _ = make_inputs([5, 6], [5, 6], 2, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="q has 11 tokens but the PackedBatch describes 12"):
+        varlen_attention(q, k, v, la.PackedBatch.from_lengths([6, 6]))
+    with pytest.raises(ValueError, match="PackedBatch was built for meta"):
+        varlen_attention(q, k, v, la.PackedBatch.from_lengths([5, 6], device="meta"))
+    with pytest.raises(ValueError, match="pass no cu_seqlens_k"):
+        varlen_attention(q, k, v, la.PackedBatch.from_lengths([5, 6]), la.PackedBatch.from_lengths([5, 6]).cu_seqlens)
 
 
 @pytest.mark.parametrize("mutate, exc, pattern", [

@@ -2,30 +2,84 @@
 
     import longalign_ops.integrations.transformers  # registers on import
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="longalign")
+    out = model(input_ids=ids[None], position_ids=batch.position_ids[None], packed_batch=batch)
 
-Packed, padding-free batches work as with transformers' flash-attention path: a batch of one
-row whose ``position_ids`` restart at 0 per sequence, or explicit ``cu_seq_lens_q/k`` and
-``max_length_q/k`` keyword arguments to the model's forward (needed when positions do not
-restart at 0, as with LOGO's synthesised ids). Rows of a padded batch are unpadded through the
-2-D attention mask; otherwise each row is one sequence.
+Where the sequence boundaries come from, best first:
+- ``packed_batch=`` a :class:`longalign_ops.PackedBatch` passed to the model's forward (it reaches
+  every layer through transformers' attention kwargs): built on the host, nothing is read back;
+- ``cu_seq_lens_q/k`` (+ ``max_length_q/k``), as transformers' flash-attention path and its
+  ``DataCollatorWithFlattening`` give them (needed when positions do not restart at 0, as with
+  LOGO's synthesised ids);
+- a batch of one row whose ``position_ids`` restart at 0 per sequence;
+- the 2-D padding mask of a padded batch (rows unpadded, attended, scattered back);
+- otherwise each row is one sequence.
+All but the first need the boundaries on the host: they are derived once per forward, in the
+first layer, and reused by every other layer (memoised on the tensor that carries them, which is
+the same object in every layer, and on its version counter).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..attention import varlen_attention
+from ..batch import PackedBatch, lengths_from_cu
 
 NAME = "longalign"
+_MEMO: dict = {}
+_MEMO_LIMIT = 64
 
 
-def _cu_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+def _memo(key: torch.Tensor, build, *extra):
+    """build() once per (tensor, version, extra): the layers of one forward share one result."""
+    if torch.compiler.is_compiling():
+        return build()
+    ident = (id(key),) + tuple(id(e) if isinstance(e, torch.Tensor) else e for e in extra)
+    hit = _MEMO.get(ident)
+    if hit is not None and hit[0]() is key and hit[1] == key._version:
+        return hit[2]
+    value = build()
+    if len(_MEMO) >= _MEMO_LIMIT:
+        for k in [k for k, (ref, _, _) in _MEMO.items() if ref() is None] or list(_MEMO)[: _MEMO_LIMIT // 2]:
+            _MEMO.pop(k, None)
+    _MEMO[ident] = (weakref.ref(key), key._version, value)
+    return value
+
+
+def _from_cu_pair(cu_q: torch.Tensor, cu_k: torch.Tensor):
+    """Query and key descriptions from cu_seq_lens_q/k: one host read for both."""
+    if cu_k is cu_q:
+        batch = PackedBatch.from_cu_seqlens(cu_q.to(torch.int32), name="cu_seq_lens_q")
+        return batch, batch
+    host = torch.cat([cu_q.reshape(-1).long(), cu_k.reshape(-1).long()]).cpu().numpy()
+    hq, hk = host[:cu_q.numel()], host[cu_q.numel():]
+    batch_q = PackedBatch.from_lengths(lengths_from_cu("cu_seq_lens_q", hq), device=cu_q.device)
+    if np.array_equal(hq, hk):
+        return batch_q, batch_q
+    return batch_q, PackedBatch.from_lengths(lengths_from_cu("cu_seq_lens_k", hk), device=cu_k.device)
+
+
+def _from_position_ids(position_ids: torch.Tensor, B: int, S: int, device) -> PackedBatch:
+    """One host read of the ids: a row of one whose ids restart at 0 holds several sequences;
+    anything else is one sequence per row."""
     flat = position_ids.reshape(-1)
-    starts = (flat == 0).nonzero().view(-1).to(torch.int32)
-    if starts.numel() == 0 or starts[0] != 0:
-        starts = torch.cat([torch.zeros(1, dtype=torch.int32, device=flat.device), starts])
-    return torch.cat([starts, torch.tensor([flat.numel()], dtype=torch.int32, device=flat.device)])
+    if B == 1 and flat.numel() == S:
+        host = flat.cpu().numpy()
+        starts = np.flatnonzero(host == 0)
+        if starts.size and (starts.size > 1 or starts[0] != 0):
+            bounds = np.concatenate([[0] if starts[0] != 0 else [], starts, [S]]).astype(np.int64)
+            return PackedBatch.from_lengths(np.diff(bounds), device=device)
+    return PackedBatch.from_lengths([S] * B, device=device)
+
+
+def _from_padding_mask(mask: torch.Tensor, device):
+    """(token indices of the real tokens on the device, their description): one host read."""
+    host = mask.detach().bool().cpu().numpy()
+    keep = np.flatnonzero(host.reshape(-1))
+    return torch.from_numpy(keep).to(device), PackedBatch.from_lengths(host.sum(-1), device=device)
 
 
 def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -44,8 +98,8 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         # our registered mask function gives None or the 2-D padding mask; any other mask would
         # be ignored here, so refuse it rather than attend where it forbids
         raise ValueError(f"attn_implementation='{NAME}' takes no mask or a 2-D padding mask, got a mask of shape "
-                         f"{tuple(attention_mask.shape)}; pass packed sequences through position_ids or "
-                         f"cu_seq_lens_q/k instead")
+                         f"{tuple(attention_mask.shape)}; pass packed sequences through position_ids, "
+                         f"cu_seq_lens_q/k or packed_batch instead")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     B, Hq, S, D = query.shape
     Sk = key.shape[2]
@@ -55,33 +109,28 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     if q.dtype != k.dtype or q.dtype != v.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
 
+    batch = kwargs.get("packed_batch")
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     position_ids = kwargs.get("position_ids")
-    if cu_q is not None and cu_k is not None:
-        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
-        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
-        max_q = int(cu_q.diff().max()) if max_q is None else int(max_q)
-        max_k = int(cu_k.diff().max()) if max_k is None else int(max_k)
-    elif attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        # padded batch: attend over the real tokens only, then scatter back
-        keep = attention_mask.reshape(-1).bool()
-        idx = keep.nonzero().view(-1)
-        seqlens = attention_mask.sum(-1, dtype=torch.int32)
-        cu = torch.nn.functional.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
-        out = varlen_attention(q[idx], k[idx], v[idx], cu, cu, int(seqlens.max()), int(seqlens.max()),
-                               causal=causal, softmax_scale=scaling)
+    if batch is not None:
+        if not isinstance(batch, PackedBatch):
+            raise TypeError(f"packed_batch must be a longalign_ops.PackedBatch, got {type(batch).__name__}")
+        batch_q = batch_k = batch
+    elif cu_q is not None and cu_k is not None:
+        batch_q, batch_k = _memo(cu_q, lambda: _from_cu_pair(cu_q, cu_k), cu_k)
+    elif attention_mask is not None and not (S == Sk and _memo(attention_mask, lambda: bool(attention_mask.all()))):
+        idx, described = _memo(attention_mask, lambda: _from_padding_mask(attention_mask, q.device), "unpad")
+        out = varlen_attention(q[idx], k[idx], v[idx], described, causal=causal, softmax_scale=scaling)
         full = out.new_zeros(B * S, Hq, D)
         full[idx] = out
         return full.view(B, S, Hq, D), None
-    elif B == 1 and position_ids is not None and S == Sk and position_ids.numel() == S and \
-            bool((position_ids.reshape(-1)[1:] == 0).any()):
-        cu_q = cu_k = _cu_from_position_ids(position_ids)
-        max_q = max_k = int(cu_q.diff().max())
+    elif position_ids is not None and S == Sk:
+        batch_q = batch_k = _memo(position_ids, lambda: _from_position_ids(position_ids, B, S, q.device))
     else:
-        cu_q = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=q.device)
-        cu_k = torch.arange(0, (B + 1) * Sk, Sk, dtype=torch.int32, device=q.device)
-        max_q, max_k = S, Sk
-    out = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, softmax_scale=scaling)
+        batch_q = PackedBatch.from_lengths([S] * B, device=q.device)
+        batch_k = batch_q if Sk == S else PackedBatch.from_lengths([Sk] * B, device=q.device)
+    out = varlen_attention(q, k, v, batch_q, batch_k if batch_k is not batch_q else None, causal=causal,
+                           softmax_scale=scaling)
     return out.view(B, S, Hq, D), None
 
 

@@ -1,0 +1,79 @@
+"""From a packing plan to model inputs: a collator for HF ``Trainer``, TRL or a plain loop.
+
+    plan = la.pack(lengths, 65536, world_size=world)
+    collate = PackedCollator(device="cuda")           # or device=None inside a DataLoader worker
+    inputs = collate([dataset[i] for i in plan.indices(step, rank)])
+    loss = model(**inputs).loss                        # or model.model(...) + the fused loss
+
+The sequences of one micro-batch go back to back in a single row. ``labels`` follow the
+transformers convention (unshifted; the model shifts them), with -100 on the first token of
+every sequence so that no sequence learns to predict its neighbour's first token, as
+transformers' ``DataCollatorWithFlattening`` does. ``shift_labels`` holds the same targets
+already shifted (label t is the token after t), which is what :func:`fused_linear_cross_entropy`
+and :func:`sequence_logprobs` take.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .batch import PackedBatch
+
+
+def _ids(name: str, value, index: int) -> np.ndarray:
+    arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"sequence {index}: {name} must be a 1-D list of ints, got shape {arr.shape} and dtype "
+                         f"{arr.dtype}")
+    return arr.astype(np.int64)
+
+
+class PackedCollator:
+    """Collate a list of ``{"input_ids": [...], "labels": [...] (optional)}`` records into one
+    packed row: ``input_ids``, ``labels``, ``shift_labels`` and ``position_ids`` of shape
+    ``(1, T)``, ``cu_seq_lens_q/k`` and ``max_length_q/k`` (transformers' flash-attention
+    kwargs), and, when ``device`` is given, ``packed_batch``: the batch description on that
+    device, and every tensor moved there (with ``device=None``, e.g. in DataLoader workers whose
+    trainer moves tensors itself, the attention derives the description once per forward from
+    ``cu_seq_lens_q/k``)."""
+
+    def __init__(self, device=None, *, ignore_index: int = -100):
+        self.device = None if device is None else torch.device(device)
+        self.ignore_index = ignore_index
+
+    def __call__(self, records: Sequence[dict]) -> dict:
+        ids = [_ids("input_ids", r["input_ids"], i) for i, r in enumerate(records)]
+        labels = [_ids("labels", r["labels"], i) if r.get("labels") is not None else x.copy()
+                  for i, (r, x) in enumerate(zip(records, ids))]
+        for i, (x, y) in enumerate(zip(ids, labels)):
+            if len(x) != len(y):
+                raise ValueError(f"sequence {i}: {len(y)} labels for {len(x)} input_ids")
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        batch = PackedBatch.from_lengths(lengths, device=self.device or "cpu")
+        flat_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        first = starts[lengths > 0]
+        hf_labels = flat_labels.copy()
+        hf_labels[first] = self.ignore_index
+        shifted = np.full_like(flat_labels, self.ignore_index)
+        shifted[:-1] = flat_labels[1:]
+        shifted[np.cumsum(lengths)[lengths > 0] - 1] = self.ignore_index  # a sequence's last token has no target
+        device = self.device or "cpu"
+        as_row = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)[None]  # noqa: E731
+        out = dict(input_ids=as_row(np.concatenate(ids) if ids else np.zeros(0, np.int64)), labels=as_row(hf_labels),
+                   shift_labels=as_row(shifted), position_ids=batch.position_ids[None],
+                   cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
+                   max_length_q=batch.max_len, max_length_k=batch.max_len)
+        if self.device is not None:
+            out["packed_batch"] = batch
+        return out
+
+
+def plan_batch(plan, step: int, rank: int, *, device="cpu") -> PackedBatch:
+    """The description of the pack at (step, rank) of a PackPlan (see ``PackPlan.batch``)."""
+    return PackedBatch.from_lengths(plan.lengths[plan.indices(step, rank)], device=device)
+
+
+__all__ = ["PackedCollator", "plan_batch"]

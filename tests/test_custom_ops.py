@@ -1,0 +1,131 @@
+"""The ops are torch.library custom ops: opcheck (schema, fake kernel, autograd registration,
+AOT dispatch) passes for each, and torch.compile(fullgraph=True) captures them, alone and inside
+a transformers Llama training step, matching eager."""
+import copy
+
+import pytest
+import torch
+
+import longalign_ops as la
+from longalign_ops.attention import _varlen_attention_bwd, _varlen_attention_fwd
+from longalign_ops.cross_entropy import _ce, _ce_bwd, _flce, _flce_bwd
+
+transformers = pytest.importorskip("transformers")
+import longalign_ops.integrations.transformers  # noqa: E402,F401
+from longalign_ops.data import PackedCollator  # noqa: E402
+
+OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+
+
+def attention_args(tiles: bool, requires_grad=True):
+    lengths = [5, 0, 19, 1]
+    b = la.PackedBatch.from_lengths(lengths)
+    T = b.total
+    q = torch.randn(T, 4, 16, requires_grad=requires_grad)
+    k, v = (torch.randn(T, 2, 16, requires_grad=requires_grad) for _ in range(2))
+    t = (b.tiles(32), b.tiles(32), b.tiles(32)) if tiles else (None, None, None)
+    return (q, k, v, b.cu_seqlens, b.cu_seqlens, *t, b.max_len, b.max_len, True, 0.25)
+
+
+@pytest.mark.parametrize("tiles", [True, False])
+def test_opcheck_attention(tiles):
+    torch.library.opcheck(_varlen_attention_fwd, attention_args(tiles), test_utils=OPCHECK_TESTS)
+    q, k, v, cu, _, t1, t2, t3, mq, mk, causal, scale = attention_args(tiles, requires_grad=False)
+    out, lse = _varlen_attention_fwd(q, k, v, cu, cu, t1, t2, t3, mq, mk, causal, scale)
+    torch.library.opcheck(_varlen_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, cu, cu, t2, t3, mq, mk,
+                                                  causal, scale), test_utils=OPCHECK_TESTS[:2])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck_cross_entropy(reduction, with_bias):
+    T, H, V = 9, 8, 33
+    h, W = torch.randn(T, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+    b = torch.randn(V, requires_grad=True) if with_bias else None
+    y = torch.randint(0, V, (T,))
+    y[2] = -100
+    w = torch.rand(T)
+    torch.library.opcheck(_flce, (h, W, b, y, w, -100, reduction, None, reduction != "none", True, with_bias),
+                          test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(_flce_bwd, (torch.rand(T), h.detach(), W.detach(), b, y, w, -100, 30.0, True, with_bias),
+                          test_utils=OPCHECK_TESTS[:2])
+    logits = torch.randn(T, V, requires_grad=True)
+    torch.library.opcheck(_ce, (logits, y, w, -100, reduction, None, reduction != "none"), test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(_ce_bwd, (torch.rand(T), logits.detach(), y, w, -100, None), test_utils=OPCHECK_TESTS[:2])
+
+
+def grads_of(fn, *inputs):
+    out = fn(*inputs)
+    loss = out.float().pow(2).sum() if out.dim() else out
+    return [out.detach()] + list(torch.autograd.grad(loss, inputs))
+
+
+def assert_all_close(a, b):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_fullgraph_each_op():
+    torch._dynamo.reset()
+    batch = la.PackedBatch.from_lengths([5, 0, 19, 1])
+    q, k, v = attention_args(True)[:3]
+
+    def attention(q, k, v):
+        return la.varlen_attention(q, k, v, batch)
+
+    assert_all_close(grads_of(torch.compile(attention, backend="aot_eager", fullgraph=True), q, k, v),
+                     grads_of(attention, q, k, v))
+
+    T, H, V = batch.total, 8, 33
+    h, W = torch.randn(T, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+    y = torch.randint(0, V, (T,))
+
+    def fused(h, W):
+        return la.fused_linear_cross_entropy(h, W, y, packed_batch=batch, num_packs=2, num_sequences=3,
+                                             reduction="sum")
+
+    def logprobs(h, W):
+        return la.sequence_logprobs(h, W, y, batch, average=True)
+
+    def plain(h, W):
+        return la.cross_entropy(h @ W.t(), y)
+
+    la.set_validation(False)  # the label checks read values on the host: a graph break by design
+    try:
+        for fn in (fused, logprobs, plain):
+            assert_all_close(grads_of(torch.compile(fn, backend="aot_eager", fullgraph=True), h, W),
+                             grads_of(fn, h, W))
+    finally:
+        la.set_validation(True)
+
+
+def test_compile_fullgraph_llama_training_step():
+    """A transformers Llama forward + backward with attn_implementation="longalign" and the
+    fused LongAlign-weighted loss, compiled whole, gives eager's loss and gradients."""
+    torch._dynamo.reset()
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="longalign")
+    inputs = PackedCollator(device="cpu")([dict(input_ids=torch.randint(0, 97, (n,)).tolist()) for n in (6, 13, 1)])
+    batch = inputs["packed_batch"]
+
+    def step(model, input_ids, position_ids, labels):
+        hidden = model.model(input_ids=input_ids, position_ids=position_ids, packed_batch=batch).last_hidden_state
+        return la.fused_linear_cross_entropy(hidden[0], model.lm_head.weight, labels, packed_batch=batch,
+                                             num_packs=1, num_sequences=3, reduction="sum")
+
+    args = (inputs["input_ids"], inputs["position_ids"], inputs["shift_labels"][0])
+    twin = copy.deepcopy(model)
+    la.set_validation(False)
+    try:
+        eager_loss = step(model, *args)
+        eager_loss.backward()
+        compiled_loss = torch.compile(step, backend="aot_eager", fullgraph=True)(twin, *args)
+        compiled_loss.backward()
+    finally:
+        la.set_validation(True)
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for (name, p), (_, p2) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(p2.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
