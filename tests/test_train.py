@@ -166,3 +166,75 @@ def test_local_model_directory(tmp_path, cpu_reference_path):
                       "--no-plot"])
     assert res["model"].config._attn_implementation == "longalign"
     assert len(res["history"]) == 2 and res["history"][-1]["loss"] > 0
+
+
+# ----------------------------------------------------------------------------- checkpoint safety
+
+FAST = ["--max-steps", "4", "--warmup-steps", "1", "--num-samples", "64", "--no-plot"]
+
+
+def test_a_corrupted_or_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, cpu_reference_path):
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--out", out, "--ckpt-every", "2"])
+    path = os.path.join(out, "ckpt.pt")
+    assert os.path.exists(path + ".prev")  # step 2 kept beside step 4
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(train.checkpoint.CheckpointError, match="ckpt.pt: checksum mismatch"):
+        train.checkpoint.load(path, "cpu")
+    res = train.main(FAST[:1] + ["6"] + FAST[2:] + ["--out", out, "--resume"])
+    assert [r["step"] for r in res["history"]] == [3, 4, 5, 6]  # resumed from the previous (step 2)
+    open(path, "wb").close()  # a 0-byte file, as a kill during a plain torch.save left
+    with pytest.raises(train.checkpoint.CheckpointError, match="not a complete longalign checkpoint"):
+        train.checkpoint.load(path, "cpu")
+
+
+def test_resume_refuses_what_would_change_the_data_or_relabel_a_step(tmp_path, cpu_reference_path):
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--out", out])
+    with pytest.raises(SystemExit, match="seed: 0 -> 1"):
+        train.main(FAST + ["--out", out, "--resume", "--seed", "1"])
+    with pytest.raises(SystemExit, match="step 4, past --max-steps 2"):
+        train.main(["--max-steps", "2"] + FAST[2:] + ["--out", out, "--resume"])
+    with pytest.raises(SystemExit, match="pass --resume to continue it or --overwrite"):
+        train.main(FAST + ["--out", out])
+    assert len(metrics(out)) == 4  # nothing was deleted by the refused runs
+    train.main(FAST + ["--out", out, "--overwrite"])
+    # resuming at max_steps trains nothing and rewrites no checkpoint
+    before = os.path.getmtime(os.path.join(out, "ckpt.pt"))
+    assert train.main(FAST + ["--out", out, "--resume"])["history"] == []
+    assert os.path.getmtime(os.path.join(out, "ckpt.pt")) == before
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path, cpu_reference_path):
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--out", out, "--ckpt-every", "2"])
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # a kill in the middle of a write
+    res = train.main(["--max-steps", "5"] + FAST[2:] + ["--out", out, "--resume"])
+    assert [r["step"] for r in res["history"]] == [5]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
+
+
+def test_kill_minus_nine_at_any_moment_loses_at_most_the_steps_since_the_checkpoint(tmp_path):
+    """A real SIGKILL of a training process, at three moments; each resume finishes the run with
+    a continuous history."""
+    import signal
+    import time
+
+    out = str(tmp_path / "run")
+    args = [TRAIN, "--max-steps", "8", "--warmup-steps", "1", "--num-samples", "64", "--no-plot", "--out", out,
+            "--ckpt-every", "1"]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    for delay in (2.0, 3.5, 5.0):
+        proc = subprocess.Popen([sys.executable] + args + (["--resume"] if os.path.exists(out) else []), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run(args[1:] + ["--resume"])
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    state = train.checkpoint.load(os.path.join(out, "ckpt.pt"), "cpu")
+    assert state["step"] == 8

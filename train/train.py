@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import longalign_ops as la
 import longalign_ops.integrations.transformers  # noqa: F401  registers attn_implementation="longalign"
 from longalign_ops.losses import logo_loss
@@ -61,6 +62,7 @@ class Config:
     num_samples: Optional[int] = None
     grad_checkpointing: bool = False
     resume: bool = False
+    overwrite: bool = False             # replace a previous run in --out (refused without it)
     ckpt_every: int = 0                 # 0: only at the end
     log_every: int = 1
     # LOGO
@@ -130,9 +132,9 @@ class CausalLMWithLoss(torch.nn.Module):
         self.model = model
 
     def forward(self, mb, loss_fn):
-        out = self.model.model(input_ids=mb["input_ids"][None], position_ids=mb["position_ids"][None],
-                               cu_seq_lens_q=mb["cu_seqlens"], cu_seq_lens_k=mb["cu_seqlens"],
-                               max_length_q=mb["max_len"], max_length_k=mb["max_len"])
+        batch = mb["batch"]  # one description for every layer, the loss and the backward
+        out = self.model.model(input_ids=mb["input_ids"][None], position_ids=batch.position_ids[None],
+                               packed_batch=batch)
         hidden = out.last_hidden_state[0]
         weight = self.model.lm_head.weight
         return loss_fn(hidden, weight.to(hidden.dtype), mb)
@@ -275,28 +277,26 @@ def micro_batch(cfg: Config, units, idx, device):
         seqs = [dict(input_ids=np.array([PAD]), labels=np.array([-100]))]
     padded = cfg.strategy != "packing"
     L = max(len(s["input_ids"]) for s in seqs)
-    ids, labels, pos, lens = [], [], [], []
+    ids, labels, lens = [], [], []
     for s in seqs:
         n = len(s["input_ids"])
         pad = L - n if padded else 0
         ids.append(np.concatenate([s["input_ids"], np.full(pad, PAD)]))
         labels.append(np.concatenate([s["labels"], np.full(pad, -100)]))
         lens.append(n + pad)
-        pos.append(np.arange(n + pad))
     real = sum(len(s["input_ids"]) for s in seqs) if idx else 0
     t = lambda a, dt=torch.int64: torch.from_numpy(np.concatenate(a)).to(device=device, dtype=dt)  # noqa: E731
-    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=device)
-    return dict(input_ids=t(ids), labels=t(labels), position_ids=t(pos), cu_seqlens=cu, max_len=int(max(lens)),
-                real_tokens=real, slots=int(sum(lens)) if idx else 0, seqs=seqs, num_units=len(idx))
+    batch = la.PackedBatch.from_lengths(lens, device=device)  # from host lengths: no device sync
+    return dict(input_ids=t(ids), labels=t(labels), batch=batch, real_tokens=real,
+                slots=int(sum(lens)) if idx else 0, seqs=seqs, num_units=len(idx))
 
 
 def logo_positions(cfg: Config, mb):
     """Synthesised ids over window * target_window; the answer stays contiguous (suffix)."""
-    suffix = [s["answer_len"] + 2 if "answer_len" in s else 0 for s in mb["seqs"]]
-    lens = mb["cu_seqlens"].diff().cpu()
-    target = lens * max(1, cfg.target_window)
-    return la.synthesize_positions(mb["cu_seqlens"], target, method="logo", chunk_size=64,
-                                   suffix_lens=torch.tensor(suffix).clamp(max=lens), seed=cfg.seed)
+    batch = mb["batch"]
+    suffix = np.minimum([s["answer_len"] + 2 if "answer_len" in s else 0 for s in mb["seqs"]], batch.lengths)
+    target = batch.lengths * max(1, cfg.target_window)
+    return la.synthesize_positions(batch, target, method="logo", chunk_size=64, suffix_lens=suffix, seed=cfg.seed)
 
 
 # ----------------------------------------------------------------------------- helpers: loss
@@ -309,9 +309,9 @@ def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float
 
     def sft(hidden, weight, mb):
         if cfg.loss_weighting:
-            w = la.longalign_loss_weights(mb["cu_seqlens"], mb["labels"], num_packs=step_packs,
-                                          num_sequences=max(1, step_sequences))
-            loss = la.fused_linear_cross_entropy(hidden, weight, mb["labels"], token_weights=w, reduction="sum")
+            loss = la.fused_linear_cross_entropy(hidden, weight, mb["labels"], packed_batch=mb["batch"],
+                                                 num_packs=step_packs, num_sequences=max(1, step_sequences),
+                                                 reduction="sum")
         else:
             loss = la.fused_linear_cross_entropy(hidden, weight, mb["labels"], reduction="mean")
         return loss * scale
@@ -319,7 +319,7 @@ def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float
     def logo(hidden, weight, mb):
         if mb["num_units"] == 0:  # an idle rank: zero loss that still touches every parameter (DDP)
             return (hidden.sum() + weight.sum()) * 0.0
-        logps = la.sequence_logprobs(hidden, weight, mb["labels"], mb["cu_seqlens"], average=True)
+        logps = la.sequence_logprobs(hidden, weight, mb["labels"], mb["batch"], average=True)
         per_group = 1 + cfg.num_rejected
         groups = logps.view(-1, per_group)  # logo_groups keeps only complete groups
         return logo_loss(groups[:, 0], groups[:, 1:], beta=cfg.beta, gamma=cfg.gamma, sft_weight=cfg.sft_weight) * scale
@@ -435,23 +435,33 @@ def main(argv=None, step_hook=None) -> dict:
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
 
     def save_checkpoint(steps_done: int):
-        torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        step=steps_done, config=asdict(cfg)), ckpt_path)
+        checkpoint.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                             step=steps_done, config=asdict(cfg)), ckpt_path)
 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     start = 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if cfg.resume and checkpoint.exists(ckpt_path):
+        try:
+            state, used = checkpoint.load_latest(ckpt_path, device, log)
+            checkpoint.check_resumable(state["config"], asdict(cfg), state["step"], cfg.max_steps, used)
+        except checkpoint.CheckpointError as e:
+            raise SystemExit(f"resume: {e}") from None
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
-        if is_main and os.path.exists(metrics_path):  # keep the history up to the checkpoint
-            kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start]
-            open(metrics_path, "w").writelines(kept)
-        log(f"resumed from {ckpt_path} at step {start}")
+        if is_main:  # keep the history up to the checkpoint; a torn last line is dropped
+            kept = checkpoint.read_metrics(metrics_path, start, log)
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+        log(f"resumed from {used} at step {start}")
+    elif not cfg.resume and not cfg.overwrite and (checkpoint.exists(ckpt_path) or os.path.exists(metrics_path)):
+        raise SystemExit(f"{cfg.out} holds a previous run (checkpoint or metrics): pass --resume to continue it or "
+                         f"--overwrite to replace it")
     elif is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)
+    if world > 1:
+        dist.barrier()  # no rank starts before rank 0 has settled the metrics file
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.preset}: {n_params / 1e6:.1f}M parameters, {len(units)} units, strategy={cfg.strategy}, "
@@ -472,7 +482,7 @@ def main(argv=None, step_hook=None) -> dict:
                 t_rank = time.perf_counter()
                 mb = micro_batch(cfg, units, ps[r], device)
                 if cfg.objective == "logo":
-                    mb["position_ids"] = logo_positions(cfg, mb)
+                    mb["batch"] = mb["batch"].with_positions(logo_positions(cfg, mb))
                 sync = wrapped.no_sync() if world > 1 and a < len(plan_steps) - 1 else contextlib.nullcontext()
                 with sync, autocast:
                     loss = wrapped(mb, loss_fn)
@@ -510,7 +520,7 @@ def main(argv=None, step_hook=None) -> dict:
         if step_hook is not None:  # after the step is complete (and checkpointed)
             step_hook(row)
     bar.close()
-    if is_main:
+    if is_main and cfg.max_steps > start:  # a checkpoint is written for new steps only, never relabelled
         save_checkpoint(cfg.max_steps)
         png = plot_loss(metrics_path, os.path.join(cfg.out, "loss.png")) if cfg.plot and history else None
         log(f"done: {cfg.out}/metrics.jsonl" + (f", {png}" if png else ""))
