@@ -117,6 +117,9 @@ class PackPlan:
         import torch
 
         lens = self.lengths[self.indices(step, rank)]
+        if int(lens.sum()) > 2 ** 31 - 1:
+            raise ValueError(f"the pack at step {step}, rank {rank} holds {int(lens.sum())} tokens: more than int32 "
+                             f"cu_seqlens can address (2**31 - 1); use a smaller max_tokens")
         cu = np.zeros(len(lens) + 1, dtype=np.int32)
         np.cumsum(lens, out=cu[1:])
         return torch.from_numpy(cu)
@@ -198,11 +201,16 @@ def _record_length(line: str, lineno: int) -> int:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"line {lineno}: bad JSON ({e.msg})") from None
-    if isinstance(rec, int) and not isinstance(rec, bool):
+    def is_int(v):  # JSON true / false are not lengths
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(rec):
         return rec
     if isinstance(rec, dict):
         for key in ("length", "num_tokens", "len"):
-            if isinstance(rec.get(key), int):
+            if key in rec:
+                if not is_int(rec[key]):
+                    raise ValueError(f"line {lineno}: '{key}' must be an integer, got {json.dumps(rec[key])}")
                 return rec[key]
         for key in ("input_ids", "tokens"):
             if isinstance(rec.get(key), list):

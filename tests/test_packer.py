@@ -192,3 +192,85 @@ def test_cli(tmp_path, capsys):
     f.write_text('100\n{"length": 50\n')
     assert main([str(f), "--no-progress"]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+@settings(max_examples=80, deadline=None)
+@given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=200), cap=st.integers(50, 5000))
+def test_property_bfd_is_exact_when_rooms_exceed_the_longest_sequence(lengths, cap):
+    """Rooms above the longest sequence live outside the bitset (memory bounded by the data):
+    the bin loads are still exactly best-fit decreasing's."""
+    plan = la.pack(lengths, cap)
+    loads = sorted(sum(lengths[i] for i in p) for step in plan.steps for p in step if p)
+    assert loads == sorted(sum(lengths[i] for i in b) for b in best_fit_decreasing(lengths, cap))
+
+
+def run_isolated(code: str, timeout=60):
+    """Run `code` in a fresh interpreter (a crash must fail the test, not kill pytest)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def test_memory_and_time_follow_the_data_not_max_tokens():
+    res = run_isolated("import resource, time, longalign_ops as la\n"
+                       "t = time.perf_counter()\n"
+                       "for cap in (2**28, 2**31 - 1, 2**62):\n"
+                       "    for s in ('naive', 'sorted', 'bfd'):\n"
+                       "        la.pack([5, 7], cap, strategy=s)\n"
+                       "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    assert res.returncode == 0, res.stderr[-2000:]
+    seconds, max_rss_kb = map(float, res.stdout.split())
+    assert seconds < 2.0 and max_rss_kb < 600 * 1024  # it used to take 77 s and 5.3 GB at 2**28
+
+
+@pytest.mark.parametrize("strategy", ["naive", "sorted", "bfd"])
+def test_size_products_are_checked_before_use(strategy):
+    """batch_size * world_size past int64 used to die with SIGFPE or return an empty plan."""
+    res = run_isolated("import longalign_ops as la\n"
+                       "try:\n"
+                       f"    la.pack([5, 7, 9], 100, strategy={strategy!r}, batch_size=2**62, world_size=4)\n"
+                       "except ValueError as e:\n"
+                       "    print('ValueError', e)\n"
+                       f"p = la.pack([5, 7, 9], 100, strategy={strategy!r}, batch_size=2**61, world_size=3)\n"
+                       "print(sorted(i for step in p.steps for r in step for i in r))\n")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ValueError batch_size * world_size must fit in 64 bits" in res.stdout
+    assert "[0, 1, 2]" in res.stdout
+
+
+def test_cu_seqlens_past_int32_is_refused():
+    plan = la.pack([2 ** 30, 2 ** 30], 2 ** 31)
+    with pytest.raises(ValueError, match="more than int32 cu_seqlens can address"):
+        plan.cu_seqlens(0, 0)
+
+
+def test_cli_is_strict_about_json_types(tmp_path, capsys):
+    from longalign_ops.packing import main
+
+    f = tmp_path / "lens.jsonl"
+    for bad in ('{"length": true}\n', '{"length": 5.5}\n', 'true\n'):
+        f.write_text(bad)
+        assert main([str(f), "--no-progress"]) == 2
+        assert "line 1" in capsys.readouterr().err
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 2 ** 21), min_size=1, max_size=40), extra=st.integers(0, 2 ** 21),
+       strategy=st.sampled_from(["sorted", "bfd"]))
+def test_property_few_very_long_sequences_use_no_length_tables(lengths, extra, strategy):
+    """Lengths far above the count take the comparison-sort / ordered-set path: same plans."""
+    cap = max(lengths) + extra
+    plan = la.pack(lengths, cap, strategy=strategy, batch_size=2)
+    if strategy == "bfd":
+        loads = sorted(sum(lengths[i] for i in p) for step in plan.steps for p in step if p)
+        assert loads == sorted(sum(lengths[i] for i in b) for b in best_fit_decreasing(lengths, cap))
+    else:
+        order = [i for step in plan.steps for p in step for i in p]
+        groups = [sorted(lengths[i] for i in p) for step in plan.steps for p in step if p]
+        assert sorted(order) == list(range(len(lengths)))
+        assert sorted(x for g in groups for x in g) == sorted(lengths)
+        flat_sorted = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+        assert sorted(map(tuple, ([flat_sorted[j] for j in range(k, min(k + 2, len(lengths)))]
+                                  for k in range(0, len(lengths), 2)))) == sorted(
+            tuple(p) for step in plan.steps for p in step if p)

@@ -1,7 +1,9 @@
 #include "packer.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <numeric>
+#include <set>
 #include <stdexcept>
 
 #include "../common/hash.h"
@@ -28,9 +30,23 @@ void seeded_shuffle(std::vector<T>& v, uint64_t seed, uint64_t stream) {
   }
 }
 
+// Tables indexed by length (counting sort, the room bitset) are used while the longest length
+// is within a constant of the count: memory O(n + max_len) stays O(n). Past that (a few very
+// long sequences), comparison sort and an ordered set of rooms: O(n log n), no length tables.
+bool length_tables_fit(int64_t max_len, size_t n) {
+  return max_len <= std::max<int64_t>(int64_t{1} << 16, 8 * static_cast<int64_t>(n));
+}
+
 // Indices of the kept sequences sorted by length, ties by index; counting sort, O(n + max_len).
 std::vector<int64_t> sort_by_length(const std::vector<int64_t>& kept, const std::vector<int64_t>& len,
                                     int64_t max_len, bool descending) {
+  if (!length_tables_fit(max_len, kept.size())) {
+    std::vector<int64_t> out(kept);
+    std::stable_sort(out.begin(), out.end(), [&](int64_t a, int64_t b) {
+      return descending ? len[a] > len[b] : len[a] < len[b];
+    });
+    return out;
+  }
   std::vector<int64_t>& count = scratch(kCount, max_len + 2, 0);
   for (int64_t i : kept) count[len[i] + 1]++;
   if (descending) {
@@ -116,36 +132,47 @@ struct Bins {
 
 // Best-fit decreasing: each item, longest first, goes to an open bin with the least room that
 // fits it. Bins of equal room are interchangeable, so each room keeps a stack of bins.
+// Memory and time follow the data, not the capacity: rooms up to the longest item (lmax) live
+// in the bitset tree and the room -> bin table (both lmax + 1 entries); a larger room fits any
+// item, so those bins wait in an ordered set and the smallest of them is taken only when no
+// room in [L, lmax] exists (still exactly best fit). When lmax dwarfs the count, every room
+// lives in the ordered set (lower_bound: smallest room >= L).
 Bins best_fit_decreasing(const std::vector<int64_t>& by_len_desc, const std::vector<int64_t>& len, int64_t cap) {
-  CapacitySet rooms(cap);
-  // int32 bin ids keep the room -> bin table (cap + 1 entries) in L2
-  static thread_local std::vector<int32_t> head;
-  head.assign(cap + 1, -1);  // room -> top bin of its stack
-  std::vector<int32_t> next_bin;
-  std::vector<int64_t> remaining, bin_size;
+  const int64_t lmax = by_len_desc.empty() ? 0 : len[by_len_desc.front()];
+  const int64_t small = length_tables_fit(lmax, by_len_desc.size()) ? std::min(cap, lmax) : 0;
+  CapacitySet rooms(small);
+  static thread_local std::vector<int64_t> head;
+  head.assign(small + 1, -1);  // room -> top bin of its stack
+  std::set<std::pair<int64_t, int64_t>> big;  // (room, bin) for rooms > small
+  std::vector<int64_t> next_bin, remaining, bin_size;
   std::vector<double> sum_sq;
   std::vector<int64_t>& bin_of = scratch(kBinOf, by_len_desc.size(), 0);
 
   for (size_t k = 0; k < by_len_desc.size(); ++k) {
     const int64_t L = len[by_len_desc[k]];
     const int64_t c = rooms.first_at_least(L);
-    int32_t b;
-    if (c < 0) {
-      b = static_cast<int32_t>(remaining.size());
+    int64_t b;
+    if (c >= 0) {
+      b = head[c];
+      head[c] = next_bin[b];
+      if (head[c] < 0) rooms.erase(c);
+    } else if (auto it = big.lower_bound({L, int64_t{-1}}); it != big.end()) {
+      b = it->second;
+      big.erase(it);
+    } else {
+      b = static_cast<int64_t>(remaining.size());
       remaining.push_back(cap);
       next_bin.push_back(-1);
       bin_size.push_back(0);
       sum_sq.push_back(0.0);
-    } else {
-      b = head[c];
-      head[c] = next_bin[b];
-      if (head[c] < 0) rooms.erase(c);
     }
     bin_of[k] = b;
     bin_size[b]++;
     sum_sq[b] += static_cast<double>(L) * L;
     const int64_t r = remaining[b] -= L;
-    if (r > 0) {
+    if (r > small && r > 0) {
+      big.emplace(r, b);
+    } else if (r > 0) {
       if (head[r] < 0) rooms.insert(r);
       next_bin[b] = head[r];
       head[r] = b;
@@ -187,11 +214,16 @@ double pack_cost(const Packs& packs, int64_t p, const std::vector<int64_t>& len,
   return c;
 }
 
+// ceil(n / d) for n >= 0, d >= 1, without forming n + d - 1 (d may be near INT64_MAX).
+int64_t ceil_div(int64_t n, int64_t d) { return n == 0 ? 0 : 1 + (n - 1) / d; }
+
 // Appends micro-batches of `per_rank` consecutive items, then empty ones up to a whole step.
 void append_batches(Packs& packs, const int64_t* seq, int64_t n, int64_t per_rank, int64_t world) {
-  for (int64_t s = 0; s < n; s += per_rank) {
-    packs.order.insert(packs.order.end(), seq + s, seq + std::min(n, s + per_rank));
+  for (int64_t s = 0; s < n;) {
+    const int64_t e = s + std::min(per_rank, n - s);  // never s + per_rank: it may overflow
+    packs.order.insert(packs.order.end(), seq + s, seq + e);
     packs.close();
+    s = e;
   }
   while (packs.size() % world) packs.close();
 }
@@ -233,8 +265,13 @@ StepStats naive_step_stats(const std::vector<int64_t>& kept, int64_t batch, int6
   perm.assign(kept.begin(), kept.end());
   seeded_shuffle(perm, seed, /*stream=*/1);
   const int64_t n = static_cast<int64_t>(perm.size()), per_step = batch * world;
-  return accumulate_steps((n + per_step - 1) / per_step, world, [&](int64_t s, int64_t r) {
-    const int64_t b = std::min(n, s * per_step + r * batch), e = std::min(n, s * per_step + (r + 1) * batch);
+  return accumulate_steps(ceil_div(n, per_step), world, [&](int64_t s, int64_t r) {
+    // s * per_step <= n - 1, and r * batch is only formed for ranks that get items (< left):
+    // no product can overflow however large batch * world is
+    const int64_t step_start = s * per_step, left = n - step_start;
+    const bool has_items = r < ceil_div(left, batch);
+    const int64_t lo = has_items ? r * batch : left;
+    const int64_t b = step_start + lo, e = step_start + (has_items ? lo + std::min(batch, left - lo) : left);
     int64_t m = 0;
     for (int64_t k = b; k < e; ++k) m = std::max(m, len[perm[k]]);
     return b == e ? 0.0 : padded_cost(e - b, m, a);
@@ -256,6 +293,9 @@ PackResult pack(const int64_t* lengths, int64_t n, const PackConfig& cfg) {
   if (cfg.max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1, got " + std::to_string(cfg.max_tokens));
   if (cfg.world_size < 1) throw std::invalid_argument("world_size must be >= 1, got " + std::to_string(cfg.world_size));
   if (cfg.batch_size < 1) throw std::invalid_argument("batch_size must be >= 1, got " + std::to_string(cfg.batch_size));
+  if (cfg.batch_size > INT64_MAX / cfg.world_size)
+    throw std::invalid_argument("batch_size * world_size must fit in 64 bits, got " + std::to_string(cfg.batch_size) +
+                                " * " + std::to_string(cfg.world_size));
   if (cfg.strategy != "naive" && cfg.strategy != "sorted" && cfg.strategy != "bfd")
     throw std::invalid_argument("strategy must be 'naive', 'sorted' or 'bfd', got '" + cfg.strategy + "'");
   if (cfg.balance != "tokens" && cfg.balance != "attention")
@@ -294,22 +334,26 @@ PackResult pack(const int64_t* lengths, int64_t n, const PackConfig& cfg) {
     kept.push_back(i);
   }
 
+  // sorts and tables are sized by the longest kept sequence, never by max_tokens
+  int64_t longest = 0;
+  for (int64_t i : kept) longest = std::max(longest, len[i]);
+
   Packs packs;
   const bool padded = cfg.strategy != "bfd";
   if (cfg.strategy == "naive") {
     packs = naive_packs(kept, cfg.batch_size, W, cfg.seed);
   } else if (cfg.strategy == "sorted") {
     // LongAlign sorted batching: groups of similar length, one group per step, groups shuffled.
-    const std::vector<int64_t> sorted = sort_by_length(kept, len, cfg.max_tokens, /*descending=*/false);
+    const std::vector<int64_t> sorted = sort_by_length(kept, len, longest, /*descending=*/false);
     const int64_t total = static_cast<int64_t>(sorted.size()), group = cfg.batch_size * W;
-    std::vector<int64_t> group_ids((total + group - 1) / group);
+    std::vector<int64_t> group_ids(ceil_div(total, group));
     std::iota(group_ids.begin(), group_ids.end(), 0);
     seeded_shuffle(group_ids, cfg.seed, /*stream=*/2);
     packs.order.reserve(total);
     for (int64_t g : group_ids)
       append_batches(packs, sorted.data() + g * group, std::min(group, total - g * group), cfg.batch_size, W);
   } else {
-    const Bins bins = best_fit_decreasing(sort_by_length(kept, len, cfg.max_tokens, /*descending=*/true), len,
+    const Bins bins = best_fit_decreasing(sort_by_length(kept, len, longest, /*descending=*/true), len,
                                           cfg.max_tokens);
     // Balance: packs of similar cost share a step, so each step's slowest rank is close to its
     // mean. Sorting by cost and cutting into runs of world_size minimises the sum over steps of
