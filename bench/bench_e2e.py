@@ -71,6 +71,14 @@ def held_out_loss(model, cfg, device) -> float:
     return float(np.mean(vals))
 
 
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot_bars(rows, path):
     import matplotlib
 
@@ -135,7 +143,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch_size or (4 if args.preset == "tiny" else 1)
     common = ["--preset", args.preset, "--world-size", str(args.world_size), "--batch-size", str(batch),
-              "--seed", str(args.seed), "--no-plot", "--log-every", "1000000"]
+              "--seed", str(args.seed), "--no-plot", "--log-every", "1000000",
+              "--overwrite"]  # each benchmark run replaces its own run directories
     if args.num_samples:
         common += ["--num-samples", str(args.num_samples)]
     rows = []
@@ -152,7 +161,10 @@ def main() -> None:
         r["speedup_vs_naive"] = r["tokens_per_s"] / base
     csv_path = write_csv(os.path.join(args.out, "e2e.csv"), rows)
     png = os.path.join(args.out, "e2e.png")
-    plot_bars([dict(r, device=device_name()) for r in rows], png)
+    if have_matplotlib():
+        plot_bars([dict(r, device=device_name()) for r in rows], png)
+    else:
+        png = "(not drawn: matplotlib is not installed; the CSV has every figure)"
     print(f"\n{'strategy':>18} {'tokens/s':>10} {'step ms':>9} {'padding':>8} {'idle':>6} {'vs naive':>8}")
     for r in rows:
         print(f"{r['strategy']:>18} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {r['padding_ratio']:>8.3f} "

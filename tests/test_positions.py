@@ -184,3 +184,12 @@ def test_one_pass_path_of_the_cuda_kernel_matches_bitwise(method, num_chunks):
     assert np.array_equal(_C.synthesize_positions(*args, one_pass=True), _C.synthesize_positions(*args))
     assert np.array_equal(_C.synthesize_positions(*args), synthesize_positions_numpy(
         lengths, T, method=method, chunk_size=37, num_chunks=num_chunks, prefix_lens=s, suffix_lens=q, seed=99))
+
+
+def test_huge_target_len_is_refused_not_wrapped():
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match="target_len must be at most 2\\*\\*40"):
+        synthesize_positions(cu, 2 ** 62)
+    for method in ("logo", "pose"):
+        pos = synthesize_positions(cu, 2 ** 40, method=method, chunk_size=2)
+        assert (pos >= 0).all() and int(pos.max()) <= 2 ** 40 - 1

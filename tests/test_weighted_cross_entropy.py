@@ -324,3 +324,57 @@ def test_no_gradient_work_under_no_grad(monkeypatch):
     CountMatmuls.count = 0
     la.fused_linear_cross_entropy(h, W, y, token_weights=w)
     assert CountMatmuls.count == 3 * chunks  # logits, d hidden, d weight
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_nan_hidden_state_on_an_ignored_token_gives_a_finite_loss(monkeypatch, interpret):
+    """Both paths (Triton under the interpreter, and the plain-CPU path): an ignored row
+    contributes exactly 0 to the loss and its logit gradient is 0, even when its logits are NaN
+    (the lm-head weight gradient h^T dlogits still meets the NaN row, as in PyTorch itself)."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    T, H, V = 6, 8, 50
+    h = torch.randn(T, H)
+    h[2] = float("nan")
+    h.requires_grad_()
+    W = torch.randn(V, H, requires_grad=True)
+    y = torch.randint(0, V, (T,))
+    y[2] = -100
+    loss = la.fused_linear_cross_entropy(h, W, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(h.grad[torch.arange(T) != 2]).all()
+    keep = torch.arange(T) != 2
+    ref = reference.linear_cross_entropy(h.detach()[keep], W.detach(), y[keep])
+    assert rel_err(loss, ref) < 1e-5
+
+
+def test_zero_size_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="at least one entry, got V=0"):
+        la.cross_entropy(torch.randn(3, 0), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one entry, got V=0"):
+        la.fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(0, 4), torch.zeros(3, dtype=torch.long))
+
+
+def test_float64_weights_are_checked_after_the_float32_cast():
+    T, V = 5, 11
+    logits, y = torch.randn(T, V), torch.randint(0, V, (T,))
+    with pytest.raises(ValueError, match="too large for float32"):
+        la.cross_entropy(logits, y, token_weights=torch.full((T,), 1e300, dtype=torch.float64), reduction="sum")
+    with pytest.raises(ValueError, match="too small for float32"):
+        la.cross_entropy(logits, y, token_weights=torch.full((T,), 1e-50, dtype=torch.float64), reduction="sum")
+    w = torch.rand(T, dtype=torch.float64)
+    # the mean does not depend on the weights' scale: normalised in float64 first, it is right
+    for scale in (1e-50, 1e300):
+        got = la.cross_entropy(logits, y, token_weights=w * scale, reduction="mean")
+        assert rel_err(got, la.cross_entropy(logits, y, token_weights=w.float(), reduction="mean")) < 1e-6
+
+
+def test_a_second_backward_through_the_fused_loss_is_refused_not_scaled_twice():
+    h, W = torch.randn(6, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    loss = la.fused_linear_cross_entropy(h, W, torch.randint(0, 10, (6,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
