@@ -5,9 +5,11 @@ delimited by int32 ``cu_seqlens``. Causal attention with ``seqlen_q != seqlen_k`
 bottom-right: query i of a sequence sees keys ``j <= i + seqlen_k - seqlen_q``.
 
 Scheduling: each program owns one (sequence, row block) tile and one head. The tile list is
-built on the host from the validated lengths, so a row holding one 60K sequence and two hundred
-300-token ones launches exactly the tiles that exist, longest work first. With validation
-turned off (no host sync at all), the grid is ``B * cdiv(max_seqlen, BLOCK)`` with early exit.
+built on the host once per batch (``longalign_ops.PackedBatch``, one list per block size, copied
+with the rest of the description), so a row holding one 60K sequence and two hundred 300-token
+ones launches exactly the tiles that exist, longest work first, with nothing rebuilt per layer.
+Without a list (validation off and no description) the grid is ``B * cdiv(max_seqlen, BLOCK)``
+with early exit. Either way every span is clamped into ``[0, total)`` in the kernel.
 
 Backward is two kernels without atomics: dK/dV per key block (summing the GQA group's query
 heads in registers) and dQ per query block. Every gradient element is written by exactly one
