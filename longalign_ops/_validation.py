@@ -2,7 +2,8 @@
 
 cu_seqlens checks need the values on the host (one sync). For device tensors they are cached per
 tensor (keyed by identity and torch's in-place version counter), so the 32 layers of a model pay
-one check per batch; a PackedBatch built from host lengths needs none. ``set_validation(False)`` or ``LONGALIGN_VALIDATE=0`` turns the value checks off for
+one check per batch; a PackedBatch built from host lengths needs none.
+``set_validation(False)`` or ``LONGALIGN_VALIDATE=0`` turns the value checks off for
 users who want zero host syncs; shape, dtype and device checks always run (they are free).
 """
 from __future__ import annotations
@@ -67,29 +68,34 @@ def check_finite_number(name: str, value, minimum: Optional[float] = None) -> fl
     return float(value)
 
 
+def memo_by_tensor(key: torch.Tensor, build, *extra):
+    """build(), remembered per (tensor identity, torch's version counter, extra): the layers of
+    a model, which all receive the same tensor object, share one result."""
+    ident = (id(key),) + tuple(id(e) if isinstance(e, torch.Tensor) else e for e in extra)
+    hit = _cache.get(ident)
+    if hit is not None and hit[0]() is key and hit[1] == key._version:
+        return hit[2]
+    value = build()
+    if len(_cache) >= _CACHE_LIMIT:
+        for k in [k for k, (ref, _, _) in _cache.items() if ref() is None] or list(_cache)[: _CACHE_LIMIT // 2]:
+            _cache.pop(k, None)
+    _cache[ident] = (weakref.ref(key), key._version, value)
+    return value
+
+
 def _cacheable(cu: torch.Tensor) -> bool:
     return cu.device.type != "cpu"
 
 
 def _describe(name: str, cu: torch.Tensor):
-    """A validated PackedBatch for a cu_seqlens tensor. Device tensors are cached per tensor
-    (identity and torch's version counter), so a model's layers pay one sync per batch. CPU
-    tensors are re-read every time: that costs no sync, and a write through ``.numpy()`` or
-    ``.data`` (which torch's version counter does not see) can then never make a check stale."""
+    """A validated PackedBatch for a cu_seqlens tensor. Device tensors are remembered per tensor,
+    so a model's layers pay one sync per batch. CPU tensors are re-read every time: that costs no
+    sync, and a write through ``.numpy()`` or ``.data`` (which torch's version counter does not
+    see) can then never make a check stale."""
     from .batch import PackedBatch
 
-    cacheable = _cacheable(cu)
-    if cacheable:
-        hit = _cache.get(id(cu))
-        if hit is not None and hit[0]() is cu and hit[1] == cu._version:
-            return hit[2]
-    batch = PackedBatch.from_cu_seqlens(cu, name=name)
-    if cacheable:
-        if len(_cache) >= _CACHE_LIMIT:
-            for k in [k for k, (ref, _, _) in _cache.items() if ref() is None] or list(_cache)[: _CACHE_LIMIT // 2]:
-                _cache.pop(k, None)
-        _cache[id(cu)] = (weakref.ref(cu), cu._version, batch)
-    return batch
+    build = lambda: PackedBatch.from_cu_seqlens(cu, name=name)  # noqa: E731
+    return memo_by_tensor(cu, build, "cu_seqlens", name) if _cacheable(cu) else build()
 
 
 def batch_for_cu(name: str, cu, total: Optional[int], *, device: torch.device, max_seqlen: Optional[int] = None,

@@ -20,10 +20,27 @@ Tensor = torch.Tensor
 # ----------------------------------------------------------------------------- plain-CPU path
 
 
-def _clamped_bounds(cu: Tensor, total: int):
+def _clamped_spans(cu: Tensor, total: int):
+    """[start, end) per sequence, clamped into [0, total) as the kernels clamp them."""
     host = cu.tolist()  # this path runs on CPU tensors only: no device sync
-    return [(min(max(host[i], 0), total), min(max(host[i + 1], min(max(host[i], 0), total)), total))
-            for i in range(len(host) - 1)]
+    spans = []
+    for a, b in zip(host[:-1], host[1:]):
+        start = min(max(a, 0), total)
+        spans.append((start, min(max(b, start), total)))
+    return spans
+
+
+def _sequences(q, k, cu_q, cu_k, causal: bool):
+    """(query span, key span, bottom-right causal mask or None) of every sequence that has both
+    queries and keys."""
+    for (qs, qe), (ks, ke) in zip(_clamped_spans(cu_q, q.shape[0]), _clamped_spans(cu_k, k.shape[0])):
+        Lq, Lk = qe - qs, ke - ks
+        if Lq == 0 or Lk == 0:
+            continue
+        keep = None
+        if causal:
+            keep = torch.arange(Lk, device=q.device)[None, :] <= torch.arange(Lq, device=q.device)[:, None] + Lk - Lq
+        yield (qs, qe), (ks, ke), keep
 
 
 def _torch_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
@@ -34,15 +51,9 @@ def _torch_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float) -> Tuple[T
     out = torch.zeros(total_q, Hq, D, dtype=torch.float32, device=q.device)
     lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        for (qs, qe), (ks, ke) in zip(_clamped_bounds(cu_q, total_q), _clamped_bounds(cu_k, k.shape[0])):
-            Lq, Lk = qe - qs, ke - ks
-            if Lq == 0 or Lk == 0:
-                continue
+        for (qs, qe), (ks, ke), keep in _sequences(q, k, cu_q, cu_k, causal):
             qi, ki, vi = (t.float().transpose(0, 1) for t in (q[qs:qe], k[ks:ke], v[ks:ke]))
             ki, vi = ki.repeat_interleave(Hq // Hk, 0), vi.repeat_interleave(Hq // Hk, 0)
-            keep = None
-            if causal:
-                keep = torch.arange(Lk, device=q.device)[None, :] <= torch.arange(Lq, device=q.device)[:, None] + Lk - Lq
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=keep, scale=scale)
             s = (qi @ ki.transpose(1, 2)) * scale
             if keep is not None:
@@ -64,16 +75,13 @@ def _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal: bool,
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        for (qs, qe), (ks, ke) in zip(_clamped_bounds(cu_q, total_q), _clamped_bounds(cu_k, k.shape[0])):
-            Lq, Lk = qe - qs, ke - ks
-            if Lq == 0 or Lk == 0:
-                continue
+        for (qs, qe), (ks, ke), keep in _sequences(q, k, cu_q, cu_k, causal):
+            Lk = ke - ks
             qi, doi, oi = (t[qs:qe].float().transpose(0, 1) for t in (q, dout, out))  # (Hq, Lq, D)
             ki, vi = (t[ks:ke].float().transpose(0, 1).repeat_interleave(G, 0) for t in (k, v))
             row_lse = lse[:, qs:qe, None]
             p = torch.exp((qi @ ki.transpose(1, 2)) * scale - torch.where(torch.isinf(row_lse), float("inf"), row_lse))
-            if causal:
-                keep = torch.arange(Lk, device=q.device)[None, :] <= torch.arange(Lq, device=q.device)[:, None] + Lk - Lq
+            if keep is not None:
                 p = p.masked_fill(~keep, 0.0)
             delta = (doi * oi).sum(-1, keepdim=True)
             ds = p * (doi @ vi.transpose(1, 2) - delta)

@@ -49,17 +49,15 @@ class PackedBatch:
         device: the device every tensor of the description lives on.
     """
 
-    __slots__ = ("lengths", "cu_seqlens", "position_ids", "sequence_ids", "max_len", "total", "device", "_tiles",
-                 "_buffer")
+    __slots__ = ("lengths", "cu_seqlens", "position_ids", "sequence_ids", "max_len", "total", "device", "_tiles")
 
-    def __init__(self, lengths: np.ndarray, device: torch.device, *, _buffer=None, _parts=None):
+    def __init__(self, lengths: np.ndarray, device: torch.device, *, _parts=None):
         # use from_lengths / from_cu_seqlens / PackPlan.batch; this takes checked host lengths
         self.lengths = lengths
         self.lengths.setflags(write=False)  # owned: nobody may change the host copy behind the tensors
         self.total = int(lengths.sum())
         self.max_len = int(lengths.max()) if lengths.size else 0
         self.device = device
-        self._buffer = _buffer
         self.cu_seqlens, self.position_ids, self.sequence_ids, self._tiles = _parts
 
     # ------------------------------------------------------------------ construction
@@ -113,7 +111,7 @@ class PackedBatch:
         (c0, cn), *tile_spans = offsets
         tile_tensors = {b: d32.narrow(0, o, n).view(2, n // 2) for b, (o, n) in zip(TILE_BLOCKS, tile_spans)}
         parts = (d32.narrow(0, c0, cn), buf.narrow(0, 0, total), buf.narrow(0, total, total), tile_tensors)
-        return cls(lengths, device, _buffer=buf, _parts=parts)
+        return cls(lengths, device, _parts=parts)  # the views keep the one device buffer alive
 
     def with_positions(self, position_ids: torch.Tensor) -> "PackedBatch":
         """The same batch with other position ids (e.g. from :func:`synthesize_positions`):

@@ -154,7 +154,9 @@ def _flce_backward(ctx, grad_loss, *_):
         # (torch.compile, opcheck: tensor subclasses): out of place, as graph partitioning needs
         g = grad_loss.reshape(())
         if type(gh) is torch.Tensor:
-            gh.mul_(g.to(gh.dtype)), gw.mul_(g.to(gw.dtype)), gb.mul_(g)
+            gh.mul_(g.to(gh.dtype))
+            gw.mul_(g.to(gw.dtype))
+            gb.mul_(g)
         else:
             gh, gw, gb = gh * g.to(gh.dtype), gw * g.to(gw.dtype), gb * g
     need = ctx.needs_input_grad
@@ -292,7 +294,7 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, token_weights: Optional[Ten
     return loss
 
 
-def _describe(name: str, cu_or_batch, tensor_name: str, T: int, device) -> PackedBatch:
+def _batch_of(name: str, cu_or_batch, tensor_name: str, T: int, device) -> PackedBatch:
     """The batch description of a PackedBatch or cu_seqlens argument over the T tokens of
     `tensor_name`."""
     if isinstance(cu_or_batch, PackedBatch):
@@ -312,7 +314,7 @@ def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens
     the logits are never materialised.
     """
     check_tensor("hidden", hidden, ndim=2, dtypes=_FLOATS)
-    batch = _describe("cu_seqlens", cu_seqlens, "hidden", hidden.shape[0], hidden.device)
+    batch = _batch_of("cu_seqlens", cu_seqlens, "hidden", hidden.shape[0], hidden.device)
     nll = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction="none")
     B, seq = batch.num_sequences, batch.sequence_ids
     sums = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, seq, -nll)
@@ -331,7 +333,7 @@ def longalign_loss_weights(cu_seqlens, labels: Tensor, *, num_packs: int, num_se
     and averaging over the K ranks gives ``(1/M) sum_i L_i / N_i``. ``cu_seqlens`` may be a
     :class:`PackedBatch` (no device sync)."""
     check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32))
-    batch = _describe("cu_seqlens", cu_seqlens, "labels", labels.shape[0], labels.device)
+    batch = _batch_of("cu_seqlens", cu_seqlens, "labels", labels.shape[0], labels.device)
     K = check_int("num_packs", num_packs, minimum=1)
     M = check_int("num_sequences", num_sequences, minimum=1)
     seq = batch.sequence_ids

@@ -51,7 +51,8 @@ class PackedCollator:
             if len(x) != len(y):
                 raise ValueError(f"sequence {i}: {len(y)} labels for {len(x)} input_ids")
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        batch = PackedBatch.from_lengths(lengths, device=self.device or "cpu")
+        device = self.device or "cpu"
+        batch = PackedBatch.from_lengths(lengths, device=device)
         flat_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         first = starts[lengths > 0]
@@ -60,7 +61,6 @@ class PackedCollator:
         shifted = np.full_like(flat_labels, self.ignore_index)
         shifted[:-1] = flat_labels[1:]
         shifted[np.cumsum(lengths)[lengths > 0] - 1] = self.ignore_index  # a sequence's last token has no target
-        device = self.device or "cpu"
         as_row = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)[None]  # noqa: E731
         out = dict(input_ids=as_row(np.concatenate(ids) if ids else np.zeros(0, np.int64)), labels=as_row(hf_labels),
                    shift_labels=as_row(shifted), position_ids=batch.position_ids[None],
@@ -71,9 +71,4 @@ class PackedCollator:
         return out
 
 
-def plan_batch(plan, step: int, rank: int, *, device="cpu") -> PackedBatch:
-    """The description of the pack at (step, rank) of a PackPlan (see ``PackPlan.batch``)."""
-    return PackedBatch.from_lengths(plan.lengths[plan.indices(step, rank)], device=device)
-
-
-__all__ = ["PackedCollator", "plan_batch"]
+__all__ = ["PackedCollator"]

@@ -127,9 +127,9 @@ class PackPlan:
     def batch(self, step: int, rank: int, *, device="cpu"):
         """The :class:`PackedBatch` of the pack at (step, rank): built from the plan's host
         lengths, so no device sync; reuse it for every layer, op and the backward."""
-        from .data import plan_batch
+        from .batch import PackedBatch
 
-        return plan_batch(self, step, rank, device=device)
+        return PackedBatch.from_lengths(self.lengths[self.indices(step, rank)], device=device)
 
     def loss_weights(self, target_counts) -> np.ndarray:
         """``(N,)`` float64 LongAlign factors ``K / (N_i * M)`` indexed like ``lengths``.

@@ -19,34 +19,24 @@ the same object in every layer, and on its version counter).
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import numpy as np
 import torch
 
+from .._validation import memo_by_tensor
 from ..attention import varlen_attention
 from ..batch import PackedBatch, lengths_from_cu
 
 NAME = "longalign"
-_MEMO: dict = {}
-_MEMO_LIMIT = 64
 
 
 def _memo(key: torch.Tensor, build, *extra):
-    """build() once per (tensor, version, extra): the layers of one forward share one result."""
+    """build() once per forward: memoised on the tensor every layer receives (not while
+    torch.compile traces, which has no tensor identities to key on)."""
     if torch.compiler.is_compiling():
         return build()
-    ident = (id(key),) + tuple(id(e) if isinstance(e, torch.Tensor) else e for e in extra)
-    hit = _MEMO.get(ident)
-    if hit is not None and hit[0]() is key and hit[1] == key._version:
-        return hit[2]
-    value = build()
-    if len(_MEMO) >= _MEMO_LIMIT:
-        for k in [k for k, (ref, _, _) in _MEMO.items() if ref() is None] or list(_MEMO)[: _MEMO_LIMIT // 2]:
-            _MEMO.pop(k, None)
-    _MEMO[ident] = (weakref.ref(key), key._version, value)
-    return value
+    return memo_by_tensor(key, build, "transformers", *extra)
 
 
 def _from_cu_pair(cu_q: torch.Tensor, cu_k: torch.Tensor):
