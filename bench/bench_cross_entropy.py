@@ -7,7 +7,8 @@
 
     python bench/bench_cross_entropy.py [--out CSV] [--tokens 32768 --hidden 4096 --vocab 128256]
 
-bf16; medians of triton.testing.do_bench; peak extra memory = max_memory_allocated during the
+bf16; medians of triton.testing.do_bench, forward timed with gradients enabled for every
+implementation, backward = (forward + backward) - forward; peak extra memory = max_memory_allocated during the
 call minus what was allocated before it (inputs excluded).
 """
 from __future__ import annotations
@@ -52,8 +53,11 @@ def measure(fn, params):
     def fwd_bwd():
         torch.autograd.grad(fn(), params)
 
-    with torch.no_grad():
-        fwd_ms = do_bench(fn, warmup=20, rep=200, return_mode="median")
+    # the forward runs with gradients enabled, as in training and as Liger's own harness times
+    # it: fused implementations (ours, Liger) make their gradients there, the unfused baseline
+    # keeps its graph. The backward is then (forward + backward) - forward for every
+    # implementation alike (no retain_graph re-runs: ours refuses a second backward).
+    fwd_ms = do_bench(fn, warmup=20, rep=200, return_mode="median")
     both_ms = do_bench(fwd_bwd, warmup=20, rep=200, return_mode="median")
     torch.cuda.synchronize()
     peaks = {}
