@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # cu_seqlens), which numpy 2.4 turned from a deprecation warning into a TypeError.
 TORCH_PIN := torch==2.13.0 triton==3.6.0 "numpy<2.4"
 
-.PHONY: install test test-gpu demo bench-cpu
+.PHONY: install test sanitize test-gpu demo bench-cpu
 
 install:
 	$(PIP) install -q $(TORCH_PIN) pybind11 scikit-build-core ninja
@@ -15,6 +15,9 @@ install:
 
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+sanitize: install
+	bash .ci/sanitize.sh
 
 demo: install
 	$(PY) bench/bench_e2e.py --preset tiny --world-size 8 --out runs/demo

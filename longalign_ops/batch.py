@@ -178,6 +178,8 @@ def _host_lengths(name: str, lengths) -> np.ndarray:
             raise ValueError(f"{name} must be host data (a list, numpy array or CPU tensor); a {lengths.device} "
                              f"tensor would need a device sync: use PackedBatch.from_cu_seqlens")
         lengths = lengths.detach().numpy()
+    elif isinstance(lengths, (list, tuple)) and any(isinstance(n, (bool, np.bool_)) for n in lengths):
+        raise TypeError(f"{name} must hold integers, got a boolean")  # numpy would read True as 1
     arr = np.asarray(lengths)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
