@@ -101,31 +101,37 @@ def plot_bars(rows, path):
 
 
 def convergence(common, steps, out, device):
+    """Train naive and packing+weighting for `steps`; rows of held-out losses and the training
+    curves (for the plot, drawn separately)."""
+    rows, curves = [], {}
+    for name in ("naive", "packing+weighting"):
+        res = train.main(common + STRATEGIES[name] + ["--max-steps", str(steps), "--out",
+                                                     os.path.join(out, f"conv-{name}"), "--warmup-steps", "20"])
+        hist = res["history"]
+        seen = np.cumsum([r["sequences"] for r in hist])
+        curves[name] = (seen, [r["loss"] for r in hist])
+        rows.append(dict(strategy=name, steps=steps, sequences_seen=int(seen[-1]),
+                         held_out_loss=held_out_loss(res["model"], res["config"], device)))
+    return rows, curves
+
+
+def plot_convergence(rows, curves, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    rows = []
-    for name in ("naive", "packing+weighting"):
-        res = train.main(common + STRATEGIES[name] + ["--max-steps", str(steps), "--out",
-                                                     os.path.join(out, f"conv-{name}"), "--warmup-steps", "20"])
-        hist = res["history"]
-        seen = np.cumsum([r["sequences"] for r in hist])
-        ax.plot(seen, [r["loss"] for r in hist], label=f"{name} (training objective)", alpha=0.8)
-        rows.append(dict(strategy=name, steps=steps, sequences_seen=int(seen[-1]),
-                         held_out_loss=held_out_loss(res["model"], res["config"], device)))
+    for name, (seen, losses) in curves.items():
+        ax.plot(seen, losses, label=f"{name} (training objective)", alpha=0.8)
     ax.set_xlabel("sequences seen")
     ax.set_ylabel("loss")
     ax.set_title("held-out loss: " + ", ".join(f"{r['strategy']} {r['held_out_loss']:.3f}" for r in rows), fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = os.path.join(out, "convergence.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return rows, path
 
 
 def main() -> None:
@@ -171,8 +177,13 @@ def main() -> None:
               f"{r['idle_ratio']:>6.3f} {r['speedup_vs_naive']:>7.2f}x")
     print(f"\ntable: {csv_path}\nplot:  {png}")
     if args.convergence_steps:
-        conv, conv_png = convergence(common, args.convergence_steps, args.out, device)
+        conv, curves = convergence(common, args.convergence_steps, args.out, device)
         write_csv(os.path.join(args.out, "convergence.csv"), conv)
+        conv_png = os.path.join(args.out, "convergence.png")
+        if have_matplotlib():
+            plot_convergence(conv, curves, conv_png)
+        else:
+            conv_png = "(not drawn: matplotlib is not installed; the CSV has every figure)"
         for r in conv:
             print(f"convergence {r['strategy']:>18}: held-out loss {r['held_out_loss']:.4f} after "
                   f"{r['sequences_seen']} sequences")
