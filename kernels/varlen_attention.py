@@ -1,8 +1,10 @@
 """Variable-length (packed) attention in Triton: forward and backward, causal or not, GQA.
 
 Layout as flash-attn 2's varlen API: q ``(total_q, Hq, D)``, k/v ``(total_k, Hk, D)``, sequences
-delimited by int32 ``cu_seqlens``. Causal attention with ``seqlen_q != seqlen_k`` is aligned
-bottom-right: query i of a sequence sees keys ``j <= i + seqlen_k - seqlen_q``.
+delimited by int32 ``cu_seqlens``. Masks are flash-attn 2's, aligned bottom-right: with
+``diag = seqlen_k - seqlen_q``, query i of a sequence sees keys
+``i + diag - window_left <= j <= i + diag + window_right`` (a bound of -1 is no bound; causal is
+``window_right = 0``). Optional logit soft-capping ``s = cap * tanh(s / cap)`` (Gemma 2).
 
 Scheduling: each program owns one (sequence, row block) tile and one head. The tile list is
 built on the host once per batch (``longalign_ops.PackedBatch``, one list per block size, copied
@@ -23,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import on_compiled_gpu
+from ._math import precise_tanh
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -78,22 +81,70 @@ def _tile_offsets(rows, stride_t, offs_d, WIDE_OFFSETS: tl.constexpr):
 
 
 @triton.jit
-def _key_limit(len_q, len_k, mblk, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """One past the last key that row block `mblk` can see (bottom-right causal alignment)."""
+def _key_range(len_q, len_k, mblk, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[lo, hi) of the keys row block `mblk` can see; lo rounded down to a key block."""
+    diag = len_k - len_q
+    lo = 0
     hi = len_k
-    if IS_CAUSAL:
-        hi = tl.minimum(len_k, tl.maximum((mblk + 1) * BLOCK_M + len_k - len_q, 0))
-    return hi
+    if HAS_RIGHT:
+        hi = tl.minimum(len_k, tl.maximum((mblk + 1) * BLOCK_M + diag + window_right, 0))
+    if HAS_LEFT:
+        lo = tl.maximum(mblk * BLOCK_M + diag - window_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _query_range(len_q, len_k, nblk, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[lo, hi) of the query rows that see any key of key block `nblk`; lo rounded down to a
+    row block."""
+    diag = len_k - len_q
+    lo = 0
+    hi = len_q
+    if HAS_RIGHT:
+        lo = tl.maximum(nblk * BLOCK_N - diag - window_right, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        hi = tl.minimum(len_q, tl.maximum((nblk + 1) * BLOCK_N - diag + window_left, 0))
+    return lo, hi
+
+
+@triton.jit
+def _visible(rows, cols, len_q, len_k, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(rows x cols) mask of the in-range (query, key) pairs that the window lets through."""
+    keep = (rows < len_q)[:, None] & (cols < len_k)[None, :]
+    diag = len_k - len_q
+    if HAS_RIGHT:
+        keep = keep & (cols[None, :] <= rows[:, None] + diag + window_right)
+    if HAS_LEFT:
+        keep = keep & (cols[None, :] >= rows[:, None] + diag - window_left)
+    return keep
+
+
+@triton.jit
+def _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores in log2 units, and tanh of the capped scores (what the backward needs; the raw
+    dot product when there is no cap)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    t = qk
+    if SOFTCAP:
+        t = precise_tanh(qk * scale_over_cap)
+        s = t * cap_log2
+    else:
+        s = qk * qk_scale_log2
+    return s, t
 
 
 @triton.jit
 def _varlen_attention_fwd_kernel(
     Q, K, V, Out, Lse, cu_q, cu_k, tile_seq, tile_block,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_q, total_k, qk_scale_log2, BLOCKS_PER_SEQ,
+    total_q, total_k, qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right, BLOCKS_PER_SEQ,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
@@ -117,16 +168,14 @@ def _varlen_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    diag = len_k - len_q  # bottom-right alignment
-    for start_n in range(0, _key_limit(len_q, len_k, mblk, BLOCK_M, IS_CAUSAL), BLOCK_N):
+    lo, hi = _key_range(len_q, len_k, mblk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < len_k
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(k_base + _tile_offsets(cols, stride_kt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        keep = n_valid[None, :]
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+        s, _ = _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
+        keep = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid inf - inf
@@ -138,7 +187,8 @@ def _varlen_attention_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # a row that sees no key (causal, len_k < len_q) outputs 0 with lse = -inf
+    # a row that sees no key (causal with len_k < len_q, or a window past the keys) outputs 0
+    # with lse = -inf
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
@@ -170,10 +220,11 @@ def _varlen_attention_bwd_dkdv_kernel(
     Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, tile_seq, tile_block,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_q, total_k, qk_scale_log2, sm_scale, BLOCKS_PER_SEQ,
+    total_q, total_k, qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right, sm_scale,
+    BLOCKS_PER_SEQ,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     seq, nblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     kh = tl.program_id(1)
@@ -194,18 +245,13 @@ def _varlen_attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    diag = len_k - len_q
-    lo = 0
-    if IS_CAUSAL:
-        # the first query that sees key nblk*BLOCK_N is row nblk*BLOCK_N - diag
-        lo = tl.maximum(nblk * BLOCK_N - diag, 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
+    lo, hi = _query_range(len_q, len_k, nblk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(GROUP):
         h = kh * GROUP + g
         q_base = _head_base(Q, q_start, stride_qt, h, stride_qh)
         do_base = _head_base(dOut, q_start, stride_dot, h, stride_doh)
         stat_base = h.to(tl.int64) * total_q + q_start
-        for start_m in range(lo, len_q, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             m_valid = offs_m < len_q
             q_mask = m_valid[:, None] & d_valid[None, :]
@@ -215,14 +261,14 @@ def _varlen_attention_bwd_dkdv_kernel(
             # rows that saw no key have lse = -inf and p = 0
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             delta = tl.load(Delta + stat_base + offs_m, mask=m_valid, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-            keep = m_valid[:, None] & n_valid[None, :]
-            if IS_CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+            s, t = _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
+            keep = _visible(offs_m, offs_n, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)  # d(cap * tanh(x / cap)) / dx
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(_head_base(dK, k_start, stride_dkt, kh, stride_dkh) + _tile_offsets(offs_n, stride_dkt, offs_d, WIDE_OFFSETS),
@@ -236,10 +282,11 @@ def _varlen_attention_bwd_dq_kernel(
     Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, tile_seq, tile_block,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
-    total_q, total_k, qk_scale_log2, sm_scale, BLOCKS_PER_SEQ,
+    total_q, total_k, qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right, sm_scale,
+    BLOCKS_PER_SEQ,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
@@ -266,20 +313,20 @@ def _varlen_attention_bwd_dq_kernel(
     v_base = _head_base(V, k_start, stride_vt, kh, stride_vh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    diag = len_k - len_q
-    for start_n in range(0, _key_limit(len_q, len_k, mblk, BLOCK_M, IS_CAUSAL), BLOCK_N):
+    lo, hi = _key_range(len_q, len_k, mblk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n0
         n_valid = cols < len_k
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(k_base + _tile_offsets(cols, stride_kt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
         v = tl.load(v_base + _tile_offsets(cols, stride_vt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        keep = m_valid[:, None] & n_valid[None, :]
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+        s, t = _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
+        keep = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(_head_base(dQ, q_start, stride_dqt, h, stride_dqh) + _tile_offsets(offs_m, stride_dqt, offs_d, WIDE_OFFSETS),
@@ -289,7 +336,7 @@ def _varlen_attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability=(9, 0)) -> dict:
+def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability=(9, 0), softcap: bool = False) -> dict:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, in one place.
 
     GPU choices are the largest tiles that compile without register spills for the device's
@@ -301,6 +348,8 @@ def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability
     sm_80 has the same register file but allocates differently: three entries are narrower.
     fp32 (ieee dots, for accuracy) needs 16-32 wide tiles to stay out of local memory: it is
     the correctness path, bf16 / fp16 the fast one.
+    Soft-capping keeps tanh of the scores live through the dq loop: its key tiles are halved
+    (and sm_80's forward row tiles).
     Interpreter: 32 x 32, so small test shapes (97, 1025 tokens) cross several tiles.
     """
     if not on_gpu:
@@ -311,15 +360,17 @@ def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability
     if head_dim <= 64:
         return dict(fwd=(128, 64, 8, 3), dkdv=(64, 64, 8, 2) if hopper else (32, 32, 4, 2), dq=(64, 64, 8, 2))
     if head_dim <= 128:
-        return dict(fwd=(128, 64, 8, 3), dkdv=(64, 32, 4, 2), dq=(64, 64, 4, 2) if hopper else (32, 64, 4, 2))
+        dq = (64, 64, 4, 2) if hopper else (32, 64, 4, 2)
+        fwd = (64, 64, 8, 2) if softcap and not hopper else (128, 64, 8, 3)
+        return dict(fwd=fwd, dkdv=(64, 32, 4, 2), dq=(dq[0], 32, 4, 2) if softcap else dq)
     return dict(fwd=(64, 64, 8, 2), dkdv=(16, 16, 4, 1), dq=(32, 16, 4, 2))
 
 
-def config_for(q: torch.Tensor) -> dict:
+def config_for(q: torch.Tensor, softcap: float = 0.0) -> dict:
     """The tile config of the device and dtype `q` runs on (GPU capability read once per call)."""
     on_gpu = on_compiled_gpu(q)
     cap = torch.cuda.get_device_capability(q.device) if on_gpu else (0, 0)
-    return attention_config(q.shape[-1], q.dtype, on_gpu, cap)
+    return attention_config(q.shape[-1], q.dtype, on_gpu, cap, softcap > 0)
 
 
 def _grid_args(tiles, num_seqs: int, max_seqlen: int, block: int, device):
@@ -343,33 +394,47 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def varlen_attention_forward(q, k, v, cu_q, cu_k, tiles, max_q, max_k, causal, scale):
+def _score_args(scale: float, window_left: int, window_right: int, softcap: float):
+    """Runtime scalars and constexpr flags of the scores and masks, shared by every kernel.
+    A window bound < 0 is no bound; causal is window_right = 0; softcap 0 is no cap."""
+    cap = float(softcap)
+    runtime = (scale * LOG2E, scale / cap if cap > 0 else 0.0, cap * LOG2E,
+               max(int(window_left), 0), max(int(window_right), 0))
+    flags = dict(HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=cap > 0)
+    return runtime, flags
+
+
+def varlen_attention_forward(q, k, v, cu_q, cu_k, tiles, max_q, max_k, scale, window_left=-1, window_right=-1,
+                             softcap=0.0):
     """Launch the forward kernel over `tiles` (the (2, n) int32 list for BLOCK_M of
-    `config_for(q)["fwd"]`, or None for the dense grid). Returns out (total_q, Hq, D) and
-    lse (Hq, total_q) fp32. Rows no program reaches (a sequence past an understated max_seqlen,
-    validation off) are 0 with lse -inf."""
+    `config_for(q)["fwd"]`, or None for the dense grid). Window bounds (< 0: none; causal is
+    right = 0) must fit in int32. Returns out (total_q, Hq, D) and lse (Hq, total_q) fp32. Rows
+    no program reaches (a sequence past an understated max_seqlen, validation off) are 0 with
+    lse -inf."""
     total_q, Hq, D = q.shape
     Hk = k.shape[1]
     out = (torch.empty_like if tiles is not None else torch.zeros_like)(q)
     lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     if total_q == 0:
         return out, lse
-    BLOCK_M, BLOCK_N, warps, stages = config_for(q)["fwd"]
+    BLOCK_M, BLOCK_N, warps, stages = config_for(q, softcap)["fwd"]
     programs, tile_seq, tile_block, per_seq, tile_list = _grid_args(tiles, cu_q.numel() - 1, max_q, BLOCK_M, q.device)
     if programs == 0:
         return out, lse
+    runtime, flags = _score_args(scale, window_left, window_right, softcap)
     _varlen_attention_fwd_kernel[(programs, Hq)](
         q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_block,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        total_q, k.shape[0], scale * LOG2E, per_seq,
+        total_q, k.shape[0], *runtime, per_seq,
         GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        IS_CAUSAL=causal, TILE_LIST=tile_list, DOT_PRECISION=_dot_precision(q.dtype),
+        TILE_LIST=tile_list, DOT_PRECISION=_dot_precision(q.dtype), **flags,
         WIDE_OFFSETS=_wide_offsets(max_q, max_k, q, k, v, out), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
-def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k, causal, scale):
+def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k, scale,
+                              window_left=-1, window_right=-1, softcap=0.0):
     """Launch the backward kernels. `tiles_dkdv` lists key blocks of BLOCK_N and `tiles_dq` query
     blocks of BLOCK_M (config_for(q)); None for the dense grid. Returns dq, dk, dv."""
     total_q, Hq, D = q.shape
@@ -381,7 +446,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
     dk, dv = ((torch.empty_like if tiles_dkdv is not None else torch.zeros_like)(t) for t in (k, v))
     if total_q == 0 or total_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = config_for(q)
+    cfg = config_for(q, softcap)
     BLOCK_D = triton.next_power_of_2(D)
     delta = torch.empty_like(lse)
     PRE_M = max(16, 8192 // BLOCK_D)  # rows per program: 64 at D=128, 32 at D=256 (no spills)
@@ -389,7 +454,8 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), total_q,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_M,
     )
-    common = dict(GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+    runtime, flags = _score_args(scale, window_left, window_right, softcap)
+    common = dict(GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype), **flags,
                   WIDE_OFFSETS=_wide_offsets(max_q, max_k, q, k, v, do, dq, dk, dv))
     # dK, dV: one program per key block and kv head; every key row is written exactly once
     BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
@@ -400,7 +466,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, tile_seq, tile_block,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            total_q, total_k, scale * LOG2E, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            total_q, total_k, *runtime, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             TILE_LIST=tile_list, num_warps=warps, num_stages=stages, **common,
         )
     BLOCK_M, BLOCK_N, warps, stages = cfg["dq"]
@@ -411,7 +477,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
             q, k, v, do, lse, delta, dq, cu_q, cu_k, tile_seq, tile_block,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dq.stride(0), dq.stride(1),
-            total_q, total_k, scale * LOG2E, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            total_q, total_k, *runtime, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             TILE_LIST=tile_list, num_warps=warps, num_stages=stages, **common,
         )
     return dq, dk, dv

@@ -30,44 +30,70 @@ def _clamped_spans(cu: Tensor, total: int):
     return spans
 
 
-def _sequences(q, k, cu_q, cu_k, causal: bool):
-    """(query span, key span, bottom-right causal mask or None) of every sequence that has both
-    queries and keys."""
+def _visible(Lq: int, Lk: int, window_left: int, window_right: int, device):
+    """(Lq, Lk) mask of the keys each query sees (flash-attn 2's bottom-right window; a bound
+    < 0 is no bound, causal is right = 0), or None when every key is visible."""
+    if window_left < 0 and window_right < 0:
+        return None
+    rel = torch.arange(Lk, device=device)[None, :] - torch.arange(Lq, device=device)[:, None] - (Lk - Lq)
+    keep = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    if window_right >= 0:
+        keep &= rel <= window_right
+    if window_left >= 0:
+        keep &= rel >= -window_left
+    return keep
+
+
+def _sequences(q, k, cu_q, cu_k, window_left: int, window_right: int):
+    """(query span, key span, visibility mask or None) of every sequence that has both queries
+    and keys."""
     for (qs, qe), (ks, ke) in zip(_clamped_spans(cu_q, q.shape[0]), _clamped_spans(cu_k, k.shape[0])):
-        Lq, Lk = qe - qs, ke - ks
-        if Lq == 0 or Lk == 0:
-            continue
-        keep = None
-        if causal:
-            keep = torch.arange(Lk, device=q.device)[None, :] <= torch.arange(Lq, device=q.device)[:, None] + Lk - Lq
-        yield (qs, qe), (ks, ke), keep
+        if qe > qs and ke > ks:
+            yield (qs, qe), (ks, ke), _visible(qe - qs, ke - ks, window_left, window_right, q.device)
 
 
-def _torch_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
-    """The CPU path when Triton cannot run: SDPA per sequence in fp32 (bottom-right causal mask),
-    the LSE from the same scores. Same bounds rule as the kernels: spans clamped into [0, total)."""
+def _scores(qi, ki, scale: float, softcap: float, keep):
+    """Masked fp32 scores of one sequence ``(Hq, Lq, Lk)``, and tanh of the capped scores (for
+    the backward) or None."""
+    s = (qi @ ki.transpose(1, 2)) * scale
+    t = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = t * softcap
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return s, t
+
+
+def _probabilities(s, lse):
+    """exp(S - lse), 0 where masked and on rows that see no key (lse = -inf)."""
+    return torch.exp(s - torch.where(torch.isinf(lse), float("inf"), lse)[..., None])
+
+
+def _torch_attention(q, k, v, cu_q, cu_k, scale: float, window_left: int, window_right: int, softcap: float):
+    """The CPU path when Triton cannot run: per sequence in fp32, the masks and soft-capping of
+    the kernels and their bounds rule (spans clamped into [0, total))."""
     total_q, Hq, D = q.shape
     Hk = k.shape[1]
     out = torch.zeros(total_q, Hq, D, dtype=torch.float32, device=q.device)
     lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        for (qs, qe), (ks, ke), keep in _sequences(q, k, cu_q, cu_k, causal):
+        for (qs, qe), (ks, ke), keep in _sequences(q, k, cu_q, cu_k, window_left, window_right):
             qi, ki, vi = (t.float().transpose(0, 1) for t in (q[qs:qe], k[ks:ke], v[ks:ke]))
             ki, vi = ki.repeat_interleave(Hq // Hk, 0), vi.repeat_interleave(Hq // Hk, 0)
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=keep, scale=scale)
-            s = (qi @ ki.transpose(1, 2)) * scale
-            if keep is not None:
-                s = s.masked_fill(~keep, float("-inf"))
-                o = o.masked_fill(~keep.any(1)[None, :, None], 0.0)  # rows that see no key: 0, not NaN
-            out[qs:qe] = o.transpose(0, 1)
-            lse[:, qs:qe] = torch.logsumexp(s, -1)
+            s, _ = _scores(qi, ki, scale, softcap, keep)
+            row_lse = torch.logsumexp(s, -1)
+            out[qs:qe] = (_probabilities(s, row_lse) @ vi).transpose(0, 1)
+            lse[:, qs:qe] = row_lse
     return out.to(q.dtype), lse
 
 
-def _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal: bool, scale: float):
+def _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale: float, window_left: int,
+                              window_right: int, softcap: float):
     """Gradients of :func:`_torch_attention` per sequence in fp32, from the saved LSE (autograd
-    does not run inside a custom op): P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - delta),
-    dQ = dS K * scale, dK = dS^T Q * scale, with delta = rowsum(dO * O)."""
+    does not run inside a custom op): P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - delta)
+    (times 1 - tanh^2 under a soft cap), dQ = dS K * scale, dK = dS^T Q * scale, with
+    delta = rowsum(dO * O)."""
     total_q, Hq, D = q.shape
     Hk = k.shape[1]
     G = Hq // Hk
@@ -75,16 +101,16 @@ def _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal: bool,
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        for (qs, qe), (ks, ke), keep in _sequences(q, k, cu_q, cu_k, causal):
+        for (qs, qe), (ks, ke), keep in _sequences(q, k, cu_q, cu_k, window_left, window_right):
             Lk = ke - ks
             qi, doi, oi = (t[qs:qe].float().transpose(0, 1) for t in (q, dout, out))  # (Hq, Lq, D)
             ki, vi = (t[ks:ke].float().transpose(0, 1).repeat_interleave(G, 0) for t in (k, v))
-            row_lse = lse[:, qs:qe, None]
-            p = torch.exp((qi @ ki.transpose(1, 2)) * scale - torch.where(torch.isinf(row_lse), float("inf"), row_lse))
-            if keep is not None:
-                p = p.masked_fill(~keep, 0.0)
+            s, t = _scores(qi, ki, scale, softcap, keep)
+            p = _probabilities(s, lse[:, qs:qe])
             delta = (doi * oi).sum(-1, keepdim=True)
             ds = p * (doi @ vi.transpose(1, 2) - delta)
+            if t is not None:
+                ds = ds * (1 - t * t)
             dq[qs:qe] = ((ds @ ki) * scale).transpose(0, 1)
             dk[ks:ke] = ((ds.transpose(1, 2) @ qi) * scale).view(Hk, G, Lk, D).sum(1).transpose(0, 1)
             dv[ks:ke] = (p.transpose(1, 2) @ doi).view(Hk, G, Lk, D).sum(1).transpose(0, 1)
@@ -97,51 +123,55 @@ def _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal: bool,
 @torch.library.custom_op("longalign::varlen_attention_fwd", mutates_args=())
 def _varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, tiles_fwd: Optional[Tensor],
                           tiles_dkdv: Optional[Tensor], tiles_dq: Optional[Tensor], max_q: int, max_k: int,
-                          causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+                          scale: float, window_left: int, window_right: int, softcap: float) -> Tuple[Tensor, Tensor]:
     """out (total_q, Hq, D) in q's dtype, lse (Hq, total_q) fp32. The backward's tile lists ride
-    along so that the autograd context holds them."""
+    along so that the autograd context holds them. Window bounds < 0 are no bound (causal is
+    window_right = 0); softcap 0 is no cap."""
     if use_triton(q):
         from .kernels.varlen_attention import varlen_attention_forward
 
-        return varlen_attention_forward(q, k, v, cu_q, cu_k, tiles_fwd, max_q, max_k, causal, scale)
-    return _torch_attention(q, k, v, cu_q, cu_k, causal, scale)
+        return varlen_attention_forward(q, k, v, cu_q, cu_k, tiles_fwd, max_q, max_k, scale, window_left,
+                                        window_right, softcap)
+    return _torch_attention(q, k, v, cu_q, cu_k, scale, window_left, window_right, softcap)
 
 
 @_varlen_attention_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, tiles_fwd, tiles_dkdv, tiles_dq, max_q, max_k, causal, scale):
+def _(q, k, v, cu_q, cu_k, tiles_fwd, tiles_dkdv, tiles_dq, max_q, max_k, scale, window_left, window_right, softcap):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("longalign::varlen_attention_bwd", mutates_args=())
 def _varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
                           cu_k: Tensor, tiles_dkdv: Optional[Tensor], tiles_dq: Optional[Tensor], max_q: int,
-                          max_k: int, causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                          max_k: int, scale: float, window_left: int, window_right: int,
+                          softcap: float) -> Tuple[Tensor, Tensor, Tensor]:
     if use_triton(q):
         from .kernels.varlen_attention import varlen_attention_backward
 
         return varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k,
-                                         causal, scale)
-    return _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale)
+                                         scale, window_left, window_right, softcap)
+    return _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, window_left, window_right, softcap)
 
 
 @_varlen_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k, causal, scale):
+def _(dout, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k, scale, window_left, window_right,
+      softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, _, tiles_dkdv, tiles_dq, max_q, max_k, causal, scale = inputs
+    q, k, v, cu_q, cu_k, _, tiles_dkdv, tiles_dq, *flags = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq)
-    ctx.flags = (max_q, max_k, causal, scale)
+    ctx.flags = flags  # max_q, max_k, scale, window_left, window_right, softcap
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq = ctx.saved_tensors
     dq, dk, dv = _varlen_attention_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq,
                                        *ctx.flags)
-    return (dq, dk, dv) + (None,) * 9
+    return (dq, dk, dv) + (None,) * 11
 
 
 _varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -150,20 +180,21 @@ _varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public entry
 
 
-def _tile_lists(q: Tensor, batch_q: Optional[PackedBatch], batch_k: Optional[PackedBatch]):
+def _tile_lists(q: Tensor, batch_q: Optional[PackedBatch], batch_k: Optional[PackedBatch], softcap: float):
     """The three tile lists the kernels of q's device and dtype launch over, or Nones (dense
     grid) when no description is known, or on the plain-CPU path (which needs none)."""
     if batch_q is None or batch_k is None or not use_triton(q):
         return None, None, None
     from .kernels.varlen_attention import config_for
 
-    cfg = config_for(q)
+    cfg = config_for(q, softcap)
     return batch_q.tiles(cfg["fwd"][0]), batch_k.tiles(cfg["dkdv"][1]), batch_q.tiles(cfg["dq"][0])
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k: Optional[Tensor] = None,
                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *, causal: bool = True,
-                     softmax_scale: Optional[float] = None, return_lse: bool = False, deterministic: bool = False):
+                     softmax_scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),
+                     softcap: Optional[float] = None, return_lse: bool = False, deterministic: bool = False):
     """Attention within each packed sequence.
 
     ``varlen_attention(q, k, v, batch)`` with a :class:`PackedBatch` (the same sequences for
@@ -173,11 +204,17 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
 
     Args:
         q: ``(total_q, Hq, D)`` fp16/bf16/fp32. k, v: ``(total_k, Hk, D)``, same dtype, ``Hq % Hk == 0``
-            (query heads ``[g*Hq/Hk, (g+1)*Hq/Hk)`` share kv head g). D in 8..256, a multiple of 8.
+            (query heads ``[g*Hq/Hk, (g+1)*Hq/Hk)`` share kv head g). Any D in 1..256 (padded to a
+            multiple of 8 inside, as flash-attn does; out and gradients unpadded).
         cu_seqlens_q, cu_seqlens_k: ``(B+1,)`` int32 cumulative lengths, from 0 to total.
         max_seqlen_q, max_seqlen_k: ints >= the longest sequence.
         causal: mask future keys; with ``seqlen_q != seqlen_k`` aligned bottom-right (flash-attn 2).
         softmax_scale: defaults to ``1/sqrt(D)``.
+        window_size: ``(left, right)`` sliding window as flash-attn 2: query i sees keys
+            ``i + diag - left <= j <= i + diag + right`` (``diag = seqlen_k - seqlen_q``), -1 for
+            no bound; ``causal`` sets right to 0 (Mistral / Qwen2 / Gemma 2 local layers).
+        softcap: logit soft-capping ``s = softcap * tanh(s / softcap)`` of the scaled scores
+            (Gemma 2), > 0; None for none.
         return_lse: also return the softmax log-sum-exp ``(Hq, total_q)`` fp32 (-inf for a row
             that sees no key).
         deterministic: accepted for flash-attn parity; the backward never uses atomics, so
@@ -196,8 +233,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if Dk != D:
         raise ValueError(f"q and k must share the head dim, got {D} and {Dk}")
-    if D < 8 or D > 256 or D % 8:
-        raise ValueError(f"head dim must be a multiple of 8 in [8, 256], got {D}")
+    if D < 1 or D > 256:
+        raise ValueError(f"head dim must be in [1, 256], got {D}")
     if Hk == 0 or Hq % Hk:
         raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hk})")
     if isinstance(cu_seqlens_q, PackedBatch):
@@ -230,8 +267,33 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
         cu_q = batch_q.cu_seqlens if batch_q is not None else cu_seqlens_q
         cu_k = batch_k.cu_seqlens if batch_k is not None else cu_seqlens_k
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else check_finite_number("softmax_scale", softmax_scale)
+    window_left, window_right = _window_bounds(window_size, bool(causal), max_k)
+    cap = 0.0
+    if softcap is not None:
+        cap = check_finite_number("softcap", softcap)
+        if cap <= 0:
+            raise ValueError(f"softcap must be > 0 (or None for no soft-capping), got {softcap}")
 
+    if D % 8:
+        # as flash-attn: zero columns change no score; 16-byte rows keep the loads vectorised
+        q, k, v = (F.pad(t, (0, 8 - D % 8)) for t in (q, k, v))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    tiles = _tile_lists(q, batch_q, batch_k)
-    out, lse = _varlen_attention_fwd(q, k, v, cu_q, cu_k, *tiles, max_q, max_k, bool(causal), float(scale))
+    tiles = _tile_lists(q, batch_q, batch_k, cap)
+    out, lse = _varlen_attention_fwd(q, k, v, cu_q, cu_k, *tiles, max_q, max_k, float(scale), window_left,
+                                     window_right, cap)
+    if D % 8:
+        out = out[..., :D]
     return (out, lse) if return_lse else out
+
+
+def _window_bounds(window_size, causal: bool, max_k: int) -> Tuple[int, int]:
+    """(left, right) for the kernels, flash-attn 2's rules: -1 is no bound, causal sets right
+    to 0, and a bound that reaches past the longest key sequence is no bound."""
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}") from None
+    left, right = check_int("window_size[0]", left, minimum=-1), check_int("window_size[1]", right, minimum=-1)
+    if causal:
+        right = 0
+    return (-1 if left >= max_k else left), (-1 if right >= max(max_k, 1) else right)

@@ -35,12 +35,16 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]
 # ---------------------------------------------------------------- attention
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, softmax_scale=None,
-                     compute_dtype=None):
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, softmax_scale=None, window_size=(-1, -1),
+                     softcap=None, compute_dtype=None):
     """Per-sequence attention in ``compute_dtype`` (default: float64), differentiable.
 
-    Shapes as :func:`longalign_ops.varlen_attention`. Returns out ``(total_q, Hq, D)`` and lse
-    ``(Hq, total_q)`` in ``compute_dtype`` (lse is -inf, and out 0, for a row that sees no key).
+    Shapes as :func:`longalign_ops.varlen_attention`. The mask is written out from flash-attn 2's
+    definition: with ``diag = Lk - Lq``, query i sees key j iff ``j <= i + diag`` (causal),
+    ``j >= i + diag - left`` (left >= 0) and ``j <= i + diag + right`` (right >= 0). softcap:
+    ``s = softcap * tanh(s / softcap)`` on the scaled scores. Returns out ``(total_q, Hq, D)``
+    and lse ``(Hq, total_q)`` in ``compute_dtype`` (lse is -inf, and out 0, for a row that sees
+    no key).
     """
     import math
 
@@ -58,9 +62,17 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, softma
         vi = v[ck[i]:ck[i + 1]].to(dt).transpose(0, 1).repeat_interleave(Hq // Hk, dim=0)
         Lq, Lk = qi.shape[1], ki.shape[1]
         s = (qi @ ki.transpose(1, 2)) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        i = torch.arange(Lq, device=q.device)[:, None]
+        j = torch.arange(Lk, device=q.device)[None, :]
         mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
         if causal:
-            mask = torch.arange(Lk, device=q.device)[None, :] <= torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
+            mask &= j <= i + (Lk - Lq)
+        if window_size[0] >= 0:
+            mask &= j >= i + (Lk - Lq) - window_size[0]
+        if window_size[1] >= 0:
+            mask &= j <= i + (Lk - Lq) + window_size[1]
         has = mask.any(-1)
         # rows that see no key: finite scores for softmax, zeroed after, so gradients stay finite
         scores = s.masked_fill(~mask, float("-inf")).masked_fill(~has[:, None], 0.0)
@@ -77,9 +89,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, softma
 
 
 def weighted_cross_entropy(logits, labels, *, token_weights=None, ignore_index=-100, reduction="mean",
-                           softcap=None, compute_dtype=None):
+                           softcap=None, label_smoothing=0.0, lse_square_scale=0.0, compute_dtype=None):
     """Token-weighted cross-entropy in ``compute_dtype`` (default float64), differentiable.
-    Mean divides by the sum of weights over non-ignored tokens (0 if that sum is 0)."""
+    Mean divides by the sum of weights over non-ignored tokens (0 if that sum is 0).
+    label_smoothing e: the target is (1-e) one-hot + e uniform, as ``torch.nn.CrossEntropyLoss``;
+    lse_square_scale s adds the z-loss ``s * logsumexp**2`` to each token's loss (Liger)."""
     import torch
 
     dt = compute_dtype or torch.float64
@@ -88,7 +102,10 @@ def weighted_cross_entropy(logits, labels, *, token_weights=None, ignore_index=-
         x = softcap * torch.tanh(x / softcap)
     keep = labels != ignore_index
     safe = torch.where(keep, labels, torch.zeros_like(labels)).long()
-    nll = torch.logsumexp(x, -1) - x.gather(1, safe[:, None])[:, 0]
+    logp = torch.log_softmax(x, -1)
+    target = torch.nn.functional.one_hot(safe, x.shape[-1]).to(dt) * (1 - label_smoothing) + \
+        label_smoothing / x.shape[-1]
+    nll = -(target * logp).sum(-1) + lse_square_scale * torch.logsumexp(x, -1) ** 2
     w = torch.ones_like(nll) if token_weights is None else token_weights.to(dt)
     w = w * keep
     loss = w * nll

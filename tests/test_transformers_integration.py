@@ -72,3 +72,40 @@ def test_a_mask_it_cannot_honour_is_refused():
     mask4d = torch.zeros(1, 1, 5, 5)
     with pytest.raises(ValueError, match="2-D padding mask"):
         longalign_attention_forward(torch.nn.Module(), q, q, q, mask4d)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_sliding_window_and_softcap_models(family):
+    """Qwen2 with sliding-window layers (window 6) and Gemma 2 (local layers of window 6 plus
+    attention logit soft-capping): packed sequences through "longalign" give each sequence's
+    logits run alone with eager attention, and gradients."""
+    if family == "qwen2":
+        from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model
+
+        cfg = Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, use_sliding_window=True,
+                     sliding_window=6, max_window_layers=0, layer_types=["sliding_attention"] * 2)
+    else:
+        from transformers import Gemma2Config as Config, Gemma2ForCausalLM as Model
+
+        cfg = Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                     sliding_window=6, attn_logit_softcapping=0.5, final_logit_softcapping=None)
+    torch.manual_seed(0)
+    eager = Model._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ours = Model._from_config(copy.deepcopy(cfg), attn_implementation="longalign").eval()
+    with torch.no_grad():  # scores of order 1 (init gives ~1e-3), so the cap and the window both bite
+        for name, p in eager.named_parameters():
+            if "q_proj.weight" in name or "k_proj.weight" in name:
+                p.mul_(25.0)
+    ours.load_state_dict(eager.state_dict())
+    lengths = [19, 1, 11]
+    seqs = [torch.randint(0, 128, (n,)) for n in lengths]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    got = ours(input_ids=torch.cat(seqs)[None], position_ids=pos).logits[0]
+    with torch.no_grad():
+        want = torch.cat([eager(input_ids=s[None], attention_mask=torch.ones(1, len(s), dtype=torch.long)).logits[0]
+                          for s in seqs])
+    torch.testing.assert_close(got.detach(), want, atol=3e-5, rtol=1e-5)
+    got.pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)

@@ -14,7 +14,9 @@ import longalign_ops
 import longalign_ops as la
 from longalign_ops import reference, varlen_attention
 from longalign_ops._validation import set_validation
-from longalign_ops.flash_attn_compat import flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func
+from longalign_ops.flash_attn_compat import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                                             flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                                             flash_attn_varlen_qkvpacked_func)
 
 
 def make_cu(lengths, device="cpu"):
@@ -29,9 +31,9 @@ def make_inputs(lq, lk, Hq, Hk, D, dtype, device="cpu"):
     return q, k, v, make_cu(lq, device), make_cu(lk, device)
 
 
-def reference_run(q, k, v, cq, ck, causal, dtype, dout):
+def reference_run(q, k, v, cq, ck, causal, dtype, dout, **options):
     xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = reference.varlen_attention(*xs, cq, ck, causal=causal, compute_dtype=dtype)
+    out, lse = reference.varlen_attention(*xs, cq, ck, causal=causal, compute_dtype=dtype, **options)
     grads = torch.autograd.grad(out, xs, dout.to(dtype))
     return out, lse, grads
 
@@ -40,16 +42,17 @@ def max_err(x, ref):
     return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
 
 
-def check_against_reference(lq, lk, Hq, Hk, D, dtype, causal, device="cpu"):
+def check_against_reference(lq, lk, Hq, Hk, D, dtype, causal, device="cpu", **options):
+    """options: window_size, softcap (as varlen_attention and the reference take them)."""
     q, k, v, cq, ck = make_inputs(lq, lk, Hq, Hk, D, dtype, device)
-    out, lse = varlen_attention(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True)
+    out, lse = varlen_attention(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True, **options)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     assert out.dtype == dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == (Hq, sum(lq))
 
-    ref_out, ref_lse, ref_grads = reference_run(q, k, v, cq, ck, causal, torch.float64, dout)
-    low_out, _, low_grads = reference_run(q, k, v, cq, ck, causal, dtype, dout)
+    ref_out, ref_lse, ref_grads = reference_run(q, k, v, cq, ck, causal, torch.float64, dout, **options)
+    low_out, _, low_grads = reference_run(q, k, v, cq, ck, causal, dtype, dout, **options)
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
     assert max_err(out, ref_out) <= 2 * max_err(low_out, ref_out) + 1e-5
     for name, g, r, low in zip("qkv", grads, ref_grads, low_grads):
@@ -72,6 +75,49 @@ def check_against_reference(lq, lk, Hq, Hk, D, dtype, causal, device="cpu"):
 ])
 def test_matches_reference(lengths, Hq, Hk, D, dtype, causal):
     check_against_reference(lengths, lengths, Hq, Hk, D, dtype, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal, window_size, softcap", [
+    (True, (16, -1), None),     # Mistral / Qwen2 sliding window: 16 keys back, causal
+    (False, (5, 9), None),      # two-sided local window
+    (False, (-1, 0), None),     # right bound 0 without causal: causal by window
+    (True, (-1, -1), 2.0),      # Gemma 2 soft-capping (a small cap, so tanh bends)
+    (True, (33, 0), 1.5),       # Gemma 2 local layer: window and cap together
+])
+def test_sliding_window_and_softcap(causal, window_size, softcap, dtype):
+    check_against_reference([97, 0, 1, 40], [97, 0, 1, 40], 4, 2, 40, dtype, causal, window_size=window_size,
+                            softcap=softcap)
+
+
+def test_window_with_query_and_key_lengths_differ():
+    check_against_reference([10, 33, 5], [20, 40, 5], 2, 1, 16, torch.float32, True, window_size=(6, -1))
+    check_against_reference([30, 7], [12, 9], 2, 2, 16, torch.float32, False, window_size=(3, 4), softcap=1.0)
+
+
+@pytest.mark.parametrize("D", [1, 59, 111, 200])
+def test_any_head_dim_is_padded_inside(D):
+    """flash-attn pads head dims that are not a multiple of 8; so do we (59 and 111 are in its
+    test list). Out and gradients come back unpadded and exact."""
+    check_against_reference([37, 1, 20], [37, 1, 20], 2, 1, D, torch.float32, True)
+
+
+# Adapted from flash-attn's tests/test_flash_attn.py (test_flash_attn_varlen_output): its
+# (seqlen_q, seqlen_k) pairs, head dims 59 / 111, MQA / GQA, local windows drawn in [0, seqlen_k),
+# softcap 0 / 50, and its tolerance (twice PyTorch's own error in the input precision); sizes cut
+# down for the interpreter.
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(1, 239), (113, 203)])
+@pytest.mark.parametrize("D, mha", [(59, "mqa"), (111, "gqa")])
+@pytest.mark.parametrize("local, softcap", [(False, 0.0), (True, 0.0), (False, 50.0)])
+def test_flash_attn_varlen_output_cases(seqlen_q, seqlen_k, D, mha, local, softcap):
+    torch.manual_seed(seqlen_q + D)
+    Hq, Hk = (4, 1) if mha == "mqa" else (4, 2)
+    window = tuple(torch.randint(0, seqlen_k, (2,)).tolist()) if local else (-1, -1)
+    # flash-attn draws random padding per batch row; two rows of different real lengths here
+    lq, lk = [seqlen_q, max(1, seqlen_q // 3)], [seqlen_k, max(1, seqlen_k // 2)]
+    for causal in (False, True):
+        check_against_reference(lq, lk, Hq, Hk, D, torch.float16, causal, window_size=window,
+                                softcap=softcap or None)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -218,7 +264,7 @@ def test_packed_batch_that_disagrees_with_the_tensors_is_refused():
     (lambda a: a.update(q=a["q"][0]), ValueError, "q must have 3 dimensions"),
     (lambda a: a.update(q=torch.randn(11, 3, 16), k=torch.randn(11, 2, 16), v=torch.randn(11, 2, 16)),
      ValueError, "multiple of kv heads"),
-    (lambda a: a.update(q=torch.randn(11, 2, 12), k=torch.randn(11, 1, 12), v=torch.randn(11, 1, 12)),
+    (lambda a: a.update(q=torch.randn(11, 2, 264), k=torch.randn(11, 1, 264), v=torch.randn(11, 1, 264)),
      ValueError, "head dim"),
     (lambda a: a.update(v=torch.randn(10, 1, 16)), ValueError, "v must have k's shape"),
     (lambda a: a.update(cq=a["cq"].long()), TypeError, "cu_seqlens_q must have dtype int32"),
@@ -254,8 +300,47 @@ def test_flash_attn_compat_call_patterns():
     assert max_err(flash_attn_varlen_qkvpacked_func(qkv, cq, 30, causal=True), ref_p) < 1e-5
     with pytest.raises(NotImplementedError, match="dropout_p"):
         flash_attn_varlen_func(q, k, v, cq, ck, 30, 30, 0.1)
-    with pytest.raises(NotImplementedError, match="window_size"):
-        flash_attn_varlen_func(q, k, v, cq, ck, 30, 30, window_size=(8, 0))
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        flash_attn_varlen_func(q, k, v, cq, ck, 30, 30, alibi_slopes=torch.ones(4))
+    # window and softcap pass through with flash-attn's meaning (0.0: no cap)
+    ref_w, _ = reference.varlen_attention(q, k, v, cq, ck, causal=True, window_size=(8, -1), softcap=3.0)
+    assert max_err(flash_attn_varlen_func(q, k, v, cq, ck, 30, 30, causal=True, window_size=(8, 0), softcap=3.0),
+                   ref_w) < 1e-5
+    kv = torch.stack([k.detach(), v.detach()], 1)
+    assert max_err(flash_attn_varlen_kvpacked_func(q, kv, cq, ck, 30, 30, causal=True), ref) < 1e-5
+
+
+@pytest.mark.parametrize("window_size, softcap, exc, pattern", [
+    ((-2, 0), None, ValueError, r"window_size\[0\] must be >= -1"),
+    ((3, -5), None, ValueError, r"window_size\[1\] must be >= -1"),
+    ((3,), None, TypeError, "window_size must be a pair"),
+    ((1.5, 0), None, TypeError, r"window_size\[0\] must be an int"),
+    ((-1, -1), -1.0, ValueError, "softcap must be > 0"),
+    ((-1, -1), 0.0, ValueError, "softcap must be > 0"),
+    ((-1, -1), float("nan"), ValueError, "softcap must be a finite number"),
+])
+def test_bad_window_and_softcap(window_size, softcap, exc, pattern):
+    q, k, v, cq, ck = make_inputs([5, 6], [5, 6], 2, 1, 16, torch.float32)
+    with pytest.raises(exc, match=pattern):
+        varlen_attention(q, k, v, cq, ck, 6, 6, window_size=window_size, softcap=softcap)
+
+
+def test_flash_attn_compat_rejects_negative_softcap():
+    q, k, v, cq, ck = make_inputs([5, 6], [5, 6], 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="softcap must be >= 0"):
+        flash_attn_varlen_func(q, k, v, cq, ck, 6, 6, softcap=-2.0)
+
+
+def test_flash_attn_lse_is_plus_inf_for_a_row_that_sees_no_key():
+    """flash-attn returns softmax_lse = +inf (and out 0) for a query row with no visible key:
+    causal with seqlen_q > seqlen_k, bottom-right aligned."""
+    q, k, v, cq, ck = make_inputs([6], [2], 2, 1, 16, torch.float32)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cq, ck, 6, 2, causal=True, return_attn_probs=True)
+    assert torch.equal(lse[:, :4], torch.full((2, 4), float("inf")))
+    assert torch.isfinite(lse[:, 4:]).all() and (out[:4] == 0).all()
+    # our own API keeps the mathematical value, logsumexp of nothing
+    _, own = varlen_attention(q, k, v, cq, ck, 6, 2, causal=True, return_lse=True)
+    assert torch.equal(own[:, :4], torch.full((2, 4), float("-inf")))
 
 
 def test_flash_attn_func_dense():
@@ -265,6 +350,13 @@ def test_flash_attn_func_dense():
     cu = make_cu([9, 9])
     ref, _ = reference.varlen_attention(q.reshape(18, 2, 16), k.reshape(18, 1, 16), v.reshape(18, 1, 16), cu, cu)
     assert out.shape == q.shape and max_err(out.reshape(18, 2, 16), ref) < 1e-5
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert lse.shape == (2, 2, 9)
+    qkv = torch.stack([q, q.flip(1), q.flip(0)], 2)  # (B, S, 3, H, D)
+    ref_qkv, _ = reference.varlen_attention(*(qkv[:, :, i].reshape(18, 2, 16) for i in range(3)), cu, cu, causal=False)
+    assert max_err(flash_attn_qkvpacked_func(qkv).reshape(18, 2, 16), ref_qkv) < 1e-5
+    kv = torch.stack([k, v], 2)
+    assert max_err(flash_attn_kvpacked_func(q, kv, causal=True).reshape(18, 2, 16), ref) < 1e-5
 
 
 def test_public_names():

@@ -80,10 +80,6 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     returns ``((B, S, Hq, D), None)``."""
     if dropout not in (0, 0.0) and module.training:
         raise NotImplementedError("attention dropout is not implemented; set attention_dropout=0.0")
-    if sliding_window is not None:
-        raise NotImplementedError("sliding-window attention is not implemented")
-    if softcap not in (None, 0.0):
-        raise NotImplementedError("attention softcapping is not implemented")
     if attention_mask is not None and attention_mask.dim() != 2:
         # our registered mask function gives None or the 2-D padding mask; any other mask would
         # be ignored here, so refuse it rather than attend where it forbids
@@ -91,6 +87,11 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
                          f"{tuple(attention_mask.shape)}; pass packed sequences through position_ids, "
                          f"cu_seq_lens_q/k or packed_batch instead")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    # transformers' window: key j is visible from query i iff i - sliding_window < j (and j <= i
+    # when causal; symmetric otherwise), as its masks and its flash-attn path define it
+    options = dict(causal=causal, softmax_scale=scaling, softcap=softcap or None)
+    if sliding_window is not None:
+        options["window_size"] = (sliding_window - 1, -1 if causal else sliding_window - 1)
     B, Hq, S, D = query.shape
     Sk = key.shape[2]
     q = query.transpose(1, 2).reshape(B * S, Hq, D)
@@ -110,7 +111,7 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         batch_q, batch_k = _memo(cu_q, lambda: _from_cu_pair(cu_q, cu_k), cu_k)
     elif attention_mask is not None and not (S == Sk and _memo(attention_mask, lambda: bool(attention_mask.all()))):
         idx, described = _memo(attention_mask, lambda: _from_padding_mask(attention_mask, q.device), "unpad")
-        out = varlen_attention(q[idx], k[idx], v[idx], described, causal=causal, softmax_scale=scaling)
+        out = varlen_attention(q[idx], k[idx], v[idx], described, **options)
         full = out.new_zeros(B * S, Hq, D)
         full[idx] = out
         return full.view(B, S, Hq, D), None
@@ -119,8 +120,7 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     else:
         batch_q = PackedBatch.from_lengths([S] * B, device=q.device)
         batch_k = batch_q if Sk == S else PackedBatch.from_lengths([Sk] * B, device=q.device)
-    out = varlen_attention(q, k, v, batch_q, batch_k if batch_k is not batch_q else None, causal=causal,
-                           softmax_scale=scaling)
+    out = varlen_attention(q, k, v, batch_q, batch_k if batch_k is not batch_q else None, **options)
     return out.view(B, S, Hq, D), None
 
 
