@@ -6,7 +6,8 @@ Triton kernels under them (variable-length attention, token-weighted fused cross
 from ._validation import set_validation
 from .attention import varlen_attention
 from .batch import PackedBatch
-from .cross_entropy import cross_entropy, fused_linear_cross_entropy, longalign_loss_weights, sequence_logprobs
+from .cross_entropy import (CrossEntropyOutput, cross_entropy, fused_linear_cross_entropy, longalign_loss_weights,
+                            sequence_logprobs)
 from . import losses
 from .packing import PackPlan, pack
 from .positions import synthesize_positions
@@ -14,6 +15,6 @@ from .positions import synthesize_positions
 __version__ = "0.1.0"
 
 __all__ = [
-    "PackPlan", "PackedBatch", "cross_entropy", "fused_linear_cross_entropy", "longalign_loss_weights", "pack",
+    "CrossEntropyOutput", "PackPlan", "PackedBatch", "cross_entropy", "fused_linear_cross_entropy", "longalign_loss_weights", "pack",
     "losses", "sequence_logprobs", "set_validation", "synthesize_positions", "varlen_attention",
 ]

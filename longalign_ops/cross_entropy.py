@@ -4,6 +4,7 @@ with fake kernels and autograd registered), per-sequence log-probs and the LongA
 Kernels in ``longalign_ops.kernels.weighted_cross_entropy``."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -84,45 +85,73 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)
 
 
+def _terms(softcap, label_smoothing, lse_square_scale):
+    return _kernels().LossTerms(softcap, label_smoothing, lse_square_scale)
+
+
+def _extras(T: int, like: Tensor, want_z: bool, want_pred: bool):
+    """Buffers for the token z-losses and arg-max tokens, or None when not asked for."""
+    z = torch.empty(T, dtype=torch.float32, device=like.device) if want_z else None
+    pred = torch.empty(T, dtype=torch.int64, device=like.device) if want_pred else None
+    return z, pred
+
+
+def _fake_extras(like: Tensor, T: int, reduction: str, want_z: bool, want_pred: bool):
+    z = like.new_empty(() if reduction != "none" else (T,), dtype=torch.float32) if want_z else like.new_empty(0)
+    pred = like.new_empty((T,), dtype=torch.int64) if want_pred else like.new_empty(0, dtype=torch.int64)
+    return z, pred
+
+
 @torch.library.custom_op("longalign::fused_linear_cross_entropy", mutates_args=())
 def _flce(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, weights: Optional[Tensor],
-          ignore_index: int, reduction: str, softcap: Optional[float], compute_grad: bool, need_weight_grad: bool,
-          need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, d hidden, d weight, d bias): the gradients of the scalar loss are computed in the
-    forward pass, chunk by chunk, while each chunk's logits exist (empty when not asked for)."""
+          ignore_index: int, reduction: str, softcap: Optional[float], label_smoothing: float,
+          lse_square_scale: float, accum_fp32: bool, want_z: bool, want_pred: bool, compute_grad: bool,
+          need_weight_grad: bool, need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, z-loss, arg-max tokens, d hidden, d weight, d bias): the gradients of the scalar
+    loss are computed in the forward pass, chunk by chunk, while each chunk's logits exist
+    (empty tensors for what was not asked for)."""
     k = _kernels()
     scale = k.grad_scale(labels, weights, ignore_index, reduction, hidden.device)
-    loss, gh, gw, gb = k.linear_cross_entropy_pass(_rows_for(hidden), hidden, weight, bias, labels, weights, scale,
-                                                   ignore_index, softcap, compute_grad, need_weight_grad,
-                                                   need_bias_grad)
-    return k.reduce_loss(loss, scale, reduction), _or_empty(gh, hidden), _or_empty(gw, hidden), _or_empty(gb, hidden)
+    z, pred = _extras(hidden.shape[0], hidden, want_z, want_pred)
+    loss, gh, gw, gb = k.linear_cross_entropy_pass(
+        _rows_for(hidden), hidden, weight, bias, labels, weights, scale, ignore_index,
+        _terms(softcap, label_smoothing, lse_square_scale), compute_grad, need_weight_grad, need_bias_grad,
+        accum_dtype=torch.float32 if accum_fp32 else None, z_out=z, pred_out=pred)
+    z = k.reduce_loss(z, scale, reduction) if want_z else hidden.new_empty(0)
+    return (k.reduce_loss(loss, scale, reduction), z, _or_empty(pred, labels), _or_empty(gh, hidden),
+            _or_empty(gw, hidden), _or_empty(gb, hidden))
 
 
 @_flce.register_fake
-def _(hidden, weight, bias, labels, weights, ignore_index, reduction, softcap, compute_grad, need_weight_grad,
-      need_bias_grad):
-    loss = hidden.new_empty(() if reduction != "none" else (hidden.shape[0],), dtype=torch.float32)
+def _(hidden, weight, bias, labels, weights, ignore_index, reduction, softcap, label_smoothing, lse_square_scale,
+      accum_fp32, want_z, want_pred, compute_grad, need_weight_grad, need_bias_grad):
+    T = hidden.shape[0]
+    loss = hidden.new_empty(() if reduction != "none" else (T,), dtype=torch.float32)
+    z, pred = _fake_extras(hidden, T, reduction, want_z, want_pred)
     gh = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
     gw = torch.empty_like(weight) if compute_grad and need_weight_grad else hidden.new_empty(0)
     gb = hidden.new_empty(weight.shape[0], dtype=torch.float32) if compute_grad and bias is not None and \
         need_bias_grad else hidden.new_empty(0)
-    return loss, gh, gw, gb
+    return loss, z, pred, gh, gw, gb
 
 
 @torch.library.custom_op("longalign::fused_linear_cross_entropy_bwd", mutates_args=())
 def _flce_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-              weights: Optional[Tensor], ignore_index: int, softcap: Optional[float], need_weight_grad: bool,
+              weights: Optional[Tensor], ignore_index: int, softcap: Optional[float], label_smoothing: float,
+              lse_square_scale: float, accum_fp32: bool, need_weight_grad: bool,
               need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward of reduction="none": the per-token output gradient is only known now, so the
     chunks are recomputed (one extra logits matmul per chunk)."""
-    _, gh, gw, gb = _kernels().linear_cross_entropy_pass(_rows_for(hidden), hidden, weight, bias, labels, weights,
-                                                         grad_loss, ignore_index, softcap, True, need_weight_grad,
-                                                         need_bias_grad)
+    _, gh, gw, gb = _kernels().linear_cross_entropy_pass(
+        _rows_for(hidden), hidden, weight, bias, labels, weights, grad_loss, ignore_index,
+        _terms(softcap, label_smoothing, lse_square_scale), True, need_weight_grad, need_bias_grad,
+        accum_dtype=torch.float32 if accum_fp32 else None)
     return gh, _or_empty(gw, hidden), _or_empty(gb, hidden)
 
 
 @_flce_bwd.register_fake
-def _(grad_loss, hidden, weight, bias, labels, weights, ignore_index, softcap, need_weight_grad, need_bias_grad):
+def _(grad_loss, hidden, weight, bias, labels, weights, ignore_index, softcap, label_smoothing, lse_square_scale,
+      accum_fp32, need_weight_grad, need_bias_grad):
     gw = torch.empty_like(weight) if need_weight_grad else hidden.new_empty(0)
     gb = hidden.new_empty(weight.shape[0], dtype=torch.float32) if bias is not None and need_bias_grad else \
         hidden.new_empty(0)
@@ -130,10 +159,12 @@ def _(grad_loss, hidden, weight, bias, labels, weights, ignore_index, softcap, n
 
 
 def _flce_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, weights, ignore_index, reduction, softcap, _, need_w, need_b = inputs
-    loss, gh, gw, gb = output
-    ctx.mark_non_differentiable(gh, gw, gb)
-    ctx.reduction, ctx.ignore_index, ctx.softcap, ctx.need = reduction, ignore_index, softcap, (need_w, need_b)
+    (hidden, weight, bias, labels, weights, ignore_index, reduction, softcap, label_smoothing, lse_square_scale,
+     accum_fp32, _, _, _, need_w, need_b) = inputs
+    loss, z, pred, gh, gw, gb = output
+    ctx.mark_non_differentiable(z, pred, gh, gw, gb)
+    ctx.reduction, ctx.need = reduction, (need_w, need_b)
+    ctx.options = (ignore_index, softcap, label_smoothing, lse_square_scale, accum_fp32)
     ctx.bias_dtype = bias.dtype if bias is not None else None
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, labels, weights)
@@ -144,8 +175,8 @@ def _flce_setup(ctx, inputs, output):
 def _flce_backward(ctx, grad_loss, *_):
     if ctx.reduction == "none":
         hidden, weight, bias, labels, weights = ctx.saved_tensors
-        gh, gw, gb = _flce_bwd(grad_loss.float().contiguous(), hidden, weight, bias, labels, weights,
-                               ctx.ignore_index, ctx.softcap, *ctx.need)
+        gh, gw, gb = _flce_bwd(grad_loss.float().contiguous(), hidden, weight, bias, labels, weights, *ctx.options,
+                               *ctx.need)
     else:
         gh, gw, gb = ctx.saved_tensors
         # no test for grad == 1 (it would be a device-to-host read in every step). Eager: scaled
@@ -161,7 +192,7 @@ def _flce_backward(ctx, grad_loss, *_):
             gh, gw, gb = gh * g.to(gh.dtype), gw * g.to(gw.dtype), gb * g
     need = ctx.needs_input_grad
     gb = gb.to(ctx.bias_dtype) if need[2] else None
-    return (gh if need[0] else None, gw if need[1] else None, gb) + (None,) * 8
+    return (gh if need[0] else None, gw if need[1] else None, gb) + (None,) * 13
 
 
 _flce.register_autograd(_flce_backward, setup_context=_flce_setup)
@@ -169,50 +200,59 @@ _flce.register_autograd(_flce_backward, setup_context=_flce_setup)
 
 @torch.library.custom_op("longalign::cross_entropy", mutates_args=())
 def _ce(logits: Tensor, labels: Tensor, weights: Optional[Tensor], ignore_index: int, reduction: str,
-        softcap: Optional[float], compute_grad: bool) -> Tuple[Tensor, Tensor]:
-    """(loss, d logits of the scalar loss, or empty). The user's logits are never written."""
+        softcap: Optional[float], label_smoothing: float, lse_square_scale: float, want_z: bool, want_pred: bool,
+        compute_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, z-loss, arg-max tokens, d logits of the scalar loss): empty where not asked for.
+    The user's logits are never written."""
     k = _kernels()
     scale = k.grad_scale(labels, weights, ignore_index, reduction, logits.device)
     grad = torch.empty_like(logits) if compute_grad else None
-    loss = _rows_for(logits)(logits, grad if compute_grad else logits, labels, weights, scale, ignore_index, softcap,
-                             compute_grad)
-    return k.reduce_loss(loss, scale, reduction), _or_empty(grad, logits)
+    z, pred = _extras(logits.shape[0], logits, want_z, want_pred)
+    loss = _rows_for(logits)(logits, grad if compute_grad else logits, labels, weights, scale, ignore_index,
+                             _terms(softcap, label_smoothing, lse_square_scale), compute_grad, z, pred)
+    z = k.reduce_loss(z, scale, reduction) if want_z else logits.new_empty(0)
+    return k.reduce_loss(loss, scale, reduction), z, _or_empty(pred, labels), _or_empty(grad, logits)
 
 
 @_ce.register_fake
-def _(logits, labels, weights, ignore_index, reduction, softcap, compute_grad):
-    loss = logits.new_empty(() if reduction != "none" else (logits.shape[0],), dtype=torch.float32)
-    return loss, torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+def _(logits, labels, weights, ignore_index, reduction, softcap, label_smoothing, lse_square_scale, want_z,
+      want_pred, compute_grad):
+    T = logits.shape[0]
+    loss = logits.new_empty(() if reduction != "none" else (T,), dtype=torch.float32)
+    z, pred = _fake_extras(logits, T, reduction, want_z, want_pred)
+    return loss, z, pred, torch.empty_like(logits) if compute_grad else logits.new_empty(0)
 
 
 @torch.library.custom_op("longalign::cross_entropy_bwd", mutates_args=())
 def _ce_bwd(grad_loss: Tensor, logits: Tensor, labels: Tensor, weights: Optional[Tensor], ignore_index: int,
-            softcap: Optional[float]) -> Tensor:
+            softcap: Optional[float], label_smoothing: float, lse_square_scale: float) -> Tensor:
     grad = torch.empty_like(logits)
-    _rows_for(logits)(logits, grad, labels, weights, grad_loss, ignore_index, softcap, True)
+    _rows_for(logits)(logits, grad, labels, weights, grad_loss, ignore_index,
+                      _terms(softcap, label_smoothing, lse_square_scale), True)
     return grad
 
 
 @_ce_bwd.register_fake
-def _(grad_loss, logits, labels, weights, ignore_index, softcap):
+def _(grad_loss, logits, labels, weights, ignore_index, softcap, label_smoothing, lse_square_scale):
     return torch.empty_like(logits)
 
 
 def _ce_setup(ctx, inputs, output):
-    logits, labels, weights, ignore_index, reduction, softcap, _ = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.reduction, ctx.ignore_index, ctx.softcap = reduction, ignore_index, softcap
-    ctx.save_for_backward(*((logits, labels, weights) if reduction == "none" else (output[1],)))
+    logits, labels, weights, ignore_index, reduction, softcap, label_smoothing, lse_square_scale, *_ = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.reduction = reduction
+    ctx.options = (ignore_index, softcap, label_smoothing, lse_square_scale)
+    ctx.save_for_backward(*((logits, labels, weights) if reduction == "none" else (output[3],)))
 
 
-def _ce_backward(ctx, grad_loss, _):
+def _ce_backward(ctx, grad_loss, *_):
     if ctx.reduction == "none":
         logits, labels, weights = ctx.saved_tensors
-        grad = _ce_bwd(grad_loss.float().contiguous(), logits, labels, weights, ctx.ignore_index, ctx.softcap)
+        grad = _ce_bwd(grad_loss.float().contiguous(), logits, labels, weights, *ctx.options)
     else:
         (grad,) = ctx.saved_tensors
         grad = grad * grad_loss.reshape(()).to(grad.dtype)
-    return (grad,) + (None,) * 6
+    return (grad,) + (None,) * 10
 
 
 _ce.register_autograd(_ce_backward, setup_context=_ce_setup)
@@ -221,25 +261,73 @@ _ce.register_autograd(_ce_backward, setup_context=_ce_setup)
 # ----------------------------------------------------------------------------- public entries
 
 
+@dataclass
+class CrossEntropyOutput:
+    """What the losses return when any ``return_*`` flag is set (Liger-Kernel's type and fields;
+    the fields not asked for are None). ``loss`` always includes the z-loss."""
+    loss: Tensor
+    z_loss: Optional[Tensor] = None
+    token_accuracy: Optional[Tensor] = None
+    predicted_tokens: Optional[Tensor] = None
+
+
+def _check_options(label_smoothing, lse_square_scale, accum_dtype=None):
+    label_smoothing = check_finite_number("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    lse_square_scale = check_finite_number("lse_square_scale", lse_square_scale, minimum=0.0)
+    if accum_dtype is not None and not (isinstance(accum_dtype, torch.dtype) and accum_dtype.is_floating_point):
+        raise TypeError(f"accum_dtype must be None or a floating torch.dtype, got {accum_dtype!r}")
+    return label_smoothing, lse_square_scale
+
+
+def _output(loss, z, pred, labels, ignore_index, reduction, return_z_loss, return_token_accuracy,
+            return_predicted_tokens):
+    """The loss alone, or a CrossEntropyOutput when any return_* flag is set. Token accuracy:
+    per token (0/1, 0 where ignored) for reduction="none", else the fraction of non-ignored
+    tokens whose arg-max is the label (0 when none counts)."""
+    if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
+        return loss
+    accuracy = None
+    if return_token_accuracy:
+        kept = labels != ignore_index
+        hits = ((pred == labels) & kept).float()
+        accuracy = hits if reduction == "none" else hits.sum() / kept.sum().clamp_min(1)
+    return CrossEntropyOutput(loss, z if return_z_loss else None, accuracy,
+                              pred if return_predicted_tokens else None)
+
+
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                                token_weights: Optional[Tensor] = None, ignore_index: int = -100,
                                reduction: str = "mean", softcap: Optional[float] = None,
+                               label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                               return_z_loss: bool = False, accum_dtype: Optional[torch.dtype] = None,
+                               return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
                                packed_batch: Optional[PackedBatch] = None, num_packs: Optional[int] = None,
-                               num_sequences: Optional[int] = None) -> Tensor:
+                               num_sequences: Optional[int] = None):
     """lm head + token-weighted cross-entropy without materialising the ``(T, V)`` logits.
 
     Args:
         hidden: ``(T, H)`` fp16/bf16/fp32 final hidden states (already aligned with ``labels``).
         weight: ``(V, H)`` lm-head weight, hidden's dtype. bias: optional ``(V,)``.
         labels: ``(T,)`` int64 targets in ``[0, V)`` or ``ignore_index``.
-        token_weights: optional ``(T,)`` non-negative weights ``w_t``.
-        reduction: "none" -> ``(T,)`` fp32 ``w_t * nll_t`` (0 where ignored); "sum"; "mean" ->
-            ``sum(w_t nll_t) / sum(w_t)`` over non-ignored tokens (0 when nothing counts).
+        token_weights: optional ``(T,)`` non-negative weights ``w_t`` (our addition to Liger's API).
+        reduction: "none" -> ``(T,)`` fp32 ``w_t * loss_t`` (0 where ignored); "sum"; "mean" ->
+            ``sum(w_t loss_t) / sum(w_t)`` over non-ignored tokens (0 when nothing counts).
         softcap: optional logit soft-capping ``c * tanh(z / c)`` (Gemma 2).
+        label_smoothing: e in [0, 1): ``loss_t = (1-e) nll_t + e (lse_t - mean_j z_tj)`` (PyTorch's
+            and Liger's definition).
+        lse_square_scale: z-loss ``s * lse_t**2`` added to every counted token's loss (PaLM);
+            ``return_z_loss`` also returns it, reduced like the loss.
+        accum_dtype: e.g. ``torch.float32``: sum the lm-head weight gradient across token chunks
+            in that dtype (for bf16 weights; one extra weight-sized buffer), as Liger's option.
+        return_token_accuracy, return_predicted_tokens: the fraction of non-ignored tokens whose
+            arg-max logit is the label, and the arg-max tokens (-1 where ignored).
         packed_batch, num_packs, num_sequences: LongAlign weighting from the batch description:
             ``token_weights = longalign_loss_weights(packed_batch, labels, num_packs=K,
             num_sequences=M)`` (use with ``reduction="sum"``).
 
+    Returns the loss, or a :class:`CrossEntropyOutput` when any ``return_*`` flag is set.
     Works in chunks of tokens whose logits take about the hidden states' memory (see
     ``kernels.weighted_cross_entropy.chunk_tokens``). Differentiable in hidden, weight, bias.
     """
@@ -254,6 +342,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *
         check_tensor("bias", bias, ndim=1, dtypes=_FLOATS, device=device)
         if bias.shape[0] != V:
             raise ValueError(f"bias must have {V} entries, got {bias.shape[0]}")
+    label_smoothing, lse_square_scale = _check_options(label_smoothing, lse_square_scale, accum_dtype)
     if packed_batch is not None:
         if token_weights is not None:
             raise ValueError("pass token_weights or packed_batch (LongAlign weights from the batch), not both")
@@ -273,25 +362,34 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *
     need = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
     # the gradients are made in the forward pass only when a backward can follow
     compute_grad = torch.is_grad_enabled() and reduction != "none" and any(need)
+    accum_fp32 = accum_dtype is not None and accum_dtype != weight.dtype
     with torch.autocast(device_type=device.type, enabled=False):
-        loss, *_ = _flce(hidden.contiguous(), weight.contiguous(), bias, labels, weights, ignore_index, reduction,
-                         softcap, compute_grad, need[1], need[2])
-    return loss
+        loss, z, pred, *_ = _flce(hidden.contiguous(), weight.contiguous(), bias, labels, weights, ignore_index,
+                                  reduction, softcap, label_smoothing, lse_square_scale, accum_fp32, return_z_loss,
+                                  return_token_accuracy or return_predicted_tokens, compute_grad, need[1], need[2])
+    return _output(loss, z, pred, labels, ignore_index, reduction, return_z_loss, return_token_accuracy,
+                   return_predicted_tokens)
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, *, token_weights: Optional[Tensor] = None, ignore_index: int = -100,
-                  reduction: str = "mean", softcap: Optional[float] = None) -> Tensor:
-    """Token-weighted cross-entropy on ``(T, V)`` logits; semantics as
+                  reduction: str = "mean", softcap: Optional[float] = None, label_smoothing: float = 0.0,
+                  lse_square_scale: float = 0.0, return_z_loss: bool = False, return_token_accuracy: bool = False,
+                  return_predicted_tokens: bool = False):
+    """Token-weighted cross-entropy on ``(T, V)`` logits; semantics, options and return types as
     :func:`fused_linear_cross_entropy`. Differentiable in logits (never modified in place)."""
     check_tensor("logits", logits, ndim=2, dtypes=_FLOATS)
     T, V = logits.shape
+    label_smoothing, lse_square_scale = _check_options(label_smoothing, lse_square_scale)
     labels, weights, ignore_index = _check_targets(labels, token_weights, T, V, ignore_index, logits.device,
                                                    reduction, softcap)
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     compute_grad = torch.is_grad_enabled() and reduction != "none" and logits.requires_grad
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        loss, _ = _ce(logits, labels, weights, ignore_index, reduction, softcap, compute_grad)
-    return loss
+        loss, z, pred, _ = _ce(logits, labels, weights, ignore_index, reduction, softcap, label_smoothing,
+                               lse_square_scale, return_z_loss, return_token_accuracy or return_predicted_tokens,
+                               compute_grad)
+    return _output(loss, z, pred, labels, ignore_index, reduction, return_z_loss, return_token_accuracy,
+                   return_predicted_tokens)
 
 
 def _batch_of(name: str, cu_or_batch, tensor_name: str, T: int, device) -> PackedBatch:

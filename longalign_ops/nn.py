@@ -41,3 +41,33 @@ class LongAlignLoss(torch.nn.Module):
                                    ignore_index=self.ignore_index)
         return fused_linear_cross_entropy(hidden, weight, labels, bias=bias, token_weights=w,
                                           ignore_index=self.ignore_index, reduction="sum", softcap=self.softcap)
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``, constructed and called the same way:
+    ``FusedLinearCrossEntropyLoss(label_smoothing=0.1)(lin_weight, _input, target, bias=None)``,
+    so a Liger user swaps one import. Options and return types as
+    :func:`longalign_ops.fused_linear_cross_entropy`; ``token_weights=`` is our addition.
+    Liger's class weights (``ce_weight``) and ``use_token_scaling`` raise NotImplementedError."""
+
+    def __init__(self, ce_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                 lse_square_scale: float = 0.0, label_smoothing: float = 0.0, reduction: str = "mean",
+                 softcap: Optional[float] = None, return_z_loss: bool = False,
+                 accum_dtype: Optional[torch.dtype] = None, use_token_scaling: bool = False,
+                 return_token_accuracy: bool = False, return_predicted_tokens: bool = False):
+        super().__init__()
+        if ce_weight is not None:
+            raise NotImplementedError("ce_weight (per-class weights) is not implemented; per-token weights are: "
+                                      "pass token_weights= to the call")
+        if use_token_scaling:
+            raise NotImplementedError("use_token_scaling is not implemented")
+        self.options = dict(ignore_index=ignore_index, lse_square_scale=lse_square_scale,
+                            label_smoothing=label_smoothing, reduction=reduction, softcap=softcap,
+                            return_z_loss=return_z_loss, accum_dtype=accum_dtype,
+                            return_token_accuracy=return_token_accuracy,
+                            return_predicted_tokens=return_predicted_tokens)
+
+    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, *, token_weights: Optional[torch.Tensor] = None):
+        return fused_linear_cross_entropy(_input.reshape(-1, _input.shape[-1]), lin_weight, target.reshape(-1),
+                                          bias=bias, token_weights=token_weights, **self.options)

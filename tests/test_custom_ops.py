@@ -24,16 +24,17 @@ def attention_args(tiles: bool, requires_grad=True):
     q = torch.randn(T, 4, 16, requires_grad=requires_grad)
     k, v = (torch.randn(T, 2, 16, requires_grad=requires_grad) for _ in range(2))
     t = (b.tiles(32), b.tiles(32), b.tiles(32)) if tiles else (None, None, None)
-    return (q, k, v, b.cu_seqlens, b.cu_seqlens, *t, b.max_len, b.max_len, True, 0.25)
+    # scale, window (left, right): a causal sliding window of 6, soft cap 2
+    return (q, k, v, b.cu_seqlens, b.cu_seqlens, *t, b.max_len, b.max_len, 0.25, 6, 0, 2.0)
 
 
 @pytest.mark.parametrize("tiles", [True, False])
 def test_opcheck_attention(tiles):
     torch.library.opcheck(_varlen_attention_fwd, attention_args(tiles), test_utils=OPCHECK_TESTS)
-    q, k, v, cu, _, t1, t2, t3, mq, mk, causal, scale = attention_args(tiles, requires_grad=False)
-    out, lse = _varlen_attention_fwd(q, k, v, cu, cu, t1, t2, t3, mq, mk, causal, scale)
-    torch.library.opcheck(_varlen_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, cu, cu, t2, t3, mq, mk,
-                                                  causal, scale), test_utils=OPCHECK_TESTS[:2])
+    q, k, v, cu, _, t1, t2, t3, *flags = attention_args(tiles, requires_grad=False)
+    out, lse = _varlen_attention_fwd(q, k, v, cu, cu, t1, t2, t3, *flags)
+    torch.library.opcheck(_varlen_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, cu, cu, t2, t3, *flags),
+                          test_utils=OPCHECK_TESTS[:2])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -45,13 +46,17 @@ def test_opcheck_cross_entropy(reduction, with_bias):
     y = torch.randint(0, V, (T,))
     y[2] = -100
     w = torch.rand(T)
-    torch.library.opcheck(_flce, (h, W, b, y, w, -100, reduction, None, reduction != "none", True, with_bias),
+    # softcap, label smoothing, z-loss scale, fp32 weight-gradient accumulation, want z-loss / arg-max
+    options = (None, 0.1, 1e-3, with_bias, with_bias, not with_bias)
+    torch.library.opcheck(_flce, (h, W, b, y, w, -100, reduction, *options, reduction != "none", True, with_bias),
                           test_utils=OPCHECK_TESTS)
-    torch.library.opcheck(_flce_bwd, (torch.rand(T), h.detach(), W.detach(), b, y, w, -100, 30.0, True, with_bias),
-                          test_utils=OPCHECK_TESTS[:2])
+    torch.library.opcheck(_flce_bwd, (torch.rand(T), h.detach(), W.detach(), b, y, w, -100, 30.0, 0.1, 1e-3, False,
+                                      True, with_bias), test_utils=OPCHECK_TESTS[:2])
     logits = torch.randn(T, V, requires_grad=True)
-    torch.library.opcheck(_ce, (logits, y, w, -100, reduction, None, reduction != "none"), test_utils=OPCHECK_TESTS)
-    torch.library.opcheck(_ce_bwd, (torch.rand(T), logits.detach(), y, w, -100, None), test_utils=OPCHECK_TESTS[:2])
+    torch.library.opcheck(_ce, (logits, y, w, -100, reduction, 5.0, 0.1, 1e-3, with_bias, True, reduction != "none"),
+                          test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(_ce_bwd, (torch.rand(T), logits.detach(), y, w, -100, None, 0.1, 1e-3),
+                          test_utils=OPCHECK_TESTS[:2])
 
 
 def grads_of(fn, *inputs):
