@@ -31,12 +31,15 @@ def _ids(name: str, value, index: int) -> np.ndarray:
 
 
 class PackedCollator:
-    """Collate a list of ``{"input_ids": [...], "labels": [...] (optional)}`` records into one
-    packed row: ``input_ids``, ``labels``, ``shift_labels`` and ``position_ids`` of shape
-    ``(1, T)``, ``cu_seq_lens_q/k`` and ``max_length_q/k`` (transformers' flash-attention
-    kwargs), and, when ``device`` is given, ``packed_batch``: the batch description on that
-    device, and every tensor moved there (with ``device=None``, e.g. in DataLoader workers whose
-    trainer moves tensors itself, the attention derives the description once per forward from
+    """Collate a list of ``{"input_ids": [...], "labels": [...] (optional), "loss_weight": float
+    (optional)}`` records into one packed row: ``input_ids``, ``labels``, ``shift_labels`` and
+    ``position_ids`` of shape ``(1, T)``, ``cu_seq_lens_q/k`` and ``max_length_q/k``
+    (transformers' flash-attention kwargs), ``token_weights`` ``(1, T)`` when the records carry a
+    ``loss_weight`` (each sequence's factor, e.g. LongAlign's ``K/(N_i M)`` from
+    :meth:`PackPlan.loss_weights`, on each of its targets in ``shift_labels``), and, when
+    ``device`` is given, ``packed_batch``: the batch description on that device, and every
+    tensor moved there (with ``device=None``, e.g. in DataLoader workers whose trainer moves
+    tensors itself, the attention derives the description once per forward from
     ``cu_seq_lens_q/k``)."""
 
     def __init__(self, device=None, *, ignore_index: int = -100):
@@ -66,9 +69,32 @@ class PackedCollator:
                    shift_labels=as_row(shifted), position_ids=batch.position_ids[None],
                    cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
                    max_length_q=batch.max_len, max_length_k=batch.max_len)
+        if any("loss_weight" in r for r in records):
+            factors = np.array([float(r.get("loss_weight", 0.0)) for r in records])
+            per_token = np.repeat(factors, lengths) * (shifted != self.ignore_index)
+            out["token_weights"] = as_row(per_token.astype(np.float32))
         if self.device is not None:
             out["packed_batch"] = batch
         return out
 
 
-__all__ = ["PackedCollator"]
+class PlanBatchSampler:
+    """A DataLoader ``batch_sampler`` over a :class:`PackPlan`: step s yields the sequence
+    indices of ``plan.indices(s, rank)``, so each micro-batch is one pack (LongAlign packing or
+    sorted batching, whichever strategy made the plan). Give each data-parallel rank its own
+    ``rank``; the DataLoader must not be re-sharded (e.g. by accelerate's ``prepare``)."""
+
+    def __init__(self, plan, rank: int = 0):
+        if not 0 <= rank < plan.world_size:
+            raise ValueError(f"rank must be in [0, {plan.world_size}), got {rank}")
+        self.plan, self.rank = plan, rank
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self):
+        for step in range(len(self.plan)):
+            yield self.plan.indices(step, self.rank).tolist()
+
+
+__all__ = ["PackedCollator", "PlanBatchSampler"]

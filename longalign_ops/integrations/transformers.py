@@ -4,6 +4,8 @@
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="longalign")
     out = model(input_ids=ids[None], position_ids=batch.position_ids[None], packed_batch=batch)
 
+    apply_longalign(model)  # also: the loss from hidden states with the fused cross-entropy
+
 Where the sequence boundaries come from, best first:
 - ``packed_batch=`` a :class:`longalign_ops.PackedBatch` passed to the model's forward (it reaches
   every layer through transformers' attention kwargs): built on the host, nothing is read back;
@@ -122,6 +124,91 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         batch_k = batch_q if Sk == S else PackedBatch.from_lengths([Sk] * B, device=q.device)
     out = varlen_attention(q, k, v, batch_q, batch_k if batch_k is not batch_q else None, **options)
     return out.view(B, S, Hq, D), None
+
+
+def _loss_inputs(labels, shift_labels, ignore_index: int):
+    """transformers' ForCausalLMLoss convention: labels are shifted here (padded with the ignore
+    index, so each row's last position has no target) unless shift_labels come already shifted."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1)
+
+
+def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, ignore_index: int = -100):
+    """Patch a transformers causal LM in place (as Liger-Kernel's ``apply_liger_kernel_to_*``):
+
+    - ``attention``: ``attn_implementation="longalign"`` (packed rows through varlen attention);
+    - ``fused_loss``: when ``labels`` (or ``shift_labels``) are given, the forward runs the
+      backbone and computes the loss from the final hidden states with
+      :func:`longalign_ops.fused_linear_cross_entropy`; the ``(T, V)`` logits are never made and
+      ``logits`` in the output is None. The loss is transformers' own: labels shifted per row,
+      the token mean, or the sum over ``num_items_in_batch`` when the Trainer passes it (gradient
+      accumulation). Extra keywords: ``token_weights`` (per shifted target, e.g. LongAlign's
+      ``K/(N_i M)``: the loss is then their weighted sum, already normalised) and ``packed_batch``.
+      Gemma's ``final_logit_softcapping`` is applied. Without labels the forward is untouched.
+
+    Returns the model. The backbone and head are looked up on every call, so PEFT or FSDP may
+    wrap them afterwards.
+    """
+    if attention:
+        model.set_attn_implementation(NAME)
+    if not fused_loss:
+        return model
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ..cross_entropy import fused_linear_cross_entropy
+
+    original_forward = model.forward
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def forward(*args, labels=None, shift_labels=None, num_items_in_batch=None, token_weights=None, **kwargs):
+        if (labels is None and shift_labels is None) or kwargs.get("fused_lm_head"):
+            for name, value in (("labels", labels), ("shift_labels", shift_labels),
+                                ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[name] = value
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        kwargs.pop("logits_to_keep", None)
+        outputs = model.get_decoder()(*args, **kwargs)
+        hidden = outputs.last_hidden_state
+        head = model.get_output_embeddings()
+        targets = _loss_inputs(labels, shift_labels, ignore_index).to(hidden.device)
+        options = dict(bias=head.bias, ignore_index=ignore_index, softcap=softcap)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if token_weights is not None:
+            loss = fused_linear_cross_entropy(flat, head.weight, targets, token_weights=token_weights.reshape(-1),
+                                              reduction="sum", **options)
+        elif num_items_in_batch is not None:
+            loss = fused_linear_cross_entropy(flat, head.weight, targets, reduction="sum", **options)
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+        else:
+            loss = fused_linear_cross_entropy(flat, head.weight, targets, reduction="mean", **options)
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    forward.__signature__ = _with_keywords(original_forward, _PACKED_INPUTS)
+    model.forward = forward
+    return model
+
+
+# what PackedCollator and the patched forward add to a model's inputs: named in the forward's
+# signature, so that HF Trainer's unused-column filter keeps them
+_PACKED_INPUTS = ("shift_labels", "token_weights", "packed_batch", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                  "max_length_k", "num_items_in_batch")
+
+
+def _with_keywords(fn, names):
+    """fn's signature with keyword-only parameters `names` (default None) added before **kwargs."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    tail = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    head = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    have = {p.name for p in params}
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names if n not in have]
+    return sig.replace(parameters=head + extra + tail)
 
 
 def register() -> None:
