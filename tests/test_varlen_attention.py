@@ -378,6 +378,15 @@ def test_gpu_matches_reference(dtype, causal, D):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128, 111])
+def test_gpu_sliding_window_and_softcap(dtype, D):
+    """The compiled softcap tiles (smaller than the plain ones) and the window bounds."""
+    check_against_reference([1, 97, 0, 1025, 300], [1, 97, 0, 1025, 300], 8, 2, D, dtype, True, device="cuda",
+                            window_size=(256, 0), softcap=20.0)
+
+
+@pytest.mark.gpu
 def test_gpu_large_shapes_bf16():
     # a 64K row: one 40K sequence and many short ones; checked against fp32 PyTorch per sequence
     lengths = [40000] + [300] * 80
