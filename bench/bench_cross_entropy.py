@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import default_out, write_csv  # noqa: E402
+from common import add_out_args, out_path, write_csv  # noqa: E402
 
 import longalign_ops as la  # noqa: E402
 
@@ -74,7 +74,7 @@ def measure(fn, params):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=default_out("cross_entropy.csv"))
+    add_out_args(ap, "cross_entropy.csv")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=128256)
@@ -101,7 +101,7 @@ def main() -> None:
                              phase=phase, ms=ms, peak_extra_mb=peaks.get(phase, float("nan"))))
         print(f"{name:>32}: fwd {fwd:8.2f} ms  bwd {both - fwd:8.2f} ms  both {both:8.2f} ms  "
               f"peak extra {peaks['fwd_bwd']:9.0f} MB")
-    print(f"wrote {write_csv(args.out, rows)}")
+    print(f"wrote {write_csv(out_path(args), rows)}")
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ import longalign_ops as la  # noqa: E402
 STRATEGIES = {
     "naive": ["--strategy", "naive", "--no-loss-weighting"],
     "sorted": ["--strategy", "sorted", "--no-loss-weighting"],
-    "packing": ["--strategy", "packing", "--no-loss-weighting"],
-    "packing+weighting": ["--strategy", "packing", "--loss-weighting"],
+    "packing": ["--strategy", "bfd", "--no-loss-weighting"],
+    "packing+weighting": ["--strategy", "bfd", "--loss-weighting"],
 }
 
 

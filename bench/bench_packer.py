@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import default_out, median_seconds, write_csv  # noqa: E402
+from common import add_out_args, out_path, median_seconds, write_csv  # noqa: E402
 
 import longalign_ops as la  # noqa: E402
 from longalign_ops.reference import best_fit_decreasing  # noqa: E402
@@ -33,7 +33,7 @@ def longalign_mixture(n: int, seed: int = 0, max_len: int = 65536) -> np.ndarray
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=default_out("packer.csv"))
+    add_out_args(ap, "packer.csv")
     ap.add_argument("--python-n", type=int, default=100_000, help="sequences for the plain-Python comparison")
     ap.add_argument("--big-n", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=5)
@@ -88,7 +88,7 @@ def main() -> None:
     except ImportError:
         print("trl/datasets not installed: TRL's pack_dataset left out of the table")
 
-    path = write_csv(args.out, rows)
+    path = write_csv(out_path(args), rows)
     print(f"wrote {path}")
     print(f"bfd, {len(L)} sequences: C++ {t_cpp*1e3:.1f} ms, plain Python {t_py*1e3:.0f} ms: {t_py/t_cpp:.0f}x")
     print(f"bfd, {len(B)} sequences: {t_big*1e3:.0f} ms (with Python step lists {t_big_lists*1e3:.0f} ms)")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import default_out, median_seconds, write_csv  # noqa: E402
+from common import add_out_args, out_path, median_seconds, write_csv  # noqa: E402
 
 from longalign_ops import synthesize_positions  # noqa: E402
 from longalign_ops.reference import synthesize_positions_numpy  # noqa: E402
@@ -33,7 +33,7 @@ def batches(total: int, rng):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=default_out("positions.csv"))
+    add_out_args(ap, "positions.csv")
     ap.add_argument("--tokens", type=int, default=16 * 2 ** 20)
     ap.add_argument("--cpu-tokens", type=int, default=2 * 2 ** 20)
     args = ap.parse_args()
@@ -72,7 +72,7 @@ def main() -> None:
                                  tokens=int(lengths.sum()), ms=ms, gb_per_s=bw, frac_of_copy=bw / copy_bw))
                 print(f"GPU {name:>24} {method:>5}: {ms:.3f} ms, {bw:.0f} GB/s = {bw / copy_bw:.0%} of copy "
                       f"({copy_bw:.0f} GB/s), host checks and transfers included")
-    print(f"wrote {write_csv(args.out, rows)}")
+    print(f"wrote {write_csv(out_path(args), rows)}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import default_out, write_csv  # noqa: E402
+from common import add_out_args, out_path, write_csv  # noqa: E402
 
 import longalign_ops as la  # noqa: E402
 
@@ -124,7 +124,7 @@ def matmul_tflops(dtype=torch.bfloat16, n=8192):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=default_out("varlen_attention.csv"))
+    add_out_args(ap, "varlen_attention.csv")
     ap.add_argument("--totals", default="4096,8192,16384,32768,65536,131072,262144")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
@@ -163,7 +163,7 @@ def main() -> None:
                   f"bwd {bwd:7.3f} ms ({r['bwd_tflops']:5.0f} TF/s)  fwd+bwd {both:7.3f} ms")
         del q, k, v
         torch.cuda.empty_cache()
-    print(f"wrote {write_csv(args.out, rows)}")
+    print(f"wrote {write_csv(out_path(args), rows)}")
 
 
 if __name__ == "__main__":

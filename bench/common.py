@@ -59,6 +59,23 @@ def write_csv(path: str, rows: Iterable[dict]) -> str:
     return path
 
 
-def default_out(name: str) -> str:
-    tag = device_name().replace(" ", "_").replace("/", "_")
-    return os.path.join(os.path.dirname(__file__), "results", f"{tag}-{_dt.date.today().isoformat()}", name)
+def results_dir(tracked: bool = False) -> str:
+    """Where a run's files go: ``runs/bench/<device>-<date>/`` (untracked) by default, or the
+    tracked ``bench/results/<device>-<date>/`` when asked for (``--results``), so that a
+    benchmark run never leaves a clone dirty by accident."""
+    tag = f"{device_name().replace(' ', '_').replace('/', '_')}-{_dt.date.today().isoformat()}"
+    if tracked:
+        return os.path.join(os.path.dirname(__file__), "results", tag)
+    return os.path.join("runs", "bench", tag)
+
+
+def add_out_args(ap, name: str) -> None:
+    """--out FILE and --results (write `name` under bench/results/ instead of runs/bench/)."""
+    ap.add_argument("--out", default=None, help=f"output file (default: runs/bench/<device>-<date>/{name})")
+    ap.add_argument("--results", action="store_true",
+                    help=f"write bench/results/<device>-<date>/{name}: the tracked results the README quotes")
+    ap.set_defaults(_out_name=name)
+
+
+def out_path(args) -> str:
+    return args.out or os.path.join(results_dir(args.results), args._out_name)

@@ -9,10 +9,19 @@ from .batch import PackedBatch
 from .cross_entropy import (CrossEntropyOutput, cross_entropy, fused_linear_cross_entropy, longalign_loss_weights,
                             sequence_logprobs)
 from . import losses
-from .packing import PackPlan, pack
 from .positions import synthesize_positions
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # the packer is imported on first use, not with the package: `python -m longalign_ops.packing`
+    # then runs the module once, without runpy's "found in sys.modules" warning
+    if name in ("PackPlan", "pack"):
+        from . import packing
+
+        return getattr(packing, name)
+    raise AttributeError(f"module 'longalign_ops' has no attribute {name!r}")
 
 __all__ = [
     "CrossEntropyOutput", "PackPlan", "PackedBatch", "cross_entropy", "fused_linear_cross_entropy", "longalign_loss_weights", "pack",

@@ -220,15 +220,16 @@ def _record_length(line: str, lineno: int) -> int:
 
 
 def read_lengths(path: str, progress: bool = True) -> np.ndarray:
-    """Token lengths from a JSONL file ('-' for stdin), with a progress bar on large files."""
+    """Token lengths from a JSONL file ('-' for stdin), with a progress bar on large files
+    (never on stdin, whose size is unknown, nor when stderr is not a terminal)."""
     from tqdm import tqdm
 
     stream = sys.stdin if path == "-" else open(path, "r", encoding="utf-8")
     size = None if path == "-" else os.path.getsize(path)
+    show = progress and size is not None and size >= (8 << 20) and sys.stderr.isatty()
     lengths = []
     try:
-        with tqdm(total=size, unit="B", unit_scale=True, desc="reading", disable=not progress or
-                  (size is not None and size < (8 << 20))) as bar:
+        with tqdm(total=size, unit="B", unit_scale=True, desc="reading", disable=not show) as bar:
             for lineno, line in enumerate(stream, 1):
                 bar.update(len(line.encode("utf-8")) if size else 0)
                 if line.strip():
@@ -251,20 +252,31 @@ def format_stats(rows: Iterable[tuple]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="longalign-pack", description="Plan packed batches for a JSONL of token lengths "
-                                 "and print the plan's statistics.")
+    ap = argparse.ArgumentParser(prog="longalign-pack", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                 description="Plan packed batches for a JSONL of token lengths and print the plan's "
+                                 "statistics.")
     ap.add_argument("path", help="JSONL file of ints or records with length/num_tokens/input_ids/tokens ('-': stdin)")
-    ap.add_argument("--max-tokens", type=int, default=65536)
-    ap.add_argument("--strategy", choices=STRATEGIES + ("all",), default="all")
-    ap.add_argument("--world-size", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--balance", choices=BALANCES, default="attention")
-    ap.add_argument("--overlong", choices=OVERLONG, default="error")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=65536,
+                    help="tokens per pack (bfd) and the longest sequence allowed (every strategy)")
+    ap.add_argument("--strategy", choices=STRATEGIES + ("all",), default="all",
+                    help="naive (random batches, padded), sorted (LongAlign sorted batching), bfd (LongAlign packing, "
+                         "best-fit decreasing), or all three side by side")
+    ap.add_argument("--world-size", type=int, default=8, help="data-parallel ranks: packs per step")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per rank per step for naive and sorted (default: 1; for bfd only the naive "
+                         "baseline of the estimated speed-up, default: the mean pack size)")
+    ap.add_argument("--balance", choices=BALANCES, default="attention",
+                    help="what bfd evens out across a step's ranks: token counts or attention cost")
+    ap.add_argument("--overlong", choices=OVERLONG, default="error",
+                    help="a sequence longer than --max-tokens: refuse the input, drop it, or truncate it")
+    ap.add_argument("--seed", type=int, default=0, help="order of naive batches and of steps")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (there is none anyway on stdin, on a small file or off a terminal)")
     args = ap.parse_args(argv)
     try:
         lengths = read_lengths(args.path, progress=not args.no_progress)
+        if not len(lengths):
+            raise ValueError(f"{args.path}: no lengths in the input (empty file or only blank lines)")
         names = STRATEGIES if args.strategy == "all" else (args.strategy,)
         rows = [(name, pack(lengths, args.max_tokens, strategy=name, world_size=args.world_size,
                             batch_size=args.batch_size, balance=args.balance, overlong=args.overlong,

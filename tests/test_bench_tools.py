@@ -21,3 +21,27 @@ def test_bench_e2e_without_matplotlib(tmp_path):
     assert "not drawn: matplotlib is not installed" in res.stdout
     assert (out / "e2e.csv").exists() and (out / "convergence.csv").exists()
     assert not (out / "e2e.png").exists()
+
+
+def test_gpu_check_stops_at_once_without_a_device(tmp_path):
+    """One line, exit 1, nothing installed, created or run (it used to print a CUDA traceback,
+    make bench/results/-<date>/ and start training on the CPU)."""
+    before = set(os.listdir(os.path.join(ROOT, "bench")))
+    res = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh")], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.strip().count("\n") == 0 and "no CUDA device" in res.stderr
+    assert set(os.listdir(os.path.join(ROOT, "bench"))) == before
+
+
+def test_benchmarks_write_under_runs_unless_asked(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import argparse
+
+    import common
+
+    ap = argparse.ArgumentParser()
+    common.add_out_args(ap, "x.csv")
+    assert common.out_path(ap.parse_args([])).startswith(os.path.join("runs", "bench"))
+    assert common.out_path(ap.parse_args(["--results"])).startswith(os.path.join(ROOT, "bench", "results"))
+    assert common.out_path(ap.parse_args(["--out", "y.csv"])) == "y.csv"

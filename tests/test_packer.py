@@ -192,6 +192,35 @@ def test_cli(tmp_path, capsys):
     f.write_text('100\n{"length": 50\n')
     assert main([str(f), "--no-progress"]) == 2
     assert "line 2" in capsys.readouterr().err
+    f.write_text("\n\n")
+    assert main([str(f)]) == 2
+    assert "no lengths in the input" in capsys.readouterr().err
+
+
+def test_cli_as_a_module_from_stdin_prints_no_warning_and_no_progress_bar():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "longalign_ops.packing", "-", "--max-tokens", "64"], input="5\n9\n40\n",
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "3 sequences" in res.stdout
+    assert res.stderr == ""  # no runpy RuntimeWarning, no progress bar for a stream of unknown size
+
+
+def test_every_cli_flag_says_what_it_does():
+    import argparse
+
+    from longalign_ops import packing
+
+    parsers = []
+    real = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = lambda self, *a, **k: parsers.append(self) or real(self, *a, **k)
+    try:
+        packing.main(["/nonexistent"])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    actions = [a for a in parsers[0]._actions if a.dest != "help"]
+    assert actions and all(a.help and len(a.help) > 15 for a in actions), [a.dest for a in actions if not a.help]
 
 
 @settings(max_examples=80, deadline=None)

@@ -238,3 +238,17 @@ def test_kill_minus_nine_at_any_moment_loses_at_most_the_steps_since_the_checkpo
     assert [r["step"] for r in rows] == list(range(1, 9))
     state = train.checkpoint.load(os.path.join(out, "ckpt.pt"), "cpu")
     assert state["step"] == 8
+
+
+def test_every_flag_has_help_choices_and_default(capsys):
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in train.HELP:
+        assert "--" + name.replace("_", "-") in text
+    assert "{naive,sorted,bfd}" in text and "(default: bfd)" in text and "{sft,logo}" in text
+    # the library's vocabulary; the old spelling is an alias
+    assert train.parse_args(["--strategy", "packing"]).strategy == "bfd"
+    assert set(train.HELP) == set(train.asdict(train.Config()))

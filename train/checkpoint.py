@@ -98,6 +98,8 @@ def exists(path: str) -> bool:
 def check_resumable(saved: dict, current: dict, step: int, max_steps: int, file: str) -> None:
     """Refuse a resume that would see other data than the run it continues, or that starts
     past the end."""
+    if saved.get("strategy") == "packing":  # the old name of "bfd" (runs before the vocabulary was unified)
+        saved = dict(saved, strategy="bfd")
     changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in DATA_ORDER_KEYS
                if k in saved and saved.get(k) != current.get(k)]
     if changed:

@@ -1,7 +1,7 @@
 """Minimal long-context alignment training: SFT with naive / sorted / packed batching (LongAlign)
 and LOGO preference training, on a transformers Llama model, with every longalign_ops op.
 
-    python train/train.py --preset tiny --strategy packing --objective sft --max-steps 8 --out runs/x
+    python train/train.py --preset tiny --strategy bfd --objective sft --max-steps 8 --out runs/x
     torchrun --nproc_per_node=2 train/train.py --preset tiny ...       (DDP: gloo on CPU, nccl on GPU)
 
 Reads top to bottom: config, small helpers (model, data, batches, loss), one loop.
@@ -45,7 +45,7 @@ class Config:
     model: Optional[str] = None         # local model dir (nothing is fetched from a hub)
     data: Optional[str] = None          # JSONL of {"messages": [...]}; default: embedded retrieval task
     tokenizer: Optional[str] = None     # local tokenizer dir for --data
-    strategy: str = "packing"           # naive | sorted | packing
+    strategy: str = "bfd"               # naive | sorted | bfd (LongAlign packing; "packing" is an alias)
     loss_weighting: Optional[bool] = None  # LongAlign K/(N_i M); default: on with packing
     objective: str = "sft"              # sft | logo
     max_steps: int = 8
@@ -74,31 +74,60 @@ class Config:
     plot: bool = True
 
 
+# The library's names (la.pack, longalign-pack); old spellings kept as aliases
+STRATEGY_ALIASES = {"packing": "bfd"}
+CHOICES = dict(preset=tuple(PRESETS), strategy=("naive", "sorted", "bfd"), objective=("sft", "logo"))
+HELP = dict(
+    preset="model and data size: tiny (a few M parameters, seconds per step on a CPU) or small (~0.45B, 64K "
+           "window, one H100)",
+    model="local transformers model directory to train instead of the preset's (nothing is downloaded)",
+    data="JSONL of {\"messages\": [...]} chat records (default: the embedded long-context retrieval task)",
+    tokenizer="local tokenizer directory for --data",
+    strategy="batching: naive (random batches, padded), sorted (LongAlign sorted batching) or bfd (LongAlign "
+             "packing, best-fit decreasing; alias: packing)",
+    loss_weighting="LongAlign loss weighting K/(N_i M) (default: on with bfd packing and --objective sft)",
+    objective="sft (token cross-entropy) or logo (reference-free preference loss over packed chosen/rejected "
+              "answers, with synthesised positions)",
+    max_steps="optimizer steps to run", out="run directory: metrics.jsonl, checkpoints, plot", seed="random seed",
+    lr="peak learning rate", warmup_steps="linear warm-up steps", min_lr_ratio="final learning rate / peak (cosine)",
+    weight_decay="AdamW weight decay", grad_accum="micro-batches per optimizer step",
+    world_size="data-parallel ranks emulated in one process (under torchrun the real world size is used)",
+    batch_size="sequences per rank per step for naive and sorted", window="tokens per pack / longest sequence "
+    "(default: the preset's)", num_samples="samples of the embedded dataset (default: the preset's)",
+    grad_checkpointing="activation checkpointing of every decoder layer",
+    resume="continue from the checkpoint in --out", overwrite="replace a previous run found in --out",
+    ckpt_every="checkpoint every N steps (0: only at the end)", log_every="print a progress line every N steps",
+    num_rejected="LOGO: rejected answers per prompt", target_window="LOGO: synthesised positions cover window x this",
+    beta="LOGO / SimPO reward scale", gamma="LOGO / SimPO target margin", sft_weight="LOGO: weight of the SFT term",
+    plot="draw loss.png at the end (needs matplotlib)",
+)
+
+
 def parse_args(argv=None) -> Config:
     cfg = Config()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(cfg).items():
         flag = "--" + name.replace("_", "-")
+        text = HELP[name] + (f" (default: {value})" if value is not None and not isinstance(value, bool) else "")
         if isinstance(value, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=HELP[name])
         elif name == "loss_weighting":
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif name in CHOICES:
+            aliases = tuple(a for a, target in STRATEGY_ALIASES.items() if name == "strategy")
+            ap.add_argument(flag, choices=CHOICES[name] + aliases, default=value, metavar="{" + ",".join(
+                CHOICES[name]) + "}", help=text)
         else:
             kind = type(value) if value is not None else (int if name in ("window", "num_samples") else str)
-            ap.add_argument(flag, type=kind, default=value)
+            ap.add_argument(flag, type=kind, default=value, help=text)
     args = ap.parse_args(argv)
     cfg = Config(**{k: v for k, v in vars(args).items()})
-    if cfg.preset not in PRESETS:
-        ap.error(f"--preset must be one of {list(PRESETS)}")
-    if cfg.strategy not in ("naive", "sorted", "packing"):
-        ap.error("--strategy must be naive, sorted or packing")
-    if cfg.objective not in ("sft", "logo"):
-        ap.error("--objective must be sft or logo")
+    cfg.strategy = STRATEGY_ALIASES.get(cfg.strategy, cfg.strategy)
     preset = PRESETS[cfg.preset]
     cfg.window = cfg.window or preset["window"]
     cfg.num_samples = cfg.num_samples or preset["num_samples"]
     if cfg.loss_weighting is None:
-        cfg.loss_weighting = cfg.strategy == "packing" and cfg.objective == "sft"
+        cfg.loss_weighting = cfg.strategy == "bfd" and cfg.objective == "sft"
     return cfg
 
 
@@ -252,8 +281,7 @@ def logo_groups(samples, num_rejected: int) -> List[List[dict]]:
 
 
 def make_plan(cfg: Config, units_lengths, ranks: int, epoch: int):
-    strategy = {"packing": "bfd"}.get(cfg.strategy, cfg.strategy)
-    return la.pack(units_lengths, cfg.window, strategy=strategy, world_size=ranks, batch_size=cfg.batch_size,
+    return la.pack(units_lengths, cfg.window, strategy=cfg.strategy, world_size=ranks, batch_size=cfg.batch_size,
                    overlong="drop", seed=cfg.seed + epoch)
 
 
@@ -275,7 +303,7 @@ def micro_batch(cfg: Config, units, idx, device):
     seqs = sequences_of(units, idx)
     if not seqs:
         seqs = [dict(input_ids=np.array([PAD]), labels=np.array([-100]))]
-    padded = cfg.strategy != "packing"
+    padded = cfg.strategy != "bfd"
     L = max(len(s["input_ids"]) for s in seqs)
     ids, labels, lens = [], [], []
     for s in seqs:
