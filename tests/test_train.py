@@ -7,11 +7,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train", "train.py")
 sys.path.insert(0, os.path.join(ROOT, "train"))
 import train  # noqa: E402
+import longalign_ops as la  # noqa: E402
 
 
 def run(args, interpret="0", torchrun=None, timeout=600):
@@ -86,9 +88,34 @@ def test_padded_strategies(tmp_path, cpu_reference_path, strategy):
 
 
 def test_logo_objective(tmp_path, cpu_reference_path):
-    hist = train.main(["--objective", "logo", "--max-steps", "3", "--out", str(tmp_path / "logo"),
-                       "--no-plot"])["history"]
+    out = tmp_path / "logo"
+    hist = train.main(["--objective", "logo", "--max-steps", "3", "--out", str(out), "--world-size", "2"])["history"]
     assert len(hist) == 3 and all(r["loss"] == r["loss"] for r in hist)
+    # the preference metrics of every step, in the history and in metrics.jsonl
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    for r in logged:
+        assert r["chosen_logp"] < 0 and r["rejected_logp"] < 0 and 0 <= r["pref_accuracy"] <= 1
+        assert abs(r["margin"] - (r["chosen_logp"] - r["rejected_logp"])) < 1e-9
+    assert logged[-1]["margin"] == hist[-1]["margin"]
+    if train.plot_loss(str(out / "metrics.jsonl"), str(out / "again.png"), train.parse_args(["--objective", "logo"])):
+        assert (out / "loss.png").exists()
+
+
+def test_logo_metrics_match_a_direct_computation(cpu_reference_path):
+    """The margin and accuracy a LOGO step logs are those of its own groups' log-probs."""
+    cfg = train.parse_args(["--objective", "logo", "--num-rejected", "2"])
+    loss_fn = train.make_loss_fn(cfg, 1, 2, 1.0)
+    torch.manual_seed(0)
+    T, H, V = 24, 8, 30
+    hidden, weight = torch.randn(T, H), torch.randn(V, H)
+    labels = torch.randint(0, V, (T,))
+    batch = la.PackedBatch.from_lengths([4, 4, 4, 4, 4, 4])  # two groups of chosen + 2 rejected
+    loss_fn(hidden, weight, dict(num_units=2, labels=labels, batch=batch))
+    logps = la.sequence_logprobs(hidden, weight, labels, batch, average=True).view(2, 3).double()
+    chosen, rejected = logps[:, 0], logps[:, 1:]
+    want = [chosen.sum(), rejected.mean(1).sum(), (chosen - rejected.mean(1)).sum(),
+            (chosen > rejected.amax(1)).sum(), 2]
+    torch.testing.assert_close(loss_fn.sums, torch.tensor(want, dtype=torch.float64))
 
 
 def make_tokenizer(path):

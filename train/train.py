@@ -350,9 +350,22 @@ def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float
         logps = la.sequence_logprobs(hidden, weight, mb["labels"], mb["batch"], average=True)
         per_group = 1 + cfg.num_rejected
         groups = logps.view(-1, per_group)  # logo_groups keeps only complete groups
+        with torch.no_grad():  # summed on the device here, read once per step (PREFERENCE_METRICS)
+            g = groups.double()
+            chosen, rejected = g[:, 0], g[:, 1:].mean(1)
+            sums = torch.stack([chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
+                                (g[:, 0] > g[:, 1:].amax(1)).sum(), g.new_tensor(len(g))])
+            logo.sums = logo.sums.to(sums.device) + sums
         return logo_loss(groups[:, 0], groups[:, 1:], beta=cfg.beta, gamma=cfg.gamma, sft_weight=cfg.sft_weight) * scale
 
+    logo.sums = torch.zeros(len(PREFERENCE_METRICS) + 1, dtype=torch.float64)
     return logo if cfg.objective == "logo" else sft
+
+
+# LOGO's per-step preference metrics (metrics.jsonl, the plot): mean per-token log-prob of the
+# chosen answers and of the rejected ones, their mean margin, and the fraction of prompts whose
+# chosen answer beats every rejected one
+PREFERENCE_METRICS = ("chosen_logp", "rejected_logp", "margin", "pref_accuracy")
 
 
 def optimizer_step_batches(cfg: Config, plans: dict, lengths, ranks: int, step: int):
@@ -408,7 +421,9 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def plot_loss(metrics_path: str, png: str) -> Optional[str]:
+def plot_loss(metrics_path: str, png: str, cfg: Config) -> Optional[str]:
+    """The loss curve titled with what was trained; for LOGO also the chosen - rejected margin
+    and the preference accuracy."""
     try:
         import matplotlib
 
@@ -417,11 +432,24 @@ def plot_loss(metrics_path: str, png: str) -> Optional[str]:
     except ImportError:
         return None
     rows = [json.loads(line) for line in open(metrics_path)]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    steps = [r["step"] for r in rows]
+    preference = all("margin" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(11 if preference else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(steps, [r["loss"] for r in rows])
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
+    weighting = ", LongAlign weighting" if cfg.loss_weighting else ""
+    ax.set_title(f"{cfg.preset} preset, {cfg.strategy} batching, {cfg.objective}{weighting}", fontsize=9)
+    if preference:
+        ax = axes[0, 1]
+        ax.plot(steps, [r["margin"] for r in rows], label="margin (chosen - rejected log-prob)")
+        ax.plot(steps, [r["pref_accuracy"] for r in rows], label="preference accuracy")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("LOGO preference metrics", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -526,7 +554,8 @@ def main(argv=None, step_hook=None) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
         ms = (time.perf_counter() - t0) * 1e3
-        stats = torch.tensor([total_loss, real, slots], dtype=torch.float64, device=device)
+        pref = getattr(loss_fn, "sums", torch.zeros(0, dtype=torch.float64)).to(device)
+        stats = torch.cat([torch.tensor([total_loss, real, slots], dtype=torch.float64, device=device), pref])
         if world > 1:
             dist.all_reduce(stats)
         loss_value = stats[0].item() / world
@@ -534,12 +563,16 @@ def main(argv=None, step_hook=None) -> dict:
                    padding_ratio=1.0 - stats[1].item() / max(1.0, stats[2].item()), ms=ms,
                    slowest_rank_ms=max(rank_ms), rank_ms=rank_ms, lr=sched.get_last_lr()[0],
                    real_tokens=int(stats[1].item()), sequences=step_sequences)
+        if pref.numel():
+            groups = max(1.0, stats[-1].item())
+            row.update({name: stats[3 + i].item() / groups for i, name in enumerate(PREFERENCE_METRICS)})
         history.append(row)
         if is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if (step + 1) % cfg.log_every == 0:
-                log(f"step {step + 1:5d} | loss {loss_value:.4f} | {row['tokens_per_s']:9.0f} tok/s | "
+                pref_text = f" | margin {row['margin']:+.3f} | pref acc {row['pref_accuracy']:.2f}" if pref.numel() else ""
+                log(f"step {step + 1:5d} | loss {loss_value:.4f}{pref_text} | {row['tokens_per_s']:9.0f} tok/s | "
                     f"padding {row['padding_ratio']:.3f} | {ms:8.1f} ms")
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
@@ -550,7 +583,7 @@ def main(argv=None, step_hook=None) -> dict:
     bar.close()
     if is_main and cfg.max_steps > start:  # a checkpoint is written for new steps only, never relabelled
         save_checkpoint(cfg.max_steps)
-        png = plot_loss(metrics_path, os.path.join(cfg.out, "loss.png")) if cfg.plot and history else None
+        png = plot_loss(metrics_path, os.path.join(cfg.out, "loss.png"), cfg) if cfg.plot and history else None
         log(f"done: {cfg.out}/metrics.jsonl" + (f", {png}" if png else ""))
     checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
     with open(os.path.join(cfg.out, f"rank{rank}.json"), "w") as f:
