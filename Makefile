@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 # numpy<2.4: triton 3.6's interpreter calls int() on 1-element arrays (loop bounds loaded from
 # cu_seqlens), which numpy 2.4 turned from a deprecation warning into a TypeError.
 TORCH_PIN := torch==2.13.0 triton==3.6.0 "numpy<2.4"
+# where `make demo` writes (bench/results/<device>-<date>/... to keep a run as the README's source)
+DEMO_OUT ?= runs/demo
 
 .PHONY: install test sanitize test-gpu demo bench-cpu
 
@@ -20,7 +22,7 @@ sanitize: install
 	bash .ci/sanitize.sh
 
 demo: install
-	$(PY) bench/bench_e2e.py --preset tiny --world-size 8 --out runs/demo
+	$(PY) bench/bench_e2e.py --preset tiny --world-size 8 --num-samples 256 --out $(DEMO_OUT)
 
 bench-cpu: install
 	$(PY) bench/bench_packer.py

@@ -8,6 +8,13 @@ Data-parallel idle time is emulated faithfully: each step runs every rank's micr
 after another, times each, and counts the step as its slowest rank's time (what a synchronous
 data-parallel step waits for). Writes DIR/e2e.csv and DIR/e2e.png.
 
+Timing that a busy machine cannot flip: torch runs on --threads threads (default 1: two
+threads on two shared cores spin against any other process, turning a 100 ms step into
+seconds), and every rank's micro-batch is timed as the median of --repeats forward + backward
+passes (the extra passes drop their gradients: training is unchanged). Each strategy's
+throughput is reported with its range: the epoch timed with every micro-batch's fastest and
+with its slowest pass, and each speed-up with the range those give against naive.
+
 With --convergence-steps N it also trains naive and packing+weighting for N steps each and
 plots both loss curves against sequences seen, with a common held-out metric (the mean over
 sequences of their per-token loss), in DIR/convergence.png.
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -50,7 +58,11 @@ def summarise(name, history, world):
     rank_ms = np.array([r["rank_ms"] for r in timed])
     real = sum(r["real_tokens"] for r in timed)
     slots = sum(r["real_tokens"] / max(1e-9, 1 - r["padding_ratio"]) for r in timed)
-    return dict(strategy=name, tokens_per_s=real / (slowest.sum() / 1e3), step_ms=float(slowest.mean()),
+    # the epoch with every micro-batch at its fastest / slowest pass: the spread of the median
+    fast = sum(max(r["rank_ms_min"]) for r in timed) if "rank_ms_min" in timed[0] else slowest.sum()
+    slow = sum(max(r["rank_ms_max"]) for r in timed) if "rank_ms_max" in timed[0] else slowest.sum()
+    return dict(strategy=name, tokens_per_s=real / (slowest.sum() / 1e3), tokens_per_s_low=real / (slow / 1e3),
+                tokens_per_s_high=real / (fast / 1e3), step_ms=float(slowest.mean()),
                 padding_ratio=1 - real / slots, idle_ratio=float((slowest[:, None] - rank_ms).sum() / (world * slowest.sum())),
                 steps=len(history), timed_steps=len(timed), real_tokens=real, final_loss=history[-1]["loss"])
 
@@ -144,12 +156,17 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="cap steps per strategy (default: one epoch)")
     ap.add_argument("--convergence-steps", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per micro-batch; the median counts")
+    ap.add_argument("--log-every", type=int, default=8, help="a progress line every N steps of each strategy")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch_size or (4 if args.preset == "tiny" else 1)
     common = ["--preset", args.preset, "--world-size", str(args.world_size), "--batch-size", str(batch),
-              "--seed", str(args.seed), "--no-plot", "--log-every", "1000000",
+              "--seed", str(args.seed), "--no-plot", "--log-every", str(args.log_every),
               "--overwrite"]  # each benchmark run replaces its own run directories
     if args.num_samples:
         common += ["--num-samples", str(args.num_samples)]
@@ -158,24 +175,34 @@ def main() -> None:
         steps = epoch_steps(common, extra)
         if args.max_steps:
             steps = min(steps, args.max_steps)
-        print(f"{name}: {steps} steps")
-        res = train.main(common + extra + ["--max-steps", str(steps), "--out", os.path.join(args.out, name)])
+        print(f"== {name}: {steps} steps x {args.world_size} ranks, each micro-batch timed {args.repeats}x "
+              f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+        res = train.main(common + extra + ["--max-steps", str(steps), "--out", os.path.join(args.out, name),
+                                           "--time-repeats", str(args.repeats)])
         rows.append(dict(summarise(name, res["history"], args.world_size), preset=args.preset,
-                         world_size=args.world_size, batch_size=batch))
-    base = rows[0]["tokens_per_s"]
+                         world_size=args.world_size, batch_size=batch, threads=args.threads, repeats=args.repeats))
+    base = rows[0]
     for r in rows:
-        r["speedup_vs_naive"] = r["tokens_per_s"] / base
+        r["speedup_vs_naive"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["speedup_low"] = r["tokens_per_s_low"] / base["tokens_per_s_high"]
+        r["speedup_high"] = r["tokens_per_s_high"] / base["tokens_per_s_low"]
+    wall = time.perf_counter() - started
+    for r in rows:
+        r["run_wall_s"] = round(wall, 1)
     csv_path = write_csv(os.path.join(args.out, "e2e.csv"), rows)
     png = os.path.join(args.out, "e2e.png")
     if have_matplotlib():
         plot_bars([dict(r, device=device_name()) for r in rows], png)
     else:
         png = "(not drawn: matplotlib is not installed; the CSV has every figure)"
-    print(f"\n{'strategy':>18} {'tokens/s':>10} {'step ms':>9} {'padding':>8} {'idle':>6} {'vs naive':>8}")
+    print(f"\n{'strategy':>18} {'tokens/s':>10} {'(range)':>15} {'step ms':>9} {'padding':>8} {'idle':>6} "
+          f"{'vs naive':>8} {'(range)':>13}")
     for r in rows:
-        print(f"{r['strategy']:>18} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {r['padding_ratio']:>8.3f} "
-              f"{r['idle_ratio']:>6.3f} {r['speedup_vs_naive']:>7.2f}x")
-    print(f"\ntable: {csv_path}\nplot:  {png}")
+        print(f"{r['strategy']:>18} {r['tokens_per_s']:>10.0f} {r['tokens_per_s_low']:>7.0f}-{r['tokens_per_s_high']:<7.0f} "
+              f"{r['step_ms']:>9.1f} {r['padding_ratio']:>8.3f} {r['idle_ratio']:>6.3f} {r['speedup_vs_naive']:>7.2f}x "
+              f"{r['speedup_low']:>5.2f}-{r['speedup_high']:.2f}x")
+    print(f"\n{wall:.0f} s, {args.threads} thread(s), median of {args.repeats} timed passes per micro-batch")
+    print(f"table: {csv_path}\nplot:  {png}")
     if args.convergence_steps:
         conv, curves = convergence(common, args.convergence_steps, args.out, device)
         write_csv(os.path.join(args.out, "convergence.csv"), conv)

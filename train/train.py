@@ -65,6 +65,7 @@ class Config:
     overwrite: bool = False             # replace a previous run in --out (refused without it)
     ckpt_every: int = 0                 # 0: only at the end
     log_every: int = 1
+    time_repeats: int = 1               # benchmark: each emulated rank's micro-batch timed as a median
     # LOGO
     num_rejected: int = 2
     target_window: int = 4              # synthesised positions cover window * target_window
@@ -97,6 +98,8 @@ HELP = dict(
     grad_checkpointing="activation checkpointing of every decoder layer",
     resume="continue from the checkpoint in --out", overwrite="replace a previous run found in --out",
     ckpt_every="checkpoint every N steps (0: only at the end)", log_every="print a progress line every N steps",
+    time_repeats="benchmarking: time each emulated rank's micro-batch as the median of this many forward + "
+                 "backward passes (the extra ones compute gradients and drop them: training is unchanged)",
     num_rejected="LOGO: rejected answers per prompt", target_window="LOGO: synthesised positions cover window x this",
     beta="LOGO / SimPO reward scale", gamma="LOGO / SimPO target margin", sft_weight="LOGO: weight of the SFT term",
     plot="draw loss.png at the end (needs matplotlib)",
@@ -485,6 +488,8 @@ def main(argv=None, step_hook=None) -> dict:
     model = build_model(cfg, device)
     wrapped = CausalLMWithLoss(model)
     if world > 1:
+        if cfg.time_repeats > 1:
+            raise SystemExit("--time-repeats is for ranks emulated in one process, not under torchrun")
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -525,13 +530,15 @@ def main(argv=None, step_hook=None) -> dict:
         f"device={device}")
 
     plans, history = {}, []
+    params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not is_main or not sys.stderr.isatty(), dynamic_ncols=True,
                leave=False)
     for step in range(start, cfg.max_steps):
         plan_steps = optimizer_step_batches(cfg, plans, lengths, ranks, step)
         loss_fn, step_sequences = step_loss_fn(cfg, units, plan_steps, ranks, emulated)
         t0 = time.perf_counter()
-        total_loss, real, slots, rank_ms = 0.0, 0, 0, [0.0] * emulated
+        total_loss, real, slots, repeat_ms = 0.0, 0, 0, 0.0
+        rank_ms, rank_min, rank_max = ([0.0] * emulated for _ in range(3))  # median / fastest / slowest pass
         for a, ps in enumerate(plan_steps):
             for e in range(emulated):
                 r = rank * emulated + e if world > 1 else e
@@ -539,13 +546,24 @@ def main(argv=None, step_hook=None) -> dict:
                 mb = micro_batch(cfg, units, ps[r], device)
                 if cfg.objective == "logo":
                     mb["batch"] = mb["batch"].with_positions(logo_positions(cfg, mb))
-                sync = wrapped.no_sync() if world > 1 and a < len(plan_steps) - 1 else contextlib.nullcontext()
-                with sync, autocast:
-                    loss = wrapped(mb, loss_fn)
-                    loss.backward()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                rank_ms[e] += (time.perf_counter() - t_rank) * 1e3
+                prepare_ms = (time.perf_counter() - t_rank) * 1e3
+                defer_sync = world > 1 and a < len(plan_steps) - 1  # DDP reduces once per optimizer step
+                timings = []
+                for repeat in range(cfg.time_repeats):
+                    t_pass = time.perf_counter()
+                    with wrapped.no_sync() if defer_sync else contextlib.nullcontext(), autocast:
+                        if repeat == 0:
+                            loss = wrapped(mb, loss_fn)
+                            loss.backward()
+                        else:  # the same work again for the timing; its gradients are dropped
+                            torch.autograd.grad(wrapped(mb, make_loss_fn(cfg, 1, 1, 1.0)), params, allow_unused=True)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    timings.append((time.perf_counter() - t_pass) * 1e3)
+                repeat_ms += sum(timings[1:])
+                rank_ms[e] += prepare_ms + float(np.median(timings))
+                rank_min[e] += prepare_ms + min(timings)
+                rank_max[e] += prepare_ms + max(timings)
                 total_loss += loss.item()
                 real += mb["real_tokens"]
                 slots += mb["slots"]
@@ -553,7 +571,7 @@ def main(argv=None, step_hook=None) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        ms = (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3 - repeat_ms  # the step as training runs it, without timing repeats
         pref = getattr(loss_fn, "sums", torch.zeros(0, dtype=torch.float64)).to(device)
         stats = torch.cat([torch.tensor([total_loss, real, slots], dtype=torch.float64, device=device), pref])
         if world > 1:
@@ -561,7 +579,8 @@ def main(argv=None, step_hook=None) -> dict:
         loss_value = stats[0].item() / world
         row = dict(step=step + 1, loss=loss_value, tokens_per_s=stats[1].item() / (ms / 1e3),
                    padding_ratio=1.0 - stats[1].item() / max(1.0, stats[2].item()), ms=ms,
-                   slowest_rank_ms=max(rank_ms), rank_ms=rank_ms, lr=sched.get_last_lr()[0],
+                   slowest_rank_ms=max(rank_ms), rank_ms=rank_ms, rank_ms_min=rank_min, rank_ms_max=rank_max,
+                   lr=sched.get_last_lr()[0],
                    real_tokens=int(stats[1].item()), sequences=step_sequences)
         if pref.numel():
             groups = max(1.0, stats[-1].item())
