@@ -97,15 +97,22 @@ def plot_bars(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     names = [r["strategy"] for r in rows]
-    vals = [r["tokens_per_s"] for r in rows]
-    bars = ax.bar(names, vals, color=["#999999", "#6f9fd8", "#2f7f4f", "#1f5f3f"][: len(rows)])
-    for b, r in zip(bars, rows):
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x\n"
-                f"pad {r['padding_ratio']:.0%}, idle {r['idle_ratio']:.0%}", ha="center", va="bottom", fontsize=8)
+    vals = np.array([float(r["tokens_per_s"]) for r in rows])
+    low = np.array([float(r.get("tokens_per_s_low", v)) for r, v in zip(rows, vals)])
+    high = np.array([float(r.get("tokens_per_s_high", v)) for r, v in zip(rows, vals)])
+    bars = ax.bar(names, vals, yerr=[vals - low, high - vals], capsize=4,
+                  color=["#999999", "#6f9fd8", "#2f7f4f", "#1f5f3f"][: len(rows)])
+    for b, r, top in zip(bars, rows, high):
+        spread = f" ({float(r['speedup_low']):.2f}-{float(r['speedup_high']):.2f})" if "speedup_low" in r else ""
+        ax.text(b.get_x() + b.get_width() / 2, top, f"{float(r['tokens_per_s']) / float(rows[0]['tokens_per_s']):.2f}x"
+                f"{spread}\npad {float(r['padding_ratio']):.0%}, idle {float(r['idle_ratio']):.0%}", ha="center",
+                va="bottom", fontsize=8)
     ax.set_ylabel("real tokens / s (slowest rank per step)")
-    ax.set_title(f"end-to-end training throughput ({rows[0].get('device', '')}, {rows[0]['world_size']} ranks emulated)")
+    timing = f", median of {r.get('repeats')} passes, {r.get('threads')} thread(s)" if "repeats" in rows[0] else ""
+    ax.set_title(f"end-to-end training throughput ({rows[0].get('device', '')}, {rows[0]['world_size']} ranks "
+                 f"emulated{timing})", fontsize=9)
     ax.margins(y=0.25)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -158,7 +165,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per micro-batch; the median counts")
-    ap.add_argument("--log-every", type=int, default=8, help="a progress line every N steps of each strategy")
+    ap.add_argument("--log-every", type=int, default=2, help="a progress line every N steps of each strategy")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
