@@ -118,9 +118,20 @@ def batch_for_cu(name: str, cu, total: Optional[int], *, device: torch.device, m
     return batch
 
 
-def check_cu_seqlens(name: str, cu, total: Optional[int], *, device: torch.device, max_seqlen: Optional[int] = None,
-                     max_seqlen_name: str = "max_seqlen", force: bool = False) -> Optional[np.ndarray]:
-    """As :func:`batch_for_cu`, returning the (B,) int64 host lengths (or None)."""
-    batch = batch_for_cu(name, cu, total, device=device, max_seqlen=max_seqlen, max_seqlen_name=max_seqlen_name,
-                         force=force)
-    return None if batch is None else batch.lengths
+def check_cu_seqlens(name: str, cu, total: Optional[int], *, device: torch.device, force: bool = False
+                     ) -> Optional[np.ndarray]:
+    """The checks of :func:`batch_for_cu`, returning only the (B,) int64 host lengths (or None):
+    for ops that need no batch description (position synthesis), whose tile lists and token
+    maps would cost more than the op itself."""
+    from .batch import lengths_from_cu
+
+    check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
+    if cu.numel() < 1:
+        raise ValueError(f"{name} must have at least one entry (B+1 with B >= 0)")
+    if not (force or _state["validate"]):
+        return None
+    read = lambda: lengths_from_cu(name, cu.detach().to("cpu", torch.int64).numpy())  # noqa: E731
+    lengths = memo_by_tensor(cu, read, "lengths", name) if _cacheable(cu) else read()
+    if total is not None and int(lengths.sum()) != total:
+        raise ValueError(f"{name} must end at the total number of tokens {total}, got {int(lengths.sum())}")
+    return lengths
