@@ -24,6 +24,13 @@ sanitize: install
 demo: install
 	$(PY) bench/bench_e2e.py --preset tiny --world-size 8 --num-samples 256 --out $(DEMO_OUT)
 
+# pytest-benchmark: ours and the peers (plain-Python BFD, lightbinpack, NumPy) in one run, saved as
+# JSON with machine info under bench/results/pytest-benchmark/ and compared with the last saved
+# run of this machine kind (a regression shows in the comparison table)
+BENCH_STORAGE := file://bench/results/pytest-benchmark
 bench-cpu: install
-	$(PY) bench/bench_packer.py
-	$(PY) bench/bench_positions.py
+	$(PIP) install -q pytest-benchmark
+	$(PIP) install -q --no-deps lightbinpack
+	$(PY) -m pytest bench/test_cpu_benchmarks.py -p no:cacheprovider --benchmark-storage=$(BENCH_STORAGE) \
+		--benchmark-autosave $$(ls bench/results/pytest-benchmark/*/*.json >/dev/null 2>&1 && echo --benchmark-compare) \
+		--benchmark-columns=min,median,iqr,max,rounds --benchmark-sort=name
