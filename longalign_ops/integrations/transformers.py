@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import sequence_parallel
 from .._validation import memo_by_tensor
 from ..attention import varlen_attention
 from ..batch import PackedBatch, lengths_from_cu
@@ -96,6 +97,16 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         options["window_size"] = (sliding_window - 1, -1 if causal else sliding_window - 1)
     B, Hq, S, D = query.shape
     Sk = key.shape[2]
+    shard = sequence_parallel.current()
+    if shard is not None:
+        # Ulysses: this rank holds its slice of one packed row; the shard carries the row's
+        # global description, so nothing is derived from the (local) positions or masks
+        if B != 1 or Sk != S:
+            raise ValueError(f"under sequence parallelism the model takes this rank's slice of one packed row "
+                             f"(batch 1), got batch {B} with {S} query and {Sk} key positions")
+        out = sequence_parallel.ulysses_attention(query[0].transpose(0, 1), key[0].transpose(0, 1).to(query.dtype),
+                                                  value[0].transpose(0, 1).to(query.dtype), shard, **options)
+        return out[None], None
     q = query.transpose(1, 2).reshape(B * S, Hq, D)
     k = key.transpose(1, 2).reshape(B * Sk, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * Sk, value.shape[1], D)

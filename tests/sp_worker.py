@@ -1,0 +1,130 @@
+"""One rank of tests/test_sequence_parallel.py, started by torchrun (gloo, CPU): Ulysses attention,
+the SP losses and a transformers model under SP, each against the single-process computation
+that every rank also runs on the whole row. Prints one JSON line of named maximum errors (rank 0)."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import longalign_ops as la
+from longalign_ops import sequence_parallel as sp
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def full_and_local(shape, seed, shard):
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(*shape, generator=g).requires_grad_()
+    return full, shard.local(full.detach()).clone().requires_grad_()
+
+
+def check_attention(shard, Hq, Hk, errors, tag, **options):
+    T = shard.batch.total
+    q, ql = full_and_local((T, Hq, 16), 1, shard)
+    k, kl = full_and_local((T, Hk, 16), 2, shard)
+    v, vl = full_and_local((T, Hk, 16), 3, shard)
+    dout = torch.randn(T, Hq, 16, generator=torch.Generator().manual_seed(4))
+    want = la.varlen_attention(q, k, v, shard.batch, **options)
+    want.backward(dout)
+    got = sp.ulysses_attention(ql, kl, vl, shard, **options)
+    got.backward(shard.local(dout))
+    errors[f"attention {tag} out"] = err(got, shard.local(want))
+    for name, full, local in (("dq", q, ql), ("dk", k, kl), ("dv", v, vl)):
+        errors[f"attention {tag} {name}"] = err(local.grad, shard.local(full.grad))
+
+
+def check_losses(shard, errors):
+    T, H, V = shard.batch.total, 16, 50
+    P = shard.size
+    hidden, hl = full_and_local((T, H), 5, shard)
+    weight = torch.randn(V, H, generator=torch.Generator().manual_seed(6))
+    labels = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(7))
+    labels[::7] = -100
+    labels[T - shard.pad:] = -100  # the pad sequence carries no target
+    for average in (False, True):
+        want = la.sequence_logprobs(hidden, weight, labels, shard.batch, average=average)
+        got = sp.sequence_logprobs(hl, weight, shard.local(labels), shard, average=average)
+        errors[f"sequence_logprobs average={average}"] = err(got, want)
+        (g_full,) = torch.autograd.grad((want * torch.arange(len(want))).sum(), hidden)
+        (g_local,) = torch.autograd.grad((got * torch.arange(len(got))).sum(), hl)
+        # every rank back-propagates the same loss: P times its slice's share (sp.reduce_loss)
+        errors[f"sequence_logprobs average={average} grad"] = err(g_local, P * shard.local(g_full))
+    M = int(shard.batch.num_sequences)
+    w_full = la.longalign_loss_weights(shard.batch, labels, num_packs=1, num_sequences=M)
+    w_local = sp.longalign_loss_weights(shard.local(labels), shard, num_packs=1, num_sequences=M)
+    errors["longalign weights"] = err(w_local, shard.local(w_full))
+    want = la.fused_linear_cross_entropy(hidden, weight, labels, token_weights=w_full, reduction="sum")
+    got = sp.reduce_loss(la.fused_linear_cross_entropy(hl, weight, shard.local(labels), token_weights=w_local,
+                                                       reduction="sum"), shard)
+    errors["weighted loss"] = err(got, want)
+
+
+def check_model(shard, errors):
+    """A tiny Llama's packed forward under sp.use(shard): each rank feeds its slice and gets the
+    slice of the single-process hidden states (LOGO-style ids that do not restart at 0)."""
+    import copy
+
+    import longalign_ops.integrations.transformers  # noqa: F401
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="longalign")
+    T = shard.batch.total
+    ids = torch.randint(0, 64, (T,), generator=torch.Generator().manual_seed(8))
+    pos = la.synthesize_positions(shard.batch, 8 * T, method="logo", chunk_size=4)
+    want = model.model(input_ids=ids[None], position_ids=pos[None], packed_batch=shard.batch).last_hidden_state[0]
+    with sp.use(shard):
+        got = model.model(input_ids=shard.local(ids)[None], position_ids=shard.local(pos)[None]).last_hidden_state[0]
+    errors["transformers model under sp.use"] = err(got, shard.local(want))
+
+
+def check_bad_inputs(shard, errors):
+    """Each refused on every rank, before any collective: the barrier after them would hang if
+    one rank had gone on into an all-to-all."""
+    n = shard.local_tokens
+    cases = {
+        "query heads not divisible": lambda: sp.ulysses_attention(torch.randn(n, shard.size + 1, 8),
+                                                                    torch.randn(n, 1, 8), torch.randn(n, 1, 8), shard),
+        "kv heads neither multiple nor divisor": lambda: sp.ulysses_attention(
+            torch.randn(n, 12, 8), torch.randn(n, 3, 8), torch.randn(n, 3, 8), shard),
+        "shard disagrees with the tensors": lambda: sp.ulysses_attention(
+            torch.randn(n + 1, 8, 8), torch.randn(n + 1, 8, 8), torch.randn(n + 1, 8, 8), shard),
+        "labels of another length": lambda: sp.sequence_logprobs(torch.randn(n, 4), torch.randn(9, 4),
+                                                                   torch.zeros(n - 1, dtype=torch.long), shard),
+        "a tensor that is not the padded row": lambda: shard.local(torch.zeros(shard.batch.total - 1)),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            errors[f"refused: {name}"] = "not raised"
+        except ValueError as e:
+            errors[f"refused: {name}"] = str(e)
+    dist.barrier()
+
+
+def main():
+    dist.init_process_group("gloo")
+    P = dist.get_world_size()
+    lengths = [int(x) for x in sys.argv[1].split(",")]
+    shard = sp.shard(la.PackedBatch.from_lengths(lengths), None)
+    errors = {}
+    check_attention(shard, 8, 8 if P <= 8 else P, errors, "mha")
+    check_attention(shard, 8, 2, errors, f"gqa Hk=2 (kv heads {'replicated' if 2 < P else 'split'})")
+    check_attention(shard, 8, 1, errors, "mqa, window + softcap", window_size=(9, 0), softcap=3.0)
+    check_losses(shard, errors)
+    check_model(shard, errors)
+    check_bad_inputs(shard, errors)
+    if dist.get_rank() == 0:
+        print(json.dumps(dict(world=P, pad=shard.pad, total=shard.batch.total, errors=errors)))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "0")
+    main()
