@@ -78,6 +78,33 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     assert r0["param_checksum"] == pytest.approx(single["param_checksum"], rel=1e-6)
 
 
+@pytest.mark.parametrize("objective", ["sft", "logo"])
+def test_sequence_parallel_two_processes_match_single_process(tmp_path, objective):
+    """torchrun --nproc_per_node 2 train.py --sp 2: both ranks share every packed row (Ulysses),
+    and the per-step losses (and the weights they lead to) are the single process's, 8 steps,
+    fp32. SFT is packing with LongAlign weighting; LOGO synthesises positions over the row."""
+    spd, single = str(tmp_path / "sp"), str(tmp_path / "single")
+    common = ["--max-steps", "8", "--no-plot", "--objective", objective, "--strategy", "bfd"]
+    run(common + ["--out", spd, "--sp", "2"], torchrun=2)
+    run(common + ["--out", single])
+    r0, r1 = (json.load(open(os.path.join(spd, f"rank{r}.json"))) for r in (0, 1))
+    ref = json.load(open(os.path.join(single, "rank0.json")))
+    assert r0["param_checksum"] == r1["param_checksum"]  # DDP over both ranks: one set of weights
+    assert r0["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    assert r0["param_checksum"] == pytest.approx(ref["param_checksum"], rel=1e-5)
+    assert [m["sequences"] for m in metrics(spd)] == [m["sequences"] for m in metrics(single)]
+
+
+def test_sequence_parallel_size_must_divide_the_world(tmp_path):
+    with pytest.raises(SystemExit, match="--sp 3 must be >= 1 and divide the world size 1"):
+        train.main(["--sp", "3", "--out", str(tmp_path / "x")])
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", TRAIN, "--sp", "4",
+                          "--out", str(tmp_path / "z"), "--max-steps", "1"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0 and "--sp 4 must be >= 1 and divide the world size 2" in res.stdout + res.stderr
+
+
 @pytest.mark.parametrize("strategy", ["naive", "sorted"])
 def test_padded_strategies(tmp_path, cpu_reference_path, strategy):
     hist = train.main(["--strategy", strategy, "--max-steps", "2", "--world-size", "2", "--out",

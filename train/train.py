@@ -25,6 +25,7 @@ import torch.distributed as dist
 import checkpoint
 import longalign_ops as la
 import longalign_ops.integrations.transformers  # noqa: F401  registers attn_implementation="longalign"
+from longalign_ops import sequence_parallel as sp
 from longalign_ops.losses import logo_loss
 
 # ----------------------------------------------------------------------------- config
@@ -57,6 +58,7 @@ class Config:
     weight_decay: float = 0.0
     grad_accum: int = 1
     world_size: int = 1                 # ranks emulated in one process (torchrun sets real ranks)
+    sp: int = 1                         # Ulysses sequence-parallel group size (torchrun ranks per packed row)
     batch_size: int = 4                 # sequences per rank per step (naive, sorted)
     window: Optional[int] = None        # max tokens per pack / sequence (preset default)
     num_samples: Optional[int] = None
@@ -93,6 +95,8 @@ HELP = dict(
     lr="peak learning rate", warmup_steps="linear warm-up steps", min_lr_ratio="final learning rate / peak (cosine)",
     weight_decay="AdamW weight decay", grad_accum="micro-batches per optimizer step",
     world_size="data-parallel ranks emulated in one process (under torchrun the real world size is used)",
+    sp="Ulysses sequence parallelism under torchrun: this many ranks share each packed row (data-parallel size = "
+       "world size / sp)",
     batch_size="sequences per rank per step for naive and sorted", window="tokens per pack / longest sequence "
     "(default: the preset's)", num_samples="samples of the embedded dataset (default: the preset's)",
     grad_checkpointing="activation checkpointing of every decoder layer",
@@ -165,8 +169,12 @@ class CausalLMWithLoss(torch.nn.Module):
 
     def forward(self, mb, loss_fn):
         batch = mb["batch"]  # one description for every layer, the loss and the backward
-        out = self.model.model(input_ids=mb["input_ids"][None], position_ids=batch.position_ids[None],
-                               packed_batch=batch)
+        if "shard" in mb:  # sequence parallel: this rank's slice of the row, Ulysses attention
+            with sp.use(mb["shard"]):
+                out = self.model.model(input_ids=mb["input_ids"][None], position_ids=mb["position_ids"][None])
+        else:
+            out = self.model.model(input_ids=mb["input_ids"][None], position_ids=batch.position_ids[None],
+                                   packed_batch=batch)
         hidden = out.last_hidden_state[0]
         weight = self.model.lm_head.weight
         return loss_fn(hidden, weight.to(hidden.dtype), mb)
@@ -322,6 +330,21 @@ def micro_batch(cfg: Config, units, idx, device):
                 slots=int(sum(lens)) if idx else 0, seqs=seqs, num_units=len(idx))
 
 
+def shard_micro_batch(mb, group):
+    """Sequence parallel: the row padded to a multiple of the group size (one ignored pad
+    sequence), and this rank's slice of its ids, labels and positions."""
+    shard = sp.shard(mb["batch"], group)
+    pad = shard.pad
+    full = dict(input_ids=mb["input_ids"], labels=mb["labels"], position_ids=mb["batch"].position_ids)
+    if pad:
+        dev = mb["input_ids"].device
+        full = dict(input_ids=torch.cat([full["input_ids"], torch.full((pad,), PAD, device=dev)]),
+                    labels=torch.cat([full["labels"], torch.full((pad,), -100, device=dev)]),
+                    position_ids=torch.cat([full["position_ids"], torch.arange(pad, device=dev)]))
+    return dict(mb, shard=shard, num_sequences=mb["batch"].num_sequences,
+                **{k: shard.local(v) for k, v in full.items()})
+
+
 def logo_positions(cfg: Config, mb):
     """Synthesised ids over window * target_window; the answer stays contiguous (suffix)."""
     batch = mb["batch"]
@@ -339,6 +362,15 @@ def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float
     weight; otherwise the token mean. `scale` folds in gradient accumulation and emulated ranks."""
 
     def sft(hidden, weight, mb):
+        if "shard" in mb:  # this rank's slice; the loss of the whole row on every rank of the group
+            shard, labels = mb["shard"], mb["labels"]
+            if cfg.loss_weighting:
+                w = sp.longalign_loss_weights(labels, shard, num_packs=step_packs, num_sequences=max(1, step_sequences))
+                part = la.fused_linear_cross_entropy(hidden, weight, labels, token_weights=w, reduction="sum")
+                return sp.reduce_loss(part, shard) * scale
+            part = la.fused_linear_cross_entropy(hidden, weight, labels, reduction="sum")
+            count = sp.reduce_loss((labels != -100).sum().double().detach(), shard)
+            return sp.reduce_loss(part, shard) / count.clamp_min(1.0).float() * scale
         if cfg.loss_weighting:
             loss = la.fused_linear_cross_entropy(hidden, weight, mb["labels"], packed_batch=mb["batch"],
                                                  num_packs=step_packs, num_sequences=max(1, step_sequences),
@@ -350,7 +382,11 @@ def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float
     def logo(hidden, weight, mb):
         if mb["num_units"] == 0:  # an idle rank: zero loss that still touches every parameter (DDP)
             return (hidden.sum() + weight.sum()) * 0.0
-        logps = la.sequence_logprobs(hidden, weight, mb["labels"], mb["batch"], average=True)
+        if "shard" in mb:  # global per-sequence values on every rank; the pad sequence (last) dropped
+            logps = sp.sequence_logprobs(hidden, weight, mb["labels"], mb["shard"], average=True)
+            logps = logps[:mb["num_sequences"]]
+        else:
+            logps = la.sequence_logprobs(hidden, weight, mb["labels"], mb["batch"], average=True)
         per_group = 1 + cfg.num_rejected
         groups = logps.view(-1, per_group)  # logo_groups keeps only complete groups
         with torch.no_grad():  # summed on the device here, read once per step (PREFERENCE_METRICS)
@@ -404,15 +440,28 @@ def count_targets(units, idx) -> int:
 # ----------------------------------------------------------------------------- helpers: run
 
 
-def setup_distributed():
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+def setup_distributed(cfg: Config):
+    """(rank, world size, data-parallel rank, data-parallel size, sequence-parallel group).
+    With --sp N the torchrun world is a (world / N) x N device mesh: ranks of one "sp" row share
+    a packed row, the "dp" dimension splits the data."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.sp < 1 or world % cfg.sp:  # checked on every rank before any collective
+        raise SystemExit(f"--sp {cfg.sp} must be >= 1 and divide the world size {world} (run --sp N under "
+                         f"torchrun --nproc_per_node M, M a multiple of N)")
+    if world > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank = dist.get_rank()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return rank, world
-    return 0, 1
+        if cfg.sp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world // cfg.sp, cfg.sp),
+                                    mesh_dim_names=("dp", "sp"))
+            return rank, world, mesh["dp"].get_local_rank(), world // cfg.sp, mesh["sp"].get_group()
+        return rank, world, rank, world, None
+    return 0, 1, 0, 1, None
 
 
 def lr_lambda(cfg: Config):
@@ -473,10 +522,10 @@ def load_units(cfg: Config, log):
 
 def main(argv=None, step_hook=None) -> dict:
     cfg = parse_args(argv)
-    rank, world = setup_distributed()
+    rank, world, dp_rank, dp_size, sp_group = setup_distributed(cfg)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     emulated = cfg.world_size if world == 1 else 1  # ranks run one after another in this process
-    ranks = world * emulated
+    ranks = dp_size * emulated  # packs per plan step
     os.makedirs(cfg.out, exist_ok=True)
     is_main = rank == 0
 
@@ -541,11 +590,13 @@ def main(argv=None, step_hook=None) -> dict:
         rank_ms, rank_min, rank_max = ([0.0] * emulated for _ in range(3))  # median / fastest / slowest pass
         for a, ps in enumerate(plan_steps):
             for e in range(emulated):
-                r = rank * emulated + e if world > 1 else e
+                r = dp_rank * emulated + e if world > 1 else e
                 t_rank = time.perf_counter()
                 mb = micro_batch(cfg, units, ps[r], device)
                 if cfg.objective == "logo":
                     mb["batch"] = mb["batch"].with_positions(logo_positions(cfg, mb))
+                if sp_group is not None:
+                    mb = shard_micro_batch(mb, sp_group)
                 prepare_ms = (time.perf_counter() - t_rank) * 1e3
                 defer_sync = world > 1 and a < len(plan_steps) - 1  # DDP reduces once per optimizer step
                 timings = []
@@ -565,8 +616,9 @@ def main(argv=None, step_hook=None) -> dict:
                 rank_min[e] += prepare_ms + min(timings)
                 rank_max[e] += prepare_ms + max(timings)
                 total_loss += loss.item()
-                real += mb["real_tokens"]
-                slots += mb["slots"]
+                counted = sp_group is None or dist.get_rank(sp_group) == 0  # a row's tokens once per group
+                real += mb["real_tokens"] if counted else 0
+                slots += mb["slots"] if counted else 0
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
