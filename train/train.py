@@ -59,6 +59,7 @@ class Config:
     grad_accum: int = 1
     world_size: int = 1                 # ranks emulated in one process (torchrun sets real ranks)
     sp: int = 1                         # Ulysses sequence-parallel group size (torchrun ranks per packed row)
+    fsdp: bool = False                  # FSDP2: parameters, gradients and optimizer state sharded over the world
     batch_size: int = 4                 # sequences per rank per step (naive, sorted)
     window: Optional[int] = None        # max tokens per pack / sequence (preset default)
     num_samples: Optional[int] = None
@@ -97,6 +98,8 @@ HELP = dict(
     world_size="data-parallel ranks emulated in one process (under torchrun the real world size is used)",
     sp="Ulysses sequence parallelism under torchrun: this many ranks share each packed row (data-parallel size = "
        "world size / sp)",
+    fsdp="FSDP2 under torchrun: fully_shard per decoder layer and the root, over every rank (bf16 parameters, fp32 "
+         "gradient reduction on GPU); checkpoints hold full state dicts",
     batch_size="sequences per rank per step for naive and sorted", window="tokens per pack / longest sequence "
     "(default: the preset's)", num_samples="samples of the embedded dataset (default: the preset's)",
     grad_checkpointing="activation checkpointing of every decoder layer",
@@ -440,6 +443,20 @@ def count_targets(units, idx) -> int:
 # ----------------------------------------------------------------------------- helpers: run
 
 
+def shard_model(wrapped, model, world: int, device):
+    """FSDP2 over every rank: each decoder layer its own unit, the rest (embeddings, final norm,
+    lm head: what the loss reads) in the root, the wrapper that runs forward and loss."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    return fully_shard(wrapped, mesh=mesh, mp_policy=policy)
+
+
 def setup_distributed(cfg: Config):
     """(rank, world size, data-parallel rank, data-parallel size, sequence-parallel group).
     With --sp N the torchrun world is a (world / N) x N device mesh: ranks of one "sp" row share
@@ -536,17 +553,29 @@ def main(argv=None, step_hook=None) -> dict:
     lengths = unit_lengths(units)
     model = build_model(cfg, device)
     wrapped = CausalLMWithLoss(model)
+    if cfg.fsdp and world == 1:
+        raise SystemExit("--fsdp needs a torchrun job (torchrun --nproc_per_node N train/train.py --fsdp ...)")
     if world > 1:
         if cfg.time_repeats > 1:
             raise SystemExit("--time-repeats is for ranks emulated in one process, not under torchrun")
-        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped)
+        wrapped = shard_model(wrapped, model, world, device) if cfg.fsdp else \
+            torch.nn.parallel.DistributedDataParallel(wrapped)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
 
     def save_checkpoint(steps_done: int):
-        checkpoint.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                             step=steps_done, config=asdict(cfg)), ckpt_path)
+        """Every rank calls it (FSDP gathers the full state dicts collectively); rank 0 writes."""
+        if cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            model_sd, opt_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
+        else:
+            model_sd, opt_sd = model.state_dict(), opt.state_dict()
+        if is_main:
+            checkpoint.save(dict(model=model_sd, optimizer=opt_sd, scheduler=sched.state_dict(), step=steps_done,
+                                 config=asdict(cfg)), ckpt_path)
 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     start = 0
@@ -556,8 +585,17 @@ def main(argv=None, step_hook=None) -> dict:
             checkpoint.check_resumable(state["config"], asdict(cfg), state["step"], cfg.max_steps, used)
         except checkpoint.CheckpointError as e:
             raise SystemExit(f"resume: {e}") from None
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if bool(state["config"].get("fsdp")) != cfg.fsdp:  # the optimizer state is keyed differently
+            raise SystemExit(f"resume: {used} was written {'with' if cfg.fsdp is False else 'without'} --fsdp; resume "
+                             f"it the same way")
+        if cfg.fsdp:  # every rank reads the full state dicts and keeps its shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
         if is_main:  # keep the history up to the checkpoint; a torn last line is dropped
@@ -598,11 +636,13 @@ def main(argv=None, step_hook=None) -> dict:
                 if sp_group is not None:
                     mb = shard_micro_batch(mb, sp_group)
                 prepare_ms = (time.perf_counter() - t_rank) * 1e3
-                defer_sync = world > 1 and a < len(plan_steps) - 1  # DDP reduces once per optimizer step
+                defer_sync = world > 1 and a < len(plan_steps) - 1  # gradients reduced once per optimizer step
+                if cfg.fsdp:
+                    wrapped.set_requires_gradient_sync(not defer_sync)
                 timings = []
                 for repeat in range(cfg.time_repeats):
                     t_pass = time.perf_counter()
-                    with wrapped.no_sync() if defer_sync else contextlib.nullcontext(), autocast:
+                    with wrapped.no_sync() if defer_sync and not cfg.fsdp else contextlib.nullcontext(), autocast:
                         if repeat == 0:
                             loss = wrapped(mb, loss_fn)
                             loss.backward()
@@ -647,16 +687,18 @@ def main(argv=None, step_hook=None) -> dict:
                     f"padding {row['padding_ratio']:.3f} | {ms:8.1f} ms")
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
-        if is_main and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.max_steps:
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(step + 1)
         if step_hook is not None:  # after the step is complete (and checkpointed)
             step_hook(row)
     bar.close()
-    if is_main and cfg.max_steps > start:  # a checkpoint is written for new steps only, never relabelled
+    if cfg.max_steps > start:  # a checkpoint is written for new steps only, never relabelled
         save_checkpoint(cfg.max_steps)
+    if is_main and cfg.max_steps > start:
         png = plot_loss(metrics_path, os.path.join(cfg.out, "loss.png"), cfg) if cfg.plot and history else None
         log(f"done: {cfg.out}/metrics.jsonl" + (f", {png}" if png else ""))
-    checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+    full = (p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters())  # FSDP: DTensors
+    checksum = float(sum(p.detach().double().sum().item() for p in full))
     with open(os.path.join(cfg.out, f"rank{rank}.json"), "w") as f:
         json.dump(dict(rank=rank, param_checksum=checksum, losses=[h["loss"] for h in history]), f)
     if world > 1:
