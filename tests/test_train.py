@@ -95,12 +95,14 @@ def test_sequence_parallel_two_processes_match_single_process(tmp_path, objectiv
     assert [m["sequences"] for m in metrics(spd)] == [m["sequences"] for m in metrics(single)]
 
 
-def test_fsdp_two_processes_match_the_emulated_two_ranks(tmp_path):
+@pytest.mark.parametrize("objective", ["sft", "logo"])
+def test_fsdp_two_processes_match_the_emulated_two_ranks(tmp_path, objective):
     """torchrun --nproc_per_node 2 train.py --fsdp logs the losses of --world-size 2 in one process
-    (DESIGN: scale-out interfaces), and the gathered weights agree."""
+    (DESIGN: scale-out interfaces) for 8 steps, and the gathered weights agree."""
     fsdp, emu = str(tmp_path / "fsdp"), str(tmp_path / "emu")
-    run(["--max-steps", "6", "--out", fsdp, "--no-plot", "--fsdp"], torchrun=2)
-    run(["--max-steps", "6", "--out", emu, "--world-size", "2", "--no-plot"])
+    common = ["--max-steps", "8", "--no-plot", "--objective", objective]
+    run(common + ["--out", fsdp, "--fsdp"], torchrun=2)
+    run(common + ["--out", emu, "--world-size", "2"])
     r0, r1 = (json.load(open(os.path.join(fsdp, f"rank{r}.json"))) for r in (0, 1))
     single = json.load(open(os.path.join(emu, "rank0.json")))
     assert r0["param_checksum"] == r1["param_checksum"]
