@@ -24,7 +24,6 @@ differentiable, and traceable by torch.compile.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Optional
 
 import numpy as np
@@ -37,7 +36,9 @@ from .batch import PackedBatch
 from .cross_entropy import fused_linear_cross_entropy
 
 Tensor = torch.Tensor
-_current: contextvars.ContextVar = contextvars.ContextVar("longalign_sequence_parallel", default=None)
+# the shard set by use(): a plain module attribute, which torch.compile reads (and guards on)
+# where it cannot trace a ContextVar
+_active = {"shard": None}
 
 
 class Shard:
@@ -219,16 +220,16 @@ def use(shard: Shard):
     Ulysses attention over `shard` (feed each rank ``shard.local(...)`` of the inputs)."""
     if not isinstance(shard, Shard):
         raise TypeError(f"shard must be a longalign_ops.sequence_parallel.Shard, got {type(shard).__name__}")
-    token = _current.set(shard)
+    previous, _active["shard"] = _active["shard"], shard
     try:
         yield shard
     finally:
-        _current.reset(token)
+        _active["shard"] = previous
 
 
 def current() -> Optional[Shard]:
     """The shard set by :func:`use`, or None."""
-    return _current.get()
+    return _active["shard"]
 
 
 __all__ = ["Shard", "current", "longalign_loss_weights", "pad_lengths", "reduce_loss", "sequence_logprobs", "shard",

@@ -1,0 +1,271 @@
+"""Device memory of one full training step, counted exactly without a GPU: fake tensors
+(`FakeTensorMode`) and torch's `MemTracker` on real transformers model shapes.
+
+    python bench/bench_memory.py --model llama3-8b --gpus 1,8,32 --budget-gib 80 --out DIR
+
+For each configuration it runs forward + backward of a full-size model (no memory is allocated:
+every tensor is fake) and reports the peak of parameters, gradients, optimizer state,
+activations and temporaries, then finds the longest trainable sequence under the budget.
+
+- baseline: transformers' `sdpa` attention forced to the flash backend (no L x L matrix) and the
+  model's own loss from materialised logits (transformers upcasts them to fp32);
+- longalign: `attn_implementation="longalign"` and the fused cross-entropy from hidden states.
+Both in bf16 with fp32 AdamW moments (8 bytes per parameter, created before the step and
+tracked as optimizer state; the optimizer step itself runs one parameter at a time, below the
+backward's peak, and is not run). `--checkpointing` adds activation checkpointing of every
+decoder layer for both.
+
+Several GPUs (the sequence-parallel / FSDP configuration, accounted per rank): one packed row
+per step split over all G ranks by Ulysses SP (activations of T/G tokens per rank, the
+attention of the whole row for H/G heads, the same bytes), parameters, gradients and optimizer
+state fully sharded over the G ranks (FSDP), plus two decoder layers of unsharded bf16
+parameters (the one computing and the one prefetched). The step is counted for T/G tokens and
+the model's state replaced by its shard.
+
+Fake tensors live on the CPU device here: a CPU-only torch cannot index fake `cuda` tensors,
+which transformers' models do; a fake tensor holds no data, so its bytes are the same.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # never asks a GPU for its capability
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_csv  # noqa: E402
+
+GIB = 2 ** 30
+MODELS = {
+    # transformers configs as published (LongAlign trains Llama-2 7B/13B; Llama-3-8B, Qwen2.5-7B)
+    "llama3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)),
+    "llama2-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32)),
+    "llama2-13b": ("llama", dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                 num_attention_heads=40, num_key_value_heads=40)),
+    "qwen2.5-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0,
+                                 tie_word_embeddings=False)),
+}
+CATEGORIES = ("Parameter", "Gradient", "Optstate", "Activation", "Temp", "Buffer", "Other")
+
+
+def model_config(name: str, layers=None, max_positions: int = 1 << 23):
+    if name not in MODELS:
+        raise SystemExit(f"bench_memory: unknown model {name!r}; choose from {', '.join(MODELS)}")
+    family, kw = MODELS[name]
+    from transformers import LlamaConfig, Qwen2Config
+
+    kw = dict(kw, max_position_embeddings=max_positions)
+    if layers:
+        kw["num_hidden_layers"] = layers
+    return (LlamaConfig if family == "llama" else Qwen2Config)(**kw)
+
+
+def _model(cfg, mode: str, checkpointing: bool):
+    from transformers import AutoModelForCausalLM
+
+    import longalign_ops.integrations.transformers  # noqa: F401
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=torch.bfloat16,
+                                                 attn_implementation="longalign" if mode == "longalign" else "sdpa")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    return model
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False, layers=None,
+              device: str = "cpu", fake: bool = True, sequence_length=None) -> dict:
+    """Peak bytes per category of one training step of `tokens` tokens (one packed row; with
+    `sequence_length`, sequences of that length packed in it) on one device. `model_name`: a
+    name of MODELS or a transformers config. With ``fake=False`` the step runs on real tensors
+    and also reports the process's resident-memory rise over the step (VmHWM after the step
+    minus VmRSS before it, peak reset first): the check of the fake count. Returns
+    {category: bytes, "peak": bytes, "params": count, ...}."""
+    import contextlib
+
+    import longalign_ops as la
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg = model_config(model_name, layers) if isinstance(model_name, str) else model_name
+    model = _model(cfg, mode, checkpointing)
+    la.set_validation(not fake)  # value checks read data, which fake tensors do not have
+    rss = {}
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        model = model.to_empty(device=device)
+        if not fake:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0, 0.02)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, foreach=False)
+        for p in params:  # fp32 moments, as mixed-precision training keeps them
+            opt.state[p] = dict(step=torch.zeros((), device=device), exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                                exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+        ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
+        lengths = [tokens] if sequence_length is None else [sequence_length] * (tokens // sequence_length)
+        tracker = MemTracker()
+        tracker.track_external(model, opt)
+        if not fake:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident size
+            rss["before"] = _rss_kib("VmRSS")
+        with tracker:
+            if mode == "longalign":
+                batch = la.PackedBatch.from_lengths(lengths, device=device)
+                hidden = model.model(input_ids=ids, position_ids=batch.position_ids.unsqueeze(0),
+                                     packed_batch=batch).last_hidden_state.squeeze(0)
+                loss = la.fused_linear_cross_entropy(hidden, model.lm_head.weight, ids.squeeze(0), reduction="mean")
+            else:
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        if not fake:
+            rss["rise"] = (_rss_kib("VmHWM") - rss["before"]) * 1024
+        snap = tracker.get_tracker_snapshot("peak")
+    per_device = next(iter(snap.values()))
+    out = {c: 0 for c in CATEGORIES}
+    for k, v in per_device.items():
+        name = getattr(k, "value", str(k))
+        if name in out:
+            out[name] = int(v)
+    out["peak"] = int(per_device.get("Total", sum(out.values())))
+    out["params"] = sum(p.numel() for p in params)
+    out["layer_params"] = sum(p.numel() for p in model.model.layers[0].parameters())
+    out["resident_rise"] = rss.get("rise")
+    return out
+
+
+def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing: bool) -> dict:
+    """One rank's peak for a row of `tokens` over `gpus` ranks (SP over all of them, FSDP state)."""
+    if tokens % gpus:
+        tokens += gpus - tokens % gpus
+    r = step_peak(model_name, tokens // gpus, mode, checkpointing=checkpointing)
+    if gpus > 1:
+        state = r["Parameter"] + r["Gradient"] + r["Optstate"]
+        unsharded = 2 * 2 * r["layer_params"]  # two layers of bf16 params gathered at a time
+        sharded = dict(Parameter=r["Parameter"] // gpus + unsharded, Gradient=r["Gradient"] // gpus,
+                       Optstate=r["Optstate"] // gpus)
+        r = dict(r, **sharded)
+        r["peak"] = r["peak"] - state + sum(sharded.values())
+    r["tokens"] = tokens
+    return r
+
+
+def dominant(r: dict) -> str:
+    return max(CATEGORIES, key=lambda c: r.get(c, 0))
+
+
+def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: int, progress) -> dict:
+    """The longest row (a multiple of 1024 * gpus tokens) whose per-rank peak fits `budget`:
+    the peak is affine in the tokens for a fixed configuration, so two measurements place it
+    and a third confirms (stepping down while it does not fit)."""
+    unit = 1024 * gpus
+    a = rank_peak(model_name, 4 * unit, mode, gpus, checkpointing)
+    state = a["Parameter"] + a["Optstate"]
+    if state > budget:
+        raise SystemExit(f"bench_memory: --budget-gib {budget / GIB:g} is below {model_name}'s fixed state on {gpus} "
+                         f"GPU(s): {state / GIB:.1f} GiB of weights and optimizer state per GPU")
+    b = rank_peak(model_name, 8 * unit, mode, gpus, checkpointing)
+    if a["peak"] > budget:
+        return dict(a, max_tokens=0)
+    slope = (b["peak"] - a["peak"]) / (4 * unit)
+    guess = int((budget - a["peak"]) / slope) + 4 * unit if slope > 0 else 1 << 24
+    tokens = max(unit, guess // unit * unit)
+    while True:
+        r = rank_peak(model_name, tokens, mode, gpus, checkpointing)
+        progress(f"  {model_name} {mode:9} gpus={gpus:<3} ckpt={checkpointing!s:5} {tokens:>9} tokens: "
+                 f"{r['peak'] / GIB:6.1f} GiB")
+        if r["peak"] <= budget or tokens <= unit:
+            return dict(r, max_tokens=tokens if r["peak"] <= budget else 0)
+        tokens -= unit * max(1, int((r["peak"] - budget) / slope / unit) + 1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama3-8b", help=f"one of {', '.join(MODELS)} (comma-separated for several)")
+    ap.add_argument("--gpus", default="1,8,32", help="GPU counts: the row is split over all of them (SP + FSDP)")
+    ap.add_argument("--budget-gib", type=float, default=80.0, help="device memory per GPU")
+    ap.add_argument("--checkpointing", default="off,on", help="activation checkpointing modes to run: off, on")
+    ap.add_argument("--out", default="runs/bench/memory", help="directory for memory.csv and memory.png")
+    args = ap.parse_args(argv)
+    budget = int(args.budget_gib * GIB)
+    rows, started = [], time.time()
+    for name in args.model.split(","):
+        cfg = model_config(name)  # unknown names: one line, before any work
+        for gpus in (int(g) for g in args.gpus.split(",")):
+            if gpus < 1 or cfg.num_attention_heads % gpus or (cfg.num_key_value_heads % gpus and
+                                                               gpus % cfg.num_key_value_heads):
+                raise SystemExit(f"bench_memory: {gpus} GPUs (the sequence-parallel size) must divide {name}'s "
+                                 f"{cfg.num_attention_heads} query heads, and divide or be a multiple of its "
+                                 f"{cfg.num_key_value_heads} kv heads")
+    for name in args.model.split(","):
+        for gpus in (int(g) for g in args.gpus.split(",")):
+            for ckpt in (c == "on" for c in args.checkpointing.split(",")):
+                for mode in ("baseline", "longalign"):
+                    print(f"{name} {mode} gpus={gpus} checkpointing={ckpt} ({time.time() - started:.0f} s)", flush=True)
+                    r = longest(name, mode, gpus, ckpt, budget, lambda m: print(m, flush=True))
+                    rows.append(dict(model=name, gpus=gpus, sp=gpus, fsdp=gpus > 1, mode=mode, checkpointing=ckpt,
+                                     max_tokens=r["max_tokens"], peak_gib=round(r["peak"] / GIB, 2),
+                                     dominant_category=dominant(r), budget_gib=args.budget_gib,
+                                     **{f"{c.lower()}_gib": round(r.get(c, 0) / GIB, 2) for c in CATEGORIES}))
+    os.makedirs(args.out, exist_ok=True)
+    path = write_csv(os.path.join(args.out, "memory.csv"), rows)
+    png = plot(rows, os.path.join(args.out, "memory.png"))
+    print(f"\n{'model':>11} {'gpus':>4} {'ckpt':>5} {'mode':>9} {'max tokens':>11} {'peak GiB':>8} dominant")
+    for r in rows:
+        print(f"{r['model']:>11} {r['gpus']:>4} {r['checkpointing']!s:>5} {r['mode']:>9} {r['max_tokens']:>11} "
+              f"{r['peak_gib']:>8} {r['dominant_category']}")
+    print(f"wrote {path}" + (f", {png}" if png else " (matplotlib not installed: no plot)"))
+
+
+def plot(rows, path):
+    """Longest trainable row against the number of GPUs, baseline vs longalign, per model and
+    checkpointing mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        for (mode, ckpt), style in {("baseline", False): "o--", ("baseline", True): "s--", ("longalign", False): "o-",
+                                    ("longalign", True): "s-"}.items():
+            pts = sorted((r["gpus"], r["max_tokens"]) for r in rows
+                         if r["model"] == name and r["mode"] == mode and r["checkpointing"] == ckpt)
+            if pts:
+                ax.plot([g for g, _ in pts], [t / 1e3 for _, t in pts], style,
+                        label=f"{mode}, checkpointing {'on' if ckpt else 'off'}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("GPUs (Ulysses SP over all, FSDP)")
+        ax.set_ylabel(f"longest trainable row (K tokens), {rows[0]['budget_gib']:g} GiB per GPU")
+        ax.set_title(f"{name}: bf16, fp32 AdamW moments (fake tensors + MemTracker)", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()
