@@ -172,28 +172,35 @@ def dominant(r: dict) -> str:
 
 
 def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: int, progress) -> dict:
-    """The longest row (a multiple of 1024 * gpus tokens) whose per-rank peak fits `budget`:
-    the peak is affine in the tokens for a fixed configuration, so two measurements place it
-    and a third confirms (stepping down while it does not fit)."""
+    """The longest row (a multiple of 1024 * gpus tokens) whose per-rank peak fits `budget`.
+    The peak grows almost linearly with the tokens: secant steps through the last two
+    measurements, kept inside the bracket [longest that fits, shortest that does not], until
+    the bracket is one unit wide."""
     unit = 1024 * gpus
     a = rank_peak(model_name, 4 * unit, mode, gpus, checkpointing)
     state = a["Parameter"] + a["Optstate"]
     if state > budget:
         raise SystemExit(f"bench_memory: --budget-gib {budget / GIB:g} is below {model_name}'s fixed state on {gpus} "
                          f"GPU(s): {state / GIB:.1f} GiB of weights and optimizer state per GPU")
-    b = rank_peak(model_name, 8 * unit, mode, gpus, checkpointing)
     if a["peak"] > budget:
         return dict(a, max_tokens=0)
-    slope = (b["peak"] - a["peak"]) / (4 * unit)
-    guess = int((budget - a["peak"]) / slope) + 4 * unit if slope > 0 else 1 << 24
-    tokens = max(unit, guess // unit * unit)
+    fits, over = (4, a), None  # (units, measurement)
+    prev, last = (4, a), (8, rank_peak(model_name, 8 * unit, mode, gpus, checkpointing))
     while True:
-        r = rank_peak(model_name, tokens, mode, gpus, checkpointing)
-        progress(f"  {model_name} {mode:9} gpus={gpus:<3} ckpt={checkpointing!s:5} {tokens:>9} tokens: "
+        n, r = last
+        progress(f"  {model_name} {mode:9} gpus={gpus:<3} ckpt={checkpointing!s:5} {n * unit:>9} tokens: "
                  f"{r['peak'] / GIB:6.1f} GiB")
-        if r["peak"] <= budget or tokens <= unit:
-            return dict(r, max_tokens=tokens if r["peak"] <= budget else 0)
-        tokens -= unit * max(1, int((r["peak"] - budget) / slope / unit) + 1)
+        if r["peak"] <= budget:
+            fits = max(fits, last, key=lambda x: x[0])
+        elif over is None or n < over[0]:
+            over = last
+        if over is not None and over[0] - fits[0] <= 1:
+            return dict(fits[1], max_tokens=fits[0] * unit)
+        slope = (last[1]["peak"] - prev[1]["peak"]) / max(1, last[0] - prev[0])
+        guess = int(n + (budget - r["peak"]) / slope) if slope > 0 else 2 * n
+        high = over[0] - 1 if over is not None else max(guess, 2 * n)
+        guess = min(max(guess, fits[0] + 1), high)
+        prev, last = last, (guess, rank_peak(model_name, guess * unit, mode, gpus, checkpointing))
 
 
 def main(argv=None):
@@ -203,7 +210,13 @@ def main(argv=None):
     ap.add_argument("--budget-gib", type=float, default=80.0, help="device memory per GPU")
     ap.add_argument("--checkpointing", default="off,on", help="activation checkpointing modes to run: off, on")
     ap.add_argument("--out", default="runs/bench/memory", help="directory for memory.csv and memory.png")
+    ap.add_argument("--at-tokens", type=int, default=None,
+                    help="instead of the search: the peak by category of one step of this many tokens on one GPU, "
+                         "both modes, checkpointing off (memory_at.csv)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
     args = ap.parse_args(argv)
+    if args.at_tokens:
+        return at_tokens(args)
     budget = int(args.budget_gib * GIB)
     rows, started = [], time.time()
     for name in args.model.split(","):
@@ -234,6 +247,22 @@ def main(argv=None):
     print(f"wrote {path}" + (f", {png}" if png else " (matplotlib not installed: no plot)"))
 
 
+def at_tokens(args):
+    """Both modes at one size: where each one's memory goes."""
+    rows = []
+    for name in args.model.split(","):
+        model_config(name)
+        for mode in ("baseline", "longalign"):
+            r = step_peak(name, args.at_tokens, mode, layers=args.layers)
+            rows.append(dict(model=name, layers=args.layers or model_config(name).num_hidden_layers,
+                             tokens=args.at_tokens, mode=mode, peak_gib=round(r["peak"] / GIB, 3),
+                             dominant_category=dominant(r),
+                             **{f"{c.lower()}_gib": round(r[c] / GIB, 3) for c in CATEGORIES}))
+            print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    print(f"wrote {write_csv(os.path.join(args.out, 'memory_at.csv'), rows)}")
+
+
 def plot(rows, path):
     """Longest trainable row against the number of GPUs, baseline vs longalign, per model and
     checkpointing mode."""
@@ -249,15 +278,19 @@ def plot(rows, path):
     for ax, name in zip(axes[0], models):
         for (mode, ckpt), style in {("baseline", False): "o--", ("baseline", True): "s--", ("longalign", False): "o-",
                                     ("longalign", True): "s-"}.items():
-            pts = sorted((r["gpus"], r["max_tokens"]) for r in rows
-                         if r["model"] == name and r["mode"] == mode and r["checkpointing"] == ckpt)
+            pts = sorted((int(r["gpus"]), int(r["max_tokens"])) for r in rows if r["model"] == name and
+                         r["mode"] == mode and str(r["checkpointing"]) == str(ckpt) and int(r["max_tokens"]) > 0)
             if pts:
                 ax.plot([g for g, _ in pts], [t / 1e3 for _, t in pts], style,
                         label=f"{mode}, checkpointing {'on' if ckpt else 'off'}")
+        none = sorted({int(r["gpus"]) for r in rows if r["model"] == name and int(r["max_tokens"]) == 0})
+        if none:  # configurations where not even the fixed state and 1K tokens per GPU fit
+            ax.text(0.02, 0.02, f"{', '.join(map(str, none))} GPU(s): nothing fits", transform=ax.transAxes,
+                    fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("GPUs (Ulysses SP over all, FSDP)")
-        ax.set_ylabel(f"longest trainable row (K tokens), {rows[0]['budget_gib']:g} GiB per GPU")
+        ax.set_ylabel(f"longest trainable row (K tokens), {float(rows[0]['budget_gib']):g} GiB per GPU")
         ax.set_title(f"{name}: bf16, fp32 AdamW moments (fake tensors + MemTracker)", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
