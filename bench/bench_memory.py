@@ -87,7 +87,7 @@ def _rss_kib(field: str) -> int:
 
 
 def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False, layers=None,
-              device: str = "cpu", fake: bool = True, sequence_length=None) -> dict:
+              device: str = "cpu", fake: bool = True, sequence_length=None, tiled_mlp: int = 0) -> dict:
     """Peak bytes per category of one training step of `tokens` tokens (one packed row; with
     `sequence_length`, sequences of that length packed in it) on one device. `model_name`: a
     name of MODELS or a transformers config. With ``fake=False`` the step runs on real tensors
@@ -103,6 +103,10 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
 
     cfg = model_config(model_name, layers) if isinstance(model_name, str) else model_name
     model = _model(cfg, mode, checkpointing)
+    if tiled_mlp and mode == "longalign":
+        from longalign_ops.memory import apply_tiled_mlp
+
+        apply_tiled_mlp(model, tiled_mlp)
     la.set_validation(not fake)  # value checks read data, which fake tensors do not have
     rss = {}
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
@@ -151,11 +155,11 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
     return out
 
 
-def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing: bool) -> dict:
+def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing: bool, tiled_mlp: int = 0) -> dict:
     """One rank's peak for a row of `tokens` over `gpus` ranks (SP over all of them, FSDP state)."""
     if tokens % gpus:
         tokens += gpus - tokens % gpus
-    r = step_peak(model_name, tokens // gpus, mode, checkpointing=checkpointing)
+    r = step_peak(model_name, tokens // gpus, mode, checkpointing=checkpointing, tiled_mlp=tiled_mlp)
     if gpus > 1:
         state = r["Parameter"] + r["Gradient"] + r["Optstate"]
         unsharded = 2 * 2 * r["layer_params"]  # two layers of bf16 params gathered at a time
@@ -171,13 +175,14 @@ def dominant(r: dict) -> str:
     return max(CATEGORIES, key=lambda c: r.get(c, 0))
 
 
-def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: int, progress) -> dict:
+def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: int, progress,
+            tiled_mlp: int = 0) -> dict:
     """The longest row (a multiple of 1024 * gpus tokens) whose per-rank peak fits `budget`.
     The peak grows almost linearly with the tokens: secant steps through the last two
     measurements, kept inside the bracket [longest that fits, shortest that does not], until
     the bracket is one unit wide."""
     unit = 1024 * gpus
-    a = rank_peak(model_name, 4 * unit, mode, gpus, checkpointing)
+    a = rank_peak(model_name, 4 * unit, mode, gpus, checkpointing, tiled_mlp)
     state = a["Parameter"] + a["Optstate"]
     if state > budget:
         raise SystemExit(f"bench_memory: --budget-gib {budget / GIB:g} is below {model_name}'s fixed state on {gpus} "
@@ -185,7 +190,7 @@ def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: 
     if a["peak"] > budget:
         return dict(a, max_tokens=0)
     fits, over = (4, a), None  # (units, measurement)
-    prev, last = (4, a), (8, rank_peak(model_name, 8 * unit, mode, gpus, checkpointing))
+    prev, last = (4, a), (8, rank_peak(model_name, 8 * unit, mode, gpus, checkpointing, tiled_mlp))
     while True:
         n, r = last
         progress(f"  {model_name} {mode:9} gpus={gpus:<3} ckpt={checkpointing!s:5} {n * unit:>9} tokens: "
@@ -200,7 +205,7 @@ def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: 
         guess = int(n + (budget - r["peak"]) / slope) if slope > 0 else 2 * n
         high = over[0] - 1 if over is not None else max(guess, 2 * n)
         guess = min(max(guess, fits[0] + 1), high)
-        prev, last = last, (guess, rank_peak(model_name, guess * unit, mode, gpus, checkpointing))
+        prev, last = last, (guess, rank_peak(model_name, guess * unit, mode, gpus, checkpointing, tiled_mlp))
 
 
 def main(argv=None):
@@ -214,6 +219,10 @@ def main(argv=None):
                     help="instead of the search: the peak by category of one step of this many tokens on one GPU, "
                          "both modes, checkpointing off (memory_at.csv)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
+    ap.add_argument("--tiled-mlp", type=int, default=0,
+                    help="longalign mode: sequence-tiled MLP with recompute over chunks of this many tokens "
+                         "(longalign_ops.memory.apply_tiled_mlp; 0: off)")
+    ap.add_argument("--modes", default="baseline,longalign", help="which of baseline, longalign to run")
     args = ap.parse_args(argv)
     if args.at_tokens:
         return at_tokens(args)
@@ -230,10 +239,12 @@ def main(argv=None):
     for name in args.model.split(","):
         for gpus in (int(g) for g in args.gpus.split(",")):
             for ckpt in (c == "on" for c in args.checkpointing.split(",")):
-                for mode in ("baseline", "longalign"):
+                for mode in args.modes.split(","):
                     print(f"{name} {mode} gpus={gpus} checkpointing={ckpt} ({time.time() - started:.0f} s)", flush=True)
-                    r = longest(name, mode, gpus, ckpt, budget, lambda m: print(m, flush=True))
+                    r = longest(name, mode, gpus, ckpt, budget, lambda m: print(m, flush=True), args.tiled_mlp)
+                    tiled = args.tiled_mlp if mode == "longalign" else 0
                     rows.append(dict(model=name, gpus=gpus, sp=gpus, fsdp=gpus > 1, mode=mode, checkpointing=ckpt,
+                                     tiled_mlp=tiled,
                                      max_tokens=r["max_tokens"], peak_gib=round(r["peak"] / GIB, 2),
                                      dominant_category=dominant(r), budget_gib=args.budget_gib,
                                      **{f"{c.lower()}_gib": round(r.get(c, 0) / GIB, 2) for c in CATEGORIES}))

@@ -64,6 +64,7 @@ class Config:
     window: Optional[int] = None        # max tokens per pack / sequence (preset default)
     num_samples: Optional[int] = None
     grad_checkpointing: bool = False
+    tiled_mlp: int = 0                  # tokens per MLP chunk (sequence-tiled MLP with recompute); 0: off
     resume: bool = False
     overwrite: bool = False             # replace a previous run in --out (refused without it)
     ckpt_every: int = 0                 # 0: only at the end
@@ -103,6 +104,8 @@ HELP = dict(
     batch_size="sequences per rank per step for naive and sorted", window="tokens per pack / longest sequence "
     "(default: the preset's)", num_samples="samples of the embedded dataset (default: the preset's)",
     grad_checkpointing="activation checkpointing of every decoder layer",
+    tiled_mlp="run each decoder layer's MLP over chunks of this many tokens with recompute, so the MLP "
+              "intermediates of a long row never exist at once (longalign_ops.memory.apply_tiled_mlp); 0: off",
     resume="continue from the checkpoint in --out", overwrite="replace a previous run found in --out",
     ckpt_every="checkpoint every N steps (0: only at the end)", log_every="print a progress line every N steps",
     time_repeats="benchmarking: time each emulated rank's micro-batch as the median of this many forward + "
@@ -160,6 +163,10 @@ def build_model(cfg: Config, device: torch.device):
         model = LlamaForCausalLM._from_config(mc, attn_implementation="longalign")
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.tiled_mlp:
+        from longalign_ops.memory import apply_tiled_mlp
+
+        apply_tiled_mlp(model, cfg.tiled_mlp)
     return model.to(device)
 
 
