@@ -138,6 +138,39 @@ def test_a_killed_fsdp_run_resumes_where_it_stopped(tmp_path):
         run(["--max-steps", "7", "--no-plot", "--out", out, "--resume"])
 
 
+def test_memory_features_train_exactly_as_without_them(tmp_path, cpu_reference_path):
+    """--offload-activations (checkpoints in host memory), --tiled-mlp and --tiled-norms change
+    where memory goes, not the numbers: same per-step losses and weights as a plain run."""
+    common = ["--max-steps", "4", "--no-plot", "--num-samples", "24"]
+    plain = train.main(common + ["--out", str(tmp_path / "plain")])
+    lean = train.main(common + ["--out", str(tmp_path / "lean"), "--offload-activations", "--tiled-mlp", "64",
+                                "--tiled-norms", "64"])
+    from longalign_ops.memory import HostOffload
+
+    layer = lean["model"].model.layers[0]
+    assert isinstance(layer._gradient_checkpointing_func.__self__, HostOffload) and layer.gradient_checkpointing
+    assert layer.mlp.forward.longalign_tiled == 64 and layer.input_layernorm.forward.longalign_tiled == 64
+    assert [h["loss"] for h in lean["history"]] == pytest.approx([h["loss"] for h in plain["history"]], rel=1e-5)
+    assert lean["checksum"] == pytest.approx(plain["checksum"], rel=1e-6)
+
+
+def test_fsdp_with_host_offload_on_one_process_matches_a_plain_run(tmp_path):
+    """torchrun --nproc_per_node 1 train.py --fsdp --offload-params (FSDP2 CPUOffloadPolicy: what a
+    single GPU needs past ~75 GiB of Llama-8B state) trains like the plain single-process run."""
+    common = ["--max-steps", "4", "--no-plot", "--num-samples", "24"]
+    off, plain = str(tmp_path / "off"), str(tmp_path / "plain")
+    run(common + ["--out", off, "--fsdp", "--offload-params"], torchrun=1)
+    run(common + ["--out", plain])
+    a, b = (json.load(open(os.path.join(d, "rank0.json"))) for d in (off, plain))
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+    assert a["param_checksum"] == pytest.approx(b["param_checksum"], rel=1e-6)
+
+
+def test_offload_params_needs_fsdp(tmp_path):
+    with pytest.raises(SystemExit, match="--offload-params works through FSDP2"):
+        train.main(["--max-steps", "1", "--out", str(tmp_path / "x"), "--offload-params"])
+
+
 def test_sequence_parallel_size_must_divide_the_world(tmp_path):
     with pytest.raises(SystemExit, match="--sp 3 must be >= 1 and divide the world size 1"):
         train.main(["--sp", "3", "--out", str(tmp_path / "x")])

@@ -65,6 +65,9 @@ class Config:
     num_samples: Optional[int] = None
     grad_checkpointing: bool = False
     tiled_mlp: int = 0                  # tokens per MLP chunk (sequence-tiled MLP with recompute); 0: off
+    tiled_norms: int = 0                # tokens per RMSNorm chunk, the same way; 0: off
+    offload_activations: bool = False   # every layer checkpointed, the checkpoints in host memory
+    offload_params: bool = False        # FSDP2 CPUOffloadPolicy: parameters, gradients, AdamW state on the host
     resume: bool = False
     overwrite: bool = False             # replace a previous run in --out (refused without it)
     ckpt_every: int = 0                 # 0: only at the end
@@ -106,6 +109,13 @@ HELP = dict(
     grad_checkpointing="activation checkpointing of every decoder layer",
     tiled_mlp="run each decoder layer's MLP over chunks of this many tokens with recompute, so the MLP "
               "intermediates of a long row never exist at once (longalign_ops.memory.apply_tiled_mlp); 0: off",
+    tiled_norms="run the RMSNorms over chunks of this many tokens with recompute, so their fp32 temporaries "
+                "never cover the whole row (longalign_ops.memory.apply_tiled_norms); 0: off",
+    offload_activations="checkpoint every decoder layer and keep the checkpoints (each layer's input) in pinned "
+                        "host memory, copied on a side stream (longalign_ops.memory.apply_activation_offload; on a "
+                        "CPU-only run: plain checkpointing)",
+    offload_params="with --fsdp: parameters, gradients and AdamW state in host memory, the optimizer step on the "
+                   "CPU (FSDP2 CPUOffloadPolicy)",
     resume="continue from the checkpoint in --out", overwrite="replace a previous run found in --out",
     ckpt_every="checkpoint every N steps (0: only at the end)", log_every="print a progress line every N steps",
     time_repeats="benchmarking: time each emulated rank's micro-batch as the median of this many forward + "
@@ -161,12 +171,16 @@ def build_model(cfg: Config, device: torch.device):
                          tie_word_embeddings=False)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every strategy
         model = LlamaForCausalLM._from_config(mc, attn_implementation="longalign")
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.tiled_mlp:
-        from longalign_ops.memory import apply_tiled_mlp
+    from longalign_ops import memory
 
-        apply_tiled_mlp(model, cfg.tiled_mlp)
+    if cfg.offload_activations:
+        memory.apply_activation_offload(model)
+    elif cfg.grad_checkpointing:
+        memory.enable_checkpointing(model)
+    if cfg.tiled_mlp:
+        memory.apply_tiled_mlp(model, cfg.tiled_mlp)
+    if cfg.tiled_norms:
+        memory.apply_tiled_norms(model, cfg.tiled_norms)
     return model.to(device)
 
 
@@ -450,18 +464,21 @@ def count_targets(units, idx) -> int:
 # ----------------------------------------------------------------------------- helpers: run
 
 
-def shard_model(wrapped, model, world: int, device):
+def shard_model(wrapped, model, world: int, device, offload_params: bool = False):
     """FSDP2 over every rank: each decoder layer its own unit, the rest (embeddings, final norm,
-    lm head: what the loss reads) in the root, the wrapper that runs forward and loss."""
+    lm head: what the loss reads) in the root, the wrapper that runs forward and loss. With
+    `offload_params` the shards live in host memory (CPUOffloadPolicy): each unit is copied in for
+    its forward and backward, its gradients copied out, and the optimizer steps on the CPU."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload_params else OffloadPolicy()
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    return fully_shard(wrapped, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    return fully_shard(wrapped, mesh=mesh, mp_policy=policy, offload_policy=offload)
 
 
 def setup_distributed(cfg: Config):
@@ -472,7 +489,7 @@ def setup_distributed(cfg: Config):
     if cfg.sp < 1 or world % cfg.sp:  # checked on every rank before any collective
         raise SystemExit(f"--sp {cfg.sp} must be >= 1 and divide the world size {world} (run --sp N under "
                          f"torchrun --nproc_per_node M, M a multiple of N)")
-    if world > 1:
+    if world > 1 or (cfg.fsdp and "LOCAL_RANK" in os.environ):  # FSDP on one GPU (offload) needs a group too
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
         rank = dist.get_rank()
@@ -560,12 +577,16 @@ def main(argv=None, step_hook=None) -> dict:
     lengths = unit_lengths(units)
     model = build_model(cfg, device)
     wrapped = CausalLMWithLoss(model)
-    if cfg.fsdp and world == 1:
+    if cfg.fsdp and not dist.is_initialized():
         raise SystemExit("--fsdp needs a torchrun job (torchrun --nproc_per_node N train/train.py --fsdp ...)")
-    if world > 1:
+    if cfg.offload_params and not cfg.fsdp:
+        raise SystemExit("--offload-params works through FSDP2: add --fsdp (one GPU: torchrun --nproc_per_node 1)")
+    if cfg.fsdp and cfg.world_size > 1:
+        raise SystemExit("--fsdp shards over torchrun's ranks; --world-size (emulated ranks) is for a single process")
+    if world > 1 or cfg.fsdp:
         if cfg.time_repeats > 1:
             raise SystemExit("--time-repeats is for ranks emulated in one process, not under torchrun")
-        wrapped = shard_model(wrapped, model, world, device) if cfg.fsdp else \
+        wrapped = shard_model(wrapped, model, world, device, cfg.offload_params) if cfg.fsdp else \
             torch.nn.parallel.DistributedDataParallel(wrapped)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -708,7 +729,7 @@ def main(argv=None, step_hook=None) -> dict:
     checksum = float(sum(p.detach().double().sum().item() for p in full))
     with open(os.path.join(cfg.out, f"rank{rank}.json"), "w") as f:
         json.dump(dict(rank=rank, param_checksum=checksum, losses=[h["loss"] for h in history]), f)
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return dict(history=history, checksum=checksum, model=model, config=cfg)
