@@ -18,9 +18,22 @@ decoder layer for both.
 Several GPUs (the sequence-parallel / FSDP configuration, accounted per rank): one packed row
 per step split over all G ranks by Ulysses SP (activations of T/G tokens per rank, the
 attention of the whole row for H/G heads, the same bytes), parameters, gradients and optimizer
-state fully sharded over the G ranks (FSDP), plus two decoder layers of unsharded bf16
-parameters (the one computing and the one prefetched). The step is counted for T/G tokens and
-the model's state replaced by its shard.
+state fully sharded over the G ranks (FSDP), plus what FSDP2 holds unsharded: two decoder layers'
+bf16 parameters (the one computing and the one prefetched) and the root module's parameters and
+gradients (embeddings, final norm, LM head: the root is not resharded after forward, and its
+gradients are reduced at the end of the backward). The step is counted for T/G tokens and the
+model's state replaced by its shard.
+
+Host offload (`--offload`, applied to both modes, checkpointing on):
+- activations: every decoder layer's checkpoint (its input hidden states) kept in host memory
+  (`longalign_ops.memory.apply_activation_offload`; transformers 5's
+  `activation_checkpointing_enable(offload=True)` moves the same bytes). Counted by giving it a
+  second fake device, `meta`, as the host: what lands there is the host's, not the GPU's.
+- all: that, and parameters, gradients and AdamW state on the host, the optimizer step on the CPU
+  (FSDP2's `CPUOffloadPolicy`, `train.py --offload-params`): the GPU holds only the unsharded
+  parameters and gradients in use, the root module's (embeddings, final norm, LM head: FSDP2
+  keeps them for the whole step) and two decoder layers'.
+`host_gib` is the host memory this needs per GPU.
 
 Fake tensors live on the CPU device here: a CPU-only torch cannot index fake `cuda` tensors,
 which transformers' models do; a fake tensor holds no data, so its bytes are the same.
@@ -68,16 +81,19 @@ def model_config(name: str, layers=None, max_positions: int = 1 << 23):
     return (LlamaConfig if family == "llama" else Qwen2Config)(**kw)
 
 
-def _model(cfg, mode: str, checkpointing: bool):
+def _model(cfg, mode: str, checkpointing: bool, offload_activations: bool = False):
     from transformers import AutoModelForCausalLM
 
     import longalign_ops.integrations.transformers  # noqa: F401
+    from longalign_ops.memory import apply_activation_offload, enable_checkpointing
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=torch.bfloat16,
                                                  attn_implementation="longalign" if mode == "longalign" else "sdpa")
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    if offload_activations:  # the host stood in by the meta device (see the module's docstring)
+        apply_activation_offload(model, host="meta", min_bytes=0)
+    elif checkpointing:
+        enable_checkpointing(model)
     return model
 
 
@@ -87,7 +103,8 @@ def _rss_kib(field: str) -> int:
 
 
 def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False, layers=None,
-              device: str = "cpu", fake: bool = True, sequence_length=None, tiled_mlp: int = 0) -> dict:
+              device: str = "cpu", fake: bool = True, sequence_length=None, tiled_mlp: int = 0,
+              tiled_norms: int = 0, offload_activations: bool = False) -> dict:
     """Peak bytes per category of one training step of `tokens` tokens (one packed row; with
     `sequence_length`, sequences of that length packed in it) on one device. `model_name`: a
     name of MODELS or a transformers config. With ``fake=False`` the step runs on real tensors
@@ -102,11 +119,15 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cfg = model_config(model_name, layers) if isinstance(model_name, str) else model_name
-    model = _model(cfg, mode, checkpointing)
+    model = _model(cfg, mode, checkpointing, offload_activations)
     if tiled_mlp and mode == "longalign":
         from longalign_ops.memory import apply_tiled_mlp
 
         apply_tiled_mlp(model, tiled_mlp)
+    if tiled_norms and mode == "longalign":
+        from longalign_ops.memory import apply_tiled_norms
+
+        apply_tiled_norms(model, tiled_norms)
     la.set_validation(not fake)  # value checks read data, which fake tensors do not have
     rss = {}
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
@@ -142,7 +163,8 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
         if not fake:
             rss["rise"] = (_rss_kib("VmHWM") - rss["before"]) * 1024
         snap = tracker.get_tracker_snapshot("peak")
-    per_device = next(iter(snap.values()))
+    per_device = next(v for k, v in snap.items() if torch.device(k).type == torch.device(device).type)
+    host = next((v for k, v in snap.items() if torch.device(k).type == "meta"), {})
     out = {c: 0 for c in CATEGORIES}
     for k, v in per_device.items():
         name = getattr(k, "value", str(k))
@@ -151,22 +173,35 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
     out["peak"] = int(per_device.get("Total", sum(out.values())))
     out["params"] = sum(p.numel() for p in params)
     out["layer_params"] = sum(p.numel() for p in model.model.layers[0].parameters())
+    out["layers"] = len(model.model.layers)
+    out["host"] = int(host.get("Total", 0))  # offloaded activations
     out["resident_rise"] = rss.get("rise")
     return out
 
 
-def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing: bool, tiled_mlp: int = 0) -> dict:
-    """One rank's peak for a row of `tokens` over `gpus` ranks (SP over all of them, FSDP state)."""
+def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing: bool, tiled_mlp: int = 0,
+              offload: str = "none", tiled_norms: int = 0) -> dict:
+    """One rank's peak for a row of `tokens` over `gpus` ranks (SP over all of them, FSDP state),
+    with `offload` none | activations | all (see the module's docstring)."""
     if tokens % gpus:
         tokens += gpus - tokens % gpus
-    r = step_peak(model_name, tokens // gpus, mode, checkpointing=checkpointing, tiled_mlp=tiled_mlp)
-    if gpus > 1:
-        state = r["Parameter"] + r["Gradient"] + r["Optstate"]
-        unsharded = 2 * 2 * r["layer_params"]  # two layers of bf16 params gathered at a time
-        sharded = dict(Parameter=r["Parameter"] // gpus + unsharded, Gradient=r["Gradient"] // gpus,
-                       Optstate=r["Optstate"] // gpus)
-        r = dict(r, **sharded)
-        r["peak"] = r["peak"] - state + sum(sharded.values())
+    r = step_peak(model_name, tokens // gpus, mode, checkpointing=checkpointing or offload != "none",
+                  tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, offload_activations=offload != "none")
+    state = r["Parameter"] + r["Gradient"] + r["Optstate"]
+    itemsize = r["Parameter"] // r["params"]  # bf16
+    root = itemsize * (r["params"] - r["layers"] * r["layer_params"])  # embeddings, final norm, LM head
+    in_use = root + 2 * itemsize * r["layer_params"]  # unsharded: the root's and two decoder layers' (FSDP2)
+    if offload == "all":
+        device = dict(Parameter=in_use, Gradient=in_use, Optstate=0)
+        r["host"] += state // gpus
+    elif gpus > 1:
+        unshard_root = root - root // gpus
+        device = dict(Parameter=r["Parameter"] // gpus + unshard_root + 2 * itemsize * r["layer_params"],
+                      Gradient=r["Gradient"] // gpus + unshard_root, Optstate=r["Optstate"] // gpus)
+    else:
+        device = dict(Parameter=r["Parameter"], Gradient=r["Gradient"], Optstate=r["Optstate"])
+    r = dict(r, **device)
+    r["peak"] = r["peak"] - state + sum(device.values())
     r["tokens"] = tokens
     return r
 
@@ -176,25 +211,28 @@ def dominant(r: dict) -> str:
 
 
 def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: int, progress,
-            tiled_mlp: int = 0) -> dict:
-    """The longest row (a multiple of 1024 * gpus tokens) whose per-rank peak fits `budget`.
+            tiled_mlp: int = 0, offload: str = "none", tiled_norms: int = 0, resolution: int = 1024) -> dict:
+    """The longest row (a multiple of `resolution` * gpus tokens) whose per-rank peak fits `budget`.
     The peak grows almost linearly with the tokens: secant steps through the last two
     measurements, kept inside the bracket [longest that fits, shortest that does not], until
     the bracket is one unit wide."""
-    unit = 1024 * gpus
-    a = rank_peak(model_name, 4 * unit, mode, gpus, checkpointing, tiled_mlp)
-    state = a["Parameter"] + a["Optstate"]
+    unit = resolution * gpus
+    def measure(units):
+        return rank_peak(model_name, units * unit, mode, gpus, checkpointing, tiled_mlp, offload, tiled_norms)
+
+    a = measure(4)
+    state = a["Parameter"] + a["Optstate"] if offload != "all" else 0
     if state > budget:
         raise SystemExit(f"bench_memory: --budget-gib {budget / GIB:g} is below {model_name}'s fixed state on {gpus} "
                          f"GPU(s): {state / GIB:.1f} GiB of weights and optimizer state per GPU")
     if a["peak"] > budget:
         return dict(a, max_tokens=0)
     fits, over = (4, a), None  # (units, measurement)
-    prev, last = (4, a), (8, rank_peak(model_name, 8 * unit, mode, gpus, checkpointing, tiled_mlp))
+    prev, last = (4, a), (8, measure(8))
     while True:
         n, r = last
-        progress(f"  {model_name} {mode:9} gpus={gpus:<3} ckpt={checkpointing!s:5} {n * unit:>9} tokens: "
-                 f"{r['peak'] / GIB:6.1f} GiB")
+        progress(f"  {model_name} {mode:9} gpus={gpus:<3} ckpt={checkpointing!s:5} offload={offload:11} "
+                 f"{n * unit:>9} tokens: {r['peak'] / GIB:6.1f} GiB (host {r['host'] / GIB:.1f} GiB)")
         if r["peak"] <= budget:
             fits = max(fits, last, key=lambda x: x[0])
         elif over is None or n < over[0]:
@@ -205,7 +243,7 @@ def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: 
         guess = int(n + (budget - r["peak"]) / slope) if slope > 0 else 2 * n
         high = over[0] - 1 if over is not None else max(guess, 2 * n)
         guess = min(max(guess, fits[0] + 1), high)
-        prev, last = last, (guess, rank_peak(model_name, guess * unit, mode, gpus, checkpointing, tiled_mlp))
+        prev, last = last, (guess, measure(guess))
 
 
 def main(argv=None):
@@ -222,8 +260,23 @@ def main(argv=None):
     ap.add_argument("--tiled-mlp", type=int, default=0,
                     help="longalign mode: sequence-tiled MLP with recompute over chunks of this many tokens "
                          "(longalign_ops.memory.apply_tiled_mlp; 0: off)")
+    ap.add_argument("--tiled-norms", type=int, default=0,
+                    help="longalign mode: RMSNorms tiled the same way over chunks of this many tokens "
+                         "(longalign_ops.memory.apply_tiled_norms; 0: off)")
     ap.add_argument("--modes", default="baseline,longalign", help="which of baseline, longalign to run")
+    ap.add_argument("--resolution", type=int, default=1024,
+                    help="the search's step, in tokens per GPU (max_tokens is a multiple of it times the GPUs)")
+    ap.add_argument("--offload", default="none",
+                    help="host offload for both modes, comma-separated for several (none, activations, all; each but "
+                         "none implies checkpointing on): activations = every layer's "
+                         "checkpoint in host memory; all = also parameters, gradients and AdamW state (FSDP2 "
+                         "CPUOffloadPolicy, the optimizer step on the CPU)")
     args = ap.parse_args(argv)
+    if args.resolution < 1:
+        raise SystemExit(f"bench_memory: --resolution {args.resolution}: must be a positive number of tokens")
+    offloads = args.offload.split(",")
+    if set(offloads) - {"none", "activations", "all"}:
+        raise SystemExit(f"bench_memory: --offload {args.offload!r}: choose from none, activations, all")
     if args.at_tokens:
         return at_tokens(args)
     budget = int(args.budget_gib * GIB)
@@ -238,23 +291,31 @@ def main(argv=None):
                                  f"{cfg.num_key_value_heads} kv heads")
     for name in args.model.split(","):
         for gpus in (int(g) for g in args.gpus.split(",")):
-            for ckpt in (c == "on" for c in args.checkpointing.split(",")):
+            settings = [(c == "on", "none") for c in args.checkpointing.split(",") if "none" in offloads]
+            settings += [(True, o) for o in offloads if o != "none"]  # offload checkpoints: always on
+            for ckpt, offload in settings:
                 for mode in args.modes.split(","):
-                    print(f"{name} {mode} gpus={gpus} checkpointing={ckpt} ({time.time() - started:.0f} s)", flush=True)
-                    r = longest(name, mode, gpus, ckpt, budget, lambda m: print(m, flush=True), args.tiled_mlp)
+                    print(f"{name} {mode} gpus={gpus} checkpointing={ckpt} offload={offload} "
+                          f"({time.time() - started:.0f} s)", flush=True)
+                    r = longest(name, mode, gpus, ckpt, budget, lambda m: print(m, flush=True), args.tiled_mlp,
+                                offload, args.tiled_norms, args.resolution)
                     tiled = args.tiled_mlp if mode == "longalign" else 0
-                    rows.append(dict(model=name, gpus=gpus, sp=gpus, fsdp=gpus > 1, mode=mode, checkpointing=ckpt,
-                                     tiled_mlp=tiled,
+                    tiled_norms = args.tiled_norms if mode == "longalign" else 0
+                    rows.append(dict(model=name, gpus=gpus, sp=gpus, fsdp=gpus > 1 or offload == "all",
+                                     mode=mode, checkpointing=ckpt, tiled_mlp=tiled, tiled_norms=tiled_norms,
+                                     offload=offload,
+                                     host_gib=round(r["host"] / GIB, 2),
                                      max_tokens=r["max_tokens"], peak_gib=round(r["peak"] / GIB, 2),
                                      dominant_category=dominant(r), budget_gib=args.budget_gib,
                                      **{f"{c.lower()}_gib": round(r.get(c, 0) / GIB, 2) for c in CATEGORIES}))
     os.makedirs(args.out, exist_ok=True)
     path = write_csv(os.path.join(args.out, "memory.csv"), rows)
     png = plot(rows, os.path.join(args.out, "memory.png"))
-    print(f"\n{'model':>11} {'gpus':>4} {'ckpt':>5} {'mode':>9} {'max tokens':>11} {'peak GiB':>8} dominant")
+    print(f"\n{'model':>11} {'gpus':>4} {'ckpt':>5} {'offload':>11} {'mode':>9} {'max tokens':>11} {'peak GiB':>8} "
+          f"{'host GiB':>8} dominant")
     for r in rows:
-        print(f"{r['model']:>11} {r['gpus']:>4} {r['checkpointing']!s:>5} {r['mode']:>9} {r['max_tokens']:>11} "
-              f"{r['peak_gib']:>8} {r['dominant_category']}")
+        print(f"{r['model']:>11} {r['gpus']:>4} {r['checkpointing']!s:>5} {r['offload']:>11} {r['mode']:>9} "
+              f"{r['max_tokens']:>11} {r['peak_gib']:>8} {r['host_gib']:>8} {r['dominant_category']}")
     print(f"wrote {path}" + (f", {png}" if png else " (matplotlib not installed: no plot)"))
 
 
@@ -287,17 +348,22 @@ def plot(rows, path):
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):
-        for (mode, ckpt), style in {("baseline", False): "o--", ("baseline", True): "s--", ("longalign", False): "o-",
-                                    ("longalign", True): "s-"}.items():
-            pts = sorted((int(r["gpus"]), int(r["max_tokens"])) for r in rows if r["model"] == name and
-                         r["mode"] == mode and str(r["checkpointing"]) == str(ckpt) and int(r["max_tokens"]) > 0)
+        mine = [r for r in rows if r["model"] == name]
+        lines = sorted({(r["mode"], str(r["checkpointing"]), r.get("offload", "none")) for r in mine})
+        for mode, ckpt, offload in lines:
+            pts = sorted((int(r["gpus"]), int(r["max_tokens"])) for r in mine if r["mode"] == mode and
+                         str(r["checkpointing"]) == ckpt and r.get("offload", "none") == offload and
+                         int(r["max_tokens"]) > 0)
             if pts:
-                ax.plot([g for g, _ in pts], [t / 1e3 for _, t in pts], style,
-                        label=f"{mode}, checkpointing {'on' if ckpt else 'off'}")
-        none = sorted({int(r["gpus"]) for r in rows if r["model"] == name and int(r["max_tokens"]) == 0})
+                label = f"{mode}, checkpointing {'on' if ckpt == 'True' else 'off'}"
+                label += f", offload {offload}" if offload != "none" else ""
+                marker = {"none": "o" if ckpt != "True" else "s", "activations": "^", "all": "D"}[offload]
+                ax.plot([g for g, _ in pts], [t / 1e3 for _, t in pts], marker + ("-" if mode == "longalign" else "--"),
+                        label=label)
+        none = sorted({(int(r["gpus"]), r.get("offload", "none")) for r in mine if int(r["max_tokens"]) == 0})
         if none:  # configurations where not even the fixed state and 1K tokens per GPU fit
-            ax.text(0.02, 0.02, f"{', '.join(map(str, none))} GPU(s): nothing fits", transform=ax.transAxes,
-                    fontsize=8)
+            ax.text(0.02, 0.02, "nothing fits: " + "; ".join(f"{g} GPU(s), offload {o}" for g, o in none),
+                    transform=ax.transAxes, fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("GPUs (Ulysses SP over all, FSDP)")

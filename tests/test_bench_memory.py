@@ -56,3 +56,29 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     res = run_cli("--model", "llama3-8b", "--gpus", "1", "--budget-gib", "20", "--checkpointing", "off",
                   "--out", str(tmp_path))
     assert res.returncode != 0 and "--budget-gib 20 is below llama3-8b's fixed state" in res.stderr
+    res = run_cli("--offload", "disk", "--out", str(tmp_path))
+    assert res.returncode != 0 and "--offload 'disk': choose from none, activations, all" in res.stderr
+
+
+def test_offload_accounting():
+    """rank_peak's host offload: `activations` moves each layer's bf16 input (T x hidden) to the
+    host, `all` also the parameters, gradients and AdamW state, leaving on the GPU the root
+    module's parameters and gradients and two decoder layers'."""
+    sys.path.insert(0, BENCH)
+    import bench_memory as bm
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    T = 4096
+    ckpt = bm.rank_peak(cfg, T, "longalign", 1, True)
+    acts = bm.rank_peak(cfg, T, "longalign", 1, True, offload="activations")
+    every = bm.rank_peak(cfg, T, "longalign", 1, True, offload="all")
+    assert ckpt["host"] == 0 and acts["host"] == cfg.num_hidden_layers * T * cfg.hidden_size * 2
+    assert acts["peak"] < ckpt["peak"]
+    state = ckpt["Parameter"] + ckpt["Gradient"] + ckpt["Optstate"]
+    in_use = 2 * (ckpt["params"] - (cfg.num_hidden_layers - 2) * ckpt["layer_params"])
+    assert every["Optstate"] == 0 and every["Parameter"] == every["Gradient"] == in_use
+    assert every["host"] >= acts["host"] + ckpt["Optstate"]
+    assert every["peak"] == acts["peak"] - (acts["Parameter"] + acts["Gradient"] + acts["Optstate"]) + 2 * in_use
+    assert state > 2 * in_use
