@@ -180,12 +180,13 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
 
 
 def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing: bool, tiled_mlp: int = 0,
-              offload: str = "none", tiled_norms: int = 0) -> dict:
+              offload: str = "none", tiled_norms: int = 0, sp: int = 0) -> dict:
     """One rank's peak for a row of `tokens` over `gpus` ranks (SP over all of them, FSDP state),
     with `offload` none | activations | all (see the module's docstring)."""
-    if tokens % gpus:
-        tokens += gpus - tokens % gpus
-    r = step_peak(model_name, tokens // gpus, mode, checkpointing=checkpointing or offload != "none",
+    sp = sp or gpus  # the row is split over `sp` ranks; the state is sharded over all `gpus`
+    if tokens % sp:
+        tokens += sp - tokens % sp
+    r = step_peak(model_name, tokens // sp, mode, checkpointing=checkpointing or offload != "none",
                   tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, offload_activations=offload != "none")
     state = r["Parameter"] + r["Gradient"] + r["Optstate"]
     itemsize = r["Parameter"] // r["params"]  # bf16
@@ -211,14 +212,17 @@ def dominant(r: dict) -> str:
 
 
 def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: int, progress,
-            tiled_mlp: int = 0, offload: str = "none", tiled_norms: int = 0, resolution: int = 1024) -> dict:
-    """The longest row (a multiple of `resolution` * gpus tokens) whose per-rank peak fits `budget`.
+            tiled_mlp: int = 0, offload: str = "none", tiled_norms: int = 0, resolution: int = 1024,
+            sp: int = 0) -> dict:
+    """The longest row (a multiple of `resolution` * sp tokens; sp defaults to gpus) whose per-rank
+    peak fits `budget`.
     The peak grows almost linearly with the tokens: secant steps through the last two
     measurements, kept inside the bracket [longest that fits, shortest that does not], until
     the bracket is one unit wide."""
-    unit = resolution * gpus
+    sp = sp or gpus
+    unit = resolution * sp
     def measure(units):
-        return rank_peak(model_name, units * unit, mode, gpus, checkpointing, tiled_mlp, offload, tiled_norms)
+        return rank_peak(model_name, units * unit, mode, gpus, checkpointing, tiled_mlp, offload, tiled_norms, sp)
 
     a = measure(4)
     state = a["Parameter"] + a["Optstate"] if offload != "all" else 0
@@ -231,7 +235,7 @@ def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: 
     prev, last = (4, a), (8, measure(8))
     while True:
         n, r = last
-        progress(f"  {model_name} {mode:9} gpus={gpus:<3} ckpt={checkpointing!s:5} offload={offload:11} "
+        progress(f"  {model_name} {mode:9} gpus={gpus:<3} sp={sp:<3} ckpt={checkpointing!s:5} offload={offload:11} "
                  f"{n * unit:>9} tokens: {r['peak'] / GIB:6.1f} GiB (host {r['host'] / GIB:.1f} GiB)")
         if r["peak"] <= budget:
             fits = max(fits, last, key=lambda x: x[0])
@@ -250,6 +254,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3-8b", help=f"one of {', '.join(MODELS)} (comma-separated for several)")
     ap.add_argument("--gpus", default="1,8,32", help="GPU counts: the row is split over all of them (SP + FSDP)")
+    ap.add_argument("--sp", default="gpus",
+                    help="sequence-parallel size: gpus (all of them, the default) or auto (the largest that divides the "
+                         "GPUs and the model's heads, e.g. 4 of 8 for Qwen2.5-7B's 28 heads; data parallel over the "
+                         "rest, FSDP over all)")
     ap.add_argument("--budget-gib", type=float, default=80.0, help="device memory per GPU")
     ap.add_argument("--checkpointing", default="off,on", help="activation checkpointing modes to run: off, on")
     ap.add_argument("--out", default="runs/bench/memory", help="directory for memory.csv and memory.png")
@@ -284,24 +292,21 @@ def main(argv=None):
     for name in args.model.split(","):
         cfg = model_config(name)  # unknown names: one line, before any work
         for gpus in (int(g) for g in args.gpus.split(",")):
-            if gpus < 1 or cfg.num_attention_heads % gpus or (cfg.num_key_value_heads % gpus and
-                                                               gpus % cfg.num_key_value_heads):
-                raise SystemExit(f"bench_memory: {gpus} GPUs (the sequence-parallel size) must divide {name}'s "
-                                 f"{cfg.num_attention_heads} query heads, and divide or be a multiple of its "
-                                 f"{cfg.num_key_value_heads} kv heads")
+            sp_size(args.sp, name, cfg, gpus)  # refusals: one line, before any work
     for name in args.model.split(","):
         for gpus in (int(g) for g in args.gpus.split(",")):
+            sp = sp_size(args.sp, name, model_config(name), gpus)
             settings = [(c == "on", "none") for c in args.checkpointing.split(",") if "none" in offloads]
             settings += [(True, o) for o in offloads if o != "none"]  # offload checkpoints: always on
             for ckpt, offload in settings:
                 for mode in args.modes.split(","):
-                    print(f"{name} {mode} gpus={gpus} checkpointing={ckpt} offload={offload} "
+                    print(f"{name} {mode} gpus={gpus} sp={sp} checkpointing={ckpt} offload={offload} "
                           f"({time.time() - started:.0f} s)", flush=True)
                     r = longest(name, mode, gpus, ckpt, budget, lambda m: print(m, flush=True), args.tiled_mlp,
-                                offload, args.tiled_norms, args.resolution)
+                                offload, args.tiled_norms, args.resolution, sp)
                     tiled = args.tiled_mlp if mode == "longalign" else 0
                     tiled_norms = args.tiled_norms if mode == "longalign" else 0
-                    rows.append(dict(model=name, gpus=gpus, sp=gpus, fsdp=gpus > 1 or offload == "all",
+                    rows.append(dict(model=name, gpus=gpus, sp=sp, fsdp=gpus > 1 or offload == "all",
                                      mode=mode, checkpointing=ckpt, tiled_mlp=tiled, tiled_norms=tiled_norms,
                                      offload=offload,
                                      host_gib=round(r["host"] / GIB, 2),
@@ -317,6 +322,21 @@ def main(argv=None):
         print(f"{r['model']:>11} {r['gpus']:>4} {r['checkpointing']!s:>5} {r['offload']:>11} {r['mode']:>9} "
               f"{r['max_tokens']:>11} {r['peak_gib']:>8} {r['host_gib']:>8} {r['dominant_category']}")
     print(f"wrote {path}" + (f", {png}" if png else " (matplotlib not installed: no plot)"))
+
+
+def sp_size(how: str, name: str, cfg, gpus: int) -> int:
+    """The sequence-parallel size for `gpus` GPUs: all of them, or with ``auto`` the largest size
+    that divides the GPUs and the query heads and divides or is a multiple of the kv heads."""
+    def valid(p):
+        return gpus % p == 0 and cfg.num_attention_heads % p == 0 and (cfg.num_key_value_heads % p == 0 or
+                                                                      p % cfg.num_key_value_heads == 0)
+    if how not in ("gpus", "auto"):
+        raise SystemExit(f"bench_memory: --sp {how!r}: choose gpus or auto")
+    if gpus < 1 or (how == "gpus" and not valid(gpus)):
+        raise SystemExit(f"bench_memory: {gpus} GPUs (the sequence-parallel size) must divide {name}'s "
+                         f"{cfg.num_attention_heads} query heads, and divide or be a multiple of its "
+                         f"{cfg.num_key_value_heads} kv heads (--sp auto uses the largest size that does)")
+    return gpus if how == "gpus" else max(p for p in range(1, gpus + 1) if valid(p))
 
 
 def at_tokens(args):
@@ -366,7 +386,7 @@ def plot(rows, path):
                     transform=ax.transAxes, fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("GPUs (Ulysses SP over all, FSDP)")
+        ax.set_xlabel("GPUs (Ulysses SP over all, or the largest size the heads allow; FSDP over all)")
         ax.set_ylabel(f"longest trainable row (K tokens), {float(rows[0]['budget_gib']):g} GiB per GPU")
         ax.set_title(f"{name}: bf16, fp32 AdamW moments (fake tensors + MemTracker)", fontsize=9)
         ax.grid(alpha=0.3, which="both")

@@ -82,3 +82,16 @@ def test_offload_accounting():
     assert every["host"] >= acts["host"] + ckpt["Optstate"]
     assert every["peak"] == acts["peak"] - (acts["Parameter"] + acts["Gradient"] + acts["Optstate"]) + 2 * in_use
     assert state > 2 * in_use
+
+
+def test_sequence_parallel_size_auto():
+    sys.path.insert(0, BENCH)
+    import bench_memory as bm
+
+    sizes = {(name, g): bm.sp_size("auto", name, bm.model_config(name), g)
+             for name in ("llama3-8b", "llama2-13b", "qwen2.5-7b") for g in (1, 8, 32)}
+    assert sizes == {("llama3-8b", 1): 1, ("llama3-8b", 8): 8, ("llama3-8b", 32): 32,
+                     ("llama2-13b", 1): 1, ("llama2-13b", 8): 8, ("llama2-13b", 32): 8,  # 40 heads
+                     ("qwen2.5-7b", 1): 1, ("qwen2.5-7b", 8): 4, ("qwen2.5-7b", 32): 4}  # 28 heads, 4 kv heads
+    with pytest.raises(SystemExit, match="--sp 'some'"):
+        bm.sp_size("some", "llama3-8b", bm.model_config("llama3-8b"), 8)
