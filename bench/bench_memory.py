@@ -272,6 +272,8 @@ def main(argv=None):
                     help="longalign mode: RMSNorms tiled the same way over chunks of this many tokens "
                          "(longalign_ops.memory.apply_tiled_norms; 0: off)")
     ap.add_argument("--modes", default="baseline,longalign", help="which of baseline, longalign to run")
+    ap.add_argument("--plot", default=None, metavar="CSV[,CSV...]",
+                    help="instead of measuring: draw DIR/memory.png from these memory.csv files together")
     ap.add_argument("--resolution", type=int, default=1024,
                     help="the search's step, in tokens per GPU (max_tokens is a multiple of it times the GPUs)")
     ap.add_argument("--offload", default="none",
@@ -287,12 +289,28 @@ def main(argv=None):
         raise SystemExit(f"bench_memory: --offload {args.offload!r}: choose from none, activations, all")
     if args.at_tokens:
         return at_tokens(args)
+    if args.plot:
+        import csv
+
+        rows = []
+        for path in args.plot.split(","):
+            with open(path, newline="") as f:
+                rows += list(csv.DictReader(f))
+        os.makedirs(args.out, exist_ok=True)
+        return print(f"wrote {plot(rows, os.path.join(args.out, 'memory.png'))}")
     budget = int(args.budget_gib * GIB)
     rows, started = [], time.time()
-    for name in args.model.split(","):
-        cfg = model_config(name)  # unknown names: one line, before any work
+    for name in args.model.split(","):  # refusals: one line each, before any work
+        cfg = model_config(name)
+        params = parameter_count(cfg)
         for gpus in (int(g) for g in args.gpus.split(",")):
-            sp_size(args.sp, name, cfg, gpus)  # refusals: one line, before any work
+            sp_size(args.sp, name, cfg, gpus)
+            state = params * 10 // gpus  # bf16 weights + fp32 AdamW moments, sharded
+            if offloads != ["all"] and state > budget:
+                raise SystemExit(f"bench_memory: --budget-gib {args.budget_gib:g} is below {name}'s fixed state on "
+                                 f"{gpus} GPU(s): {state / GIB:.1f} GiB of weights and optimizer state per GPU "
+                                 f"(more GPUs, or --offload all)")
+    out_csv = os.path.join(args.out, "memory.csv")
     for name in args.model.split(","):
         for gpus in (int(g) for g in args.gpus.split(",")):
             sp = sp_size(args.sp, name, model_config(name), gpus)
@@ -313,8 +331,7 @@ def main(argv=None):
                                      max_tokens=r["max_tokens"], peak_gib=round(r["peak"] / GIB, 2),
                                      dominant_category=dominant(r), budget_gib=args.budget_gib,
                                      **{f"{c.lower()}_gib": round(r.get(c, 0) / GIB, 2) for c in CATEGORIES}))
-    os.makedirs(args.out, exist_ok=True)
-    path = write_csv(os.path.join(args.out, "memory.csv"), rows)
+                    path = write_csv(out_csv, rows)  # after every configuration: an interrupted sweep keeps its rows
     png = plot(rows, os.path.join(args.out, "memory.png"))
     print(f"\n{'model':>11} {'gpus':>4} {'ckpt':>5} {'offload':>11} {'mode':>9} {'max tokens':>11} {'peak GiB':>8} "
           f"{'host GiB':>8} dominant")
@@ -322,6 +339,15 @@ def main(argv=None):
         print(f"{r['model']:>11} {r['gpus']:>4} {r['checkpointing']!s:>5} {r['offload']:>11} {r['mode']:>9} "
               f"{r['max_tokens']:>11} {r['peak_gib']:>8} {r['host_gib']:>8} {r['dominant_category']}")
     print(f"wrote {path}" + (f", {png}" if png else " (matplotlib not installed: no plot)"))
+
+
+def parameter_count(cfg) -> int:
+    """The model's parameter count, from a model built on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg))
+    return sum(p.numel() for p in model.parameters())
 
 
 def sp_size(how: str, name: str, cfg, gpus: int) -> int:
@@ -377,6 +403,10 @@ def plot(rows, path):
             if pts:
                 label = f"{mode}, checkpointing {'on' if ckpt == 'True' else 'off'}"
                 label += f", offload {offload}" if offload != "none" else ""
+                if any(int(r.get("tiled_mlp") or 0) for r in mine if r["mode"] == mode and
+                       r.get("offload", "none") == offload and str(r["checkpointing"]) == ckpt):
+                    label += ", tiled MLP + norms" if any(int(r.get("tiled_norms") or 0) for r in mine) else \
+                        ", tiled MLP"
                 marker = {"none": "o" if ckpt != "True" else "s", "activations": "^", "all": "D"}[offload]
                 ax.plot([g for g, _ in pts], [t / 1e3 for _, t in pts], marker + ("-" if mode == "longalign" else "--"),
                         label=label)
@@ -386,11 +416,14 @@ def plot(rows, path):
                     transform=ax.transAxes, fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        counts = sorted({int(r["gpus"]) for r in mine})
+        ax.set_xticks(counts, [str(g) for g in counts])
+        ax.set_xlim(counts[0] / 1.5, counts[-1] * 1.5)
         ax.set_xlabel("GPUs (Ulysses SP over all, or the largest size the heads allow; FSDP over all)")
         ax.set_ylabel(f"longest trainable row (K tokens), {float(rows[0]['budget_gib']):g} GiB per GPU")
         ax.set_title(f"{name}: bf16, fp32 AdamW moments (fake tensors + MemTracker)", fontsize=9)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
