@@ -366,14 +366,18 @@ def sp_size(how: str, name: str, cfg, gpus: int) -> int:
 
 
 def at_tokens(args):
-    """Both modes at one size: where each one's memory goes."""
+    """Both modes at one size: where each one's memory goes (longalign also with the tiling
+    flags, if given, as a third row)."""
     rows = []
+    tiled = dict(tiled_mlp=args.tiled_mlp, tiled_norms=args.tiled_norms)
     for name in args.model.split(","):
         model_config(name)
-        for mode in ("baseline", "longalign"):
-            r = step_peak(name, args.at_tokens, mode, layers=args.layers)
+        runs = [("baseline", {}), ("longalign", {})] + ([("longalign", tiled)] if any(tiled.values()) else [])
+        for mode, features in runs:
+            r = step_peak(name, args.at_tokens, mode, layers=args.layers, **features)
             rows.append(dict(model=name, layers=args.layers or model_config(name).num_hidden_layers,
-                             tokens=args.at_tokens, mode=mode, peak_gib=round(r["peak"] / GIB, 3),
+                             tokens=args.at_tokens, mode=mode, tiled_mlp=features.get("tiled_mlp", 0),
+                             tiled_norms=features.get("tiled_norms", 0), peak_gib=round(r["peak"] / GIB, 3),
                              dominant_category=dominant(r),
                              **{f"{c.lower()}_gib": round(r[c] / GIB, 3) for c in CATEGORIES}))
             print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
