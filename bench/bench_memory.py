@@ -120,14 +120,13 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
 
     cfg = model_config(model_name, layers) if isinstance(model_name, str) else model_name
     model = _model(cfg, mode, checkpointing, offload_activations)
-    if tiled_mlp and mode == "longalign":
-        from longalign_ops.memory import apply_tiled_mlp
+    if mode == "longalign":
+        from longalign_ops.memory import apply_tiled_mlp, apply_tiled_norms
 
-        apply_tiled_mlp(model, tiled_mlp)
-    if tiled_norms and mode == "longalign":
-        from longalign_ops.memory import apply_tiled_norms
-
-        apply_tiled_norms(model, tiled_norms)
+        if tiled_mlp:
+            apply_tiled_mlp(model, tiled_mlp)
+        if tiled_norms:
+            apply_tiled_norms(model, tiled_norms)
     la.set_validation(not fake)  # value checks read data, which fake tensors do not have
     rss = {}
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
@@ -207,6 +206,11 @@ def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing:
     return r
 
 
+def below_fixed_state(budget_gib: float, name: str, gpus: int, state: int) -> str:
+    return (f"bench_memory: --budget-gib {budget_gib:g} is below {name}'s fixed state on {gpus} GPU(s): "
+            f"{state / GIB:.1f} GiB of weights and optimizer state per GPU (more GPUs, or --offload all)")
+
+
 def dominant(r: dict) -> str:
     return max(CATEGORIES, key=lambda c: r.get(c, 0))
 
@@ -221,14 +225,14 @@ def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: 
     the bracket is one unit wide."""
     sp = sp or gpus
     unit = resolution * sp
+
     def measure(units):
         return rank_peak(model_name, units * unit, mode, gpus, checkpointing, tiled_mlp, offload, tiled_norms, sp)
 
     a = measure(4)
     state = a["Parameter"] + a["Optstate"] if offload != "all" else 0
     if state > budget:
-        raise SystemExit(f"bench_memory: --budget-gib {budget / GIB:g} is below {model_name}'s fixed state on {gpus} "
-                         f"GPU(s): {state / GIB:.1f} GiB of weights and optimizer state per GPU")
+        raise SystemExit(below_fixed_state(budget / GIB, model_name, gpus, state))
     if a["peak"] > budget:
         return dict(a, max_tokens=0)
     fits, over = (4, a), None  # (units, measurement)
@@ -307,9 +311,7 @@ def main(argv=None):
             sp_size(args.sp, name, cfg, gpus)
             state = params * 10 // gpus  # bf16 weights + fp32 AdamW moments, sharded
             if offloads != ["all"] and state > budget:
-                raise SystemExit(f"bench_memory: --budget-gib {args.budget_gib:g} is below {name}'s fixed state on "
-                                 f"{gpus} GPU(s): {state / GIB:.1f} GiB of weights and optimizer state per GPU "
-                                 f"(more GPUs, or --offload all)")
+                raise SystemExit(below_fixed_state(args.budget_gib, name, gpus, state))
     out_csv = os.path.join(args.out, "memory.csv")
     for name in args.model.split(","):
         for gpus in (int(g) for g in args.gpus.split(",")):

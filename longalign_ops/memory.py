@@ -42,6 +42,22 @@ def _tiled(forward, chunk_tokens: int):
     return run
 
 
+def _tile(module: torch.nn.Module, chunk_tokens: int) -> None:
+    """Replace `module.forward` by its tiled form; tiling it again re-tiles the original forward."""
+    forward = module.forward
+    base = getattr(forward, "__wrapped__", forward) if hasattr(forward, "longalign_tiled") else forward
+    module.forward = _tiled(base, chunk_tokens)
+
+
+def _tiling_target(model: torch.nn.Module, chunk_tokens, caller: str):
+    """(checked chunk_tokens, the decoder model holding ``.layers``) of a transformers causal LM."""
+    chunk_tokens = check_int("chunk_tokens", chunk_tokens, minimum=1)
+    inner = getattr(model, "model", model)
+    if getattr(inner, "layers", None) is None:
+        raise ValueError(f"{caller} needs a transformers causal LM with model.model.layers")
+    return chunk_tokens, inner
+
+
 def apply_tiled_norms(model: torch.nn.Module, chunk_tokens: int = 32768) -> torch.nn.Module:
     """Tile the RMSNorms of a transformers causal LM over `chunk_tokens`-token chunks with
     recompute, in place: every ``*layernorm`` of each decoder layer and the final ``model.norm``.
@@ -49,18 +65,12 @@ def apply_tiled_norms(model: torch.nn.Module, chunk_tokens: int = 32768) -> torc
     backward, whose temporaries are several more: at 512K tokens per GPU and hidden 4096, one norm's
     backward alone holds about 40 GiB. Tiled, one chunk's worth. Exact; parameters unchanged.
     Returns the model."""
-    chunk_tokens = check_int("chunk_tokens", chunk_tokens, minimum=1)
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError("apply_tiled_norms needs a transformers causal LM with model.model.layers")
-    norms = [m for layer in layers for name, m in layer.named_children() if name.endswith("layernorm")]
+    chunk_tokens, inner = _tiling_target(model, chunk_tokens, "apply_tiled_norms")
+    norms = [m for layer in inner.layers for name, m in layer.named_children() if name.endswith("layernorm")]
     if isinstance(getattr(inner, "norm", None), torch.nn.Module):
         norms.append(inner.norm)
     for norm in norms:
-        forward = norm.forward
-        base = getattr(forward, "__wrapped__", forward) if hasattr(forward, "longalign_tiled") else forward
-        norm.forward = _tiled(base, chunk_tokens)
+        _tile(norm, chunk_tokens)
     return model
 
 
@@ -68,14 +78,9 @@ def apply_tiled_mlp(model: torch.nn.Module, chunk_tokens: int = 8192) -> torch.n
     """Tile the MLP of every decoder layer of a transformers causal LM (``model.model.layers[i].mlp``)
     over `chunk_tokens`-token chunks, in place; parameters and state-dict keys are unchanged.
     Returns the model."""
-    chunk_tokens = check_int("chunk_tokens", chunk_tokens, minimum=1)
-    layers = getattr(getattr(model, "model", model), "layers", None)
-    if layers is None:
-        raise ValueError("apply_tiled_mlp needs a transformers causal LM with model.model.layers")
-    for layer in layers:
-        forward = layer.mlp.forward
-        base = getattr(forward, "__wrapped__", forward) if hasattr(forward, "longalign_tiled") else forward
-        layer.mlp.forward = _tiled(base, chunk_tokens)
+    chunk_tokens, inner = _tiling_target(model, chunk_tokens, "apply_tiled_mlp")
+    for layer in inner.layers:
+        _tile(layer.mlp, chunk_tokens)
     return model
 
 

@@ -564,6 +564,13 @@ def load_units(cfg: Config, log):
 def main(argv=None, step_hook=None) -> dict:
     cfg = parse_args(argv)
     rank, world, dp_rank, dp_size, sp_group = setup_distributed(cfg)
+    # refusals of the flag combination, on every rank, before any data is read or model built
+    if cfg.fsdp and not dist.is_initialized():
+        raise SystemExit("--fsdp needs a torchrun job (torchrun --nproc_per_node N train/train.py --fsdp ...)")
+    if cfg.offload_params and not cfg.fsdp:
+        raise SystemExit("--offload-params works through FSDP2: add --fsdp (one GPU: torchrun --nproc_per_node 1)")
+    if cfg.fsdp and cfg.world_size > 1:
+        raise SystemExit("--fsdp shards over torchrun's ranks; --world-size (emulated ranks) is for a single process")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     emulated = cfg.world_size if world == 1 else 1  # ranks run one after another in this process
     ranks = dp_size * emulated  # packs per plan step
@@ -577,12 +584,6 @@ def main(argv=None, step_hook=None) -> dict:
     lengths = unit_lengths(units)
     model = build_model(cfg, device)
     wrapped = CausalLMWithLoss(model)
-    if cfg.fsdp and not dist.is_initialized():
-        raise SystemExit("--fsdp needs a torchrun job (torchrun --nproc_per_node N train/train.py --fsdp ...)")
-    if cfg.offload_params and not cfg.fsdp:
-        raise SystemExit("--offload-params works through FSDP2: add --fsdp (one GPU: torchrun --nproc_per_node 1)")
-    if cfg.fsdp and cfg.world_size > 1:
-        raise SystemExit("--fsdp shards over torchrun's ranks; --world-size (emulated ranks) is for a single process")
     if world > 1 or cfg.fsdp:
         if cfg.time_repeats > 1:
             raise SystemExit("--time-repeats is for ranks emulated in one process, not under torchrun")
