@@ -1,10 +1,22 @@
 """Triton kernels of longalign_ops, one op per file (installed as longalign_ops.kernels).
 
 This package imports only torch and triton: dispatch, validation and the autograd / custom-op
-registration live one layer up, in longalign_ops."""
+registration live one layer up, in longalign_ops. The two questions every op asks of a tensor
+are answered here, from one reading of the environment."""
 import os
 
 
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through the interpreter (CI)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t) -> bool:
+    """Run the Triton kernel for `t`: CUDA tensors always, CPU tensors under the interpreter;
+    otherwise the op takes its PyTorch path."""
+    return t.is_cuda or interpreting()
+
+
 def on_compiled_gpu(t) -> bool:
-    """The kernels run compiled on a GPU (not in the interpreter): GPU tile configs apply."""
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    """The kernel runs compiled on a GPU (not in the interpreter): the GPU tile configs apply."""
+    return t.is_cuda and not interpreting()

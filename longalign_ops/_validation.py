@@ -1,10 +1,11 @@
-"""Host-side input checks shared by every public op.
+"""Input checks shared by every public op (those of cu_seqlens live beside the batch description,
+in ``batch``).
 
-cu_seqlens checks need the values on the host (one sync). For device tensors they are cached per
-tensor (keyed by identity and torch's in-place version counter), so the 32 layers of a model pay
-one check per batch; a PackedBatch built from host lengths needs none.
-``set_validation(False)`` or ``LONGALIGN_VALIDATE=0`` turns the value checks off for
-users who want zero host syncs; shape, dtype and device checks always run (they are free).
+Value checks need the values on the host (one sync). ``set_validation(False)`` or
+``LONGALIGN_VALIDATE=0`` turns them off for users who want zero host syncs; shape, dtype and
+device checks always run (they are free). While torch.compile traces, a host read would break the
+graph, so the value checks become device-side asserts (:func:`assert_on_device`): traced into the
+graph, raising RuntimeError with the same message on CPU, a device assert on CUDA.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import os
 import weakref
 from typing import Dict, Iterable, Optional, Tuple
 
-import numpy as np
 import torch
 
 _state = {"validate": os.environ.get("LONGALIGN_VALIDATE", "1") != "0"}
@@ -29,11 +29,6 @@ def set_validation(enabled: bool) -> None:
 
 def validation_enabled() -> bool:
     return _state["validate"]
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """CUDA tensors run the Triton kernels; CPU tensors too when TRITON_INTERPRET=1 (CI)."""
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None,
@@ -83,55 +78,12 @@ def memo_by_tensor(key: torch.Tensor, build, *extra):
     return value
 
 
-def _cacheable(cu: torch.Tensor) -> bool:
-    return cu.device.type != "cpu"
+def compiling() -> bool:
+    """True while torch.compile traces: value checks must not read tensors back to the host."""
+    return torch.compiler.is_compiling()
 
 
-def _describe(name: str, cu: torch.Tensor):
-    """A validated PackedBatch for a cu_seqlens tensor. Device tensors are remembered per tensor,
-    so a model's layers pay one sync per batch. CPU tensors are re-read every time: that costs no
-    sync, and a write through ``.numpy()`` or ``.data`` (which torch's version counter does not
-    see) can then never make a check stale."""
-    from .batch import PackedBatch
-
-    build = lambda: PackedBatch.from_cu_seqlens(cu, name=name)  # noqa: E731
-    return memo_by_tensor(cu, build, "cu_seqlens", name) if _cacheable(cu) else build()
-
-
-def batch_for_cu(name: str, cu, total: Optional[int], *, device: torch.device, max_seqlen: Optional[int] = None,
-                 max_seqlen_name: str = "max_seqlen", force: bool = False):
-    """Check cu_seqlens (B+1,) int32: starts at 0, non-decreasing, ends at ``total`` (unless
-    None: the tensor then defines the total), and no sequence longer than ``max_seqlen``.
-    Returns its validated :class:`PackedBatch`, or None when value checks are off (and
-    ``force`` is not set)."""
-    check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
-    if cu.numel() < 1:
-        raise ValueError(f"{name} must have at least one entry (B+1 with B >= 0)")
-    if not (force or _state["validate"]):
-        return None
-    batch = _describe(name, cu)
-    if total is not None and batch.total != total:
-        raise ValueError(f"{name} must end at the total number of tokens {total}, got {batch.total}")
-    if max_seqlen is not None and batch.max_len > max_seqlen:
-        raise ValueError(f"{max_seqlen_name}={max_seqlen} is smaller than the longest sequence in {name} "
-                         f"({batch.max_len})")
-    return batch
-
-
-def check_cu_seqlens(name: str, cu, total: Optional[int], *, device: torch.device, force: bool = False
-                     ) -> Optional[np.ndarray]:
-    """The checks of :func:`batch_for_cu`, returning only the (B,) int64 host lengths (or None):
-    for ops that need no batch description (position synthesis), whose tile lists and token
-    maps would cost more than the op itself."""
-    from .batch import lengths_from_cu
-
-    check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
-    if cu.numel() < 1:
-        raise ValueError(f"{name} must have at least one entry (B+1 with B >= 0)")
-    if not (force or _state["validate"]):
-        return None
-    read = lambda: lengths_from_cu(name, cu.detach().to("cpu", torch.int64).numpy())  # noqa: E731
-    lengths = memo_by_tensor(cu, read, "lengths", name) if _cacheable(cu) else read()
-    if total is not None and int(lengths.sum()) != total:
-        raise ValueError(f"{name} must end at the total number of tokens {total}, got {int(lengths.sum())}")
-    return lengths
+def assert_on_device(ok: torch.Tensor, message: str) -> None:
+    """A value check torch.compile can trace: RuntimeError(message) where `ok` (a 0-d bool
+    tensor) is False, raised when the compiled graph runs (on CUDA, a device-side assert)."""
+    torch._assert_async(ok, message)

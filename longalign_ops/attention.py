@@ -10,8 +10,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._validation import batch_for_cu, check_finite_number, check_int, check_tensor, use_triton
-from .batch import PackedBatch
+from ._validation import check_finite_number, check_int, check_tensor
+from .batch import TILE_BLOCKS, PackedBatch, batch_for_cu
+from .kernels import use_triton
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 Tensor = torch.Tensor
@@ -188,7 +189,11 @@ def _tile_lists(q: Tensor, batch_q: Optional[PackedBatch], batch_k: Optional[Pac
     from .kernels.varlen_attention import config_for
 
     cfg = config_for(q, softcap)
-    return batch_q.tiles(cfg["fwd"][0]), batch_k.tiles(cfg["dkdv"][1]), batch_q.tiles(cfg["dq"][0])
+    blocks = (cfg["fwd"][0], cfg["dkdv"][1], cfg["dq"][0])
+    if not set(blocks) <= set(TILE_BLOCKS):  # a tile config the description lays out no schedule for
+        raise RuntimeError(f"attention tile blocks {blocks} for head dim {q.shape[-1]}, {q.dtype} are not all in "
+                           f"PackedBatch's TILE_BLOCKS {TILE_BLOCKS}")
+    return batch_q.tiles(blocks[0]), batch_k.tiles(blocks[1]), batch_q.tiles(blocks[2])
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k: Optional[Tensor] = None,

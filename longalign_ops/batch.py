@@ -15,8 +15,12 @@ cannot make it stale, and the kernels take their bounds from it.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import numpy as np
 import torch
+
+from ._validation import assert_on_device, check_tensor, compiling, memo_by_tensor, validation_enabled
 
 # Row-block sizes of the attention kernels (kernels.varlen_attention.attention_config): a tile
 # schedule is laid out for each, so any dtype / head dim / GPU finds its own without a rebuild.
@@ -72,8 +76,6 @@ class PackedBatch:
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, *, name: str = "cu_seqlens") -> "PackedBatch":
         """From a ``(B+1,)`` int32 cumulative-length tensor on any device: its values are read
         to the host and checked once (the one sync), then everything else is built there."""
-        from ._validation import check_tensor
-
         check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
         if cu_seqlens.numel() < 1:
             raise ValueError(f"{name} must have at least one entry (B+1 with B >= 0)")
@@ -116,8 +118,6 @@ class PackedBatch:
     def with_positions(self, position_ids: torch.Tensor) -> "PackedBatch":
         """The same batch with other position ids (e.g. from :func:`synthesize_positions`):
         ``(T,)`` integer on the batch's device. The ids are copied (owned)."""
-        from ._validation import check_tensor
-
         check_tensor("position_ids", position_ids, dtypes=(torch.int64, torch.int32), device=self.device)
         ids = position_ids.reshape(-1) if position_ids.dim() == 2 and position_ids.shape[0] == 1 else position_ids
         if ids.dim() != 1 or ids.shape[0] != self.total:
@@ -201,4 +201,93 @@ def lengths_from_cu(name: str, host: np.ndarray) -> np.ndarray:
     if bad.size:
         raise ValueError(f"{name} must be non-decreasing: {bad.size} decrease(s), first at index "
                          f"{int(bad[0]) + 1} ({int(host[bad[0]])} -> {int(host[bad[0] + 1])})")
+    return lengths
+
+
+# ----------------------------------------------------------------------------- cu_seqlens arguments
+
+
+def _cacheable(cu: torch.Tensor) -> bool:
+    return cu.device.type != "cpu"
+
+
+def _describe(name: str, cu: torch.Tensor) -> PackedBatch:
+    """A validated PackedBatch for a cu_seqlens tensor. Device tensors are remembered per tensor
+    (identity and torch's in-place version counter), so a model's layers pay one sync per batch.
+    CPU tensors are re-read every time: that costs no sync, and a write through ``.numpy()`` or
+    ``.data`` (which torch's version counter does not see) can then never make a check stale."""
+    build = lambda: PackedBatch.from_cu_seqlens(cu, name=name)  # noqa: E731
+    return memo_by_tensor(cu, build, "cu_seqlens", name) if _cacheable(cu) else build()
+
+
+def _check_cu_on_device(name: str, cu: torch.Tensor, total: Optional[int], max_seqlen: Optional[int],
+                        max_seqlen_name: str) -> None:
+    """The value checks of :func:`batch_for_cu` as device-side asserts, for torch.compile: the
+    same rules, traced into the graph instead of read back to the host."""
+    c = cu.long()
+    assert_on_device(c[0] == 0, f"{name} must start at 0")
+    if cu.numel() > 1:
+        lengths = c[1:] - c[:-1]
+        assert_on_device((lengths >= 0).all(), f"{name} must be non-decreasing")
+        if max_seqlen is not None:
+            assert_on_device((lengths <= max_seqlen).all(),
+                             f"{max_seqlen_name}={max_seqlen} is smaller than the longest sequence in {name}")
+    if total is not None:
+        assert_on_device(c[-1] == total, f"{name} must end at the total number of tokens {total}")
+
+
+def batch_for_cu(name: str, cu, total: Optional[int], *, device: torch.device, max_seqlen: Optional[int] = None,
+                 max_seqlen_name: str = "max_seqlen", force: bool = False) -> Optional[PackedBatch]:
+    """Check cu_seqlens (B+1,) int32: starts at 0, non-decreasing, ends at ``total`` (unless
+    None: the tensor then defines the total), and no sequence longer than ``max_seqlen``.
+    Returns its validated :class:`PackedBatch`; None when value checks are off (and ``force`` is
+    not set), and while torch.compile traces, where the checks run as device-side asserts and
+    the caller works from the tensor itself (the kernels' dense grid, :func:`sequence_map`)."""
+    check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
+    if cu.numel() < 1:
+        raise ValueError(f"{name} must have at least one entry (B+1 with B >= 0)")
+    if compiling():
+        if validation_enabled():
+            _check_cu_on_device(name, cu, total, max_seqlen, max_seqlen_name)
+        return None
+    if not (force or validation_enabled()):
+        return None
+    batch = _describe(name, cu)
+    if total is not None and batch.total != total:
+        raise ValueError(f"{name} must end at the total number of tokens {total}, got {batch.total}")
+    if max_seqlen is not None and batch.max_len > max_seqlen:
+        raise ValueError(f"{max_seqlen_name}={max_seqlen} is smaller than the longest sequence in {name} "
+                         f"({batch.max_len})")
+    return batch
+
+
+def sequence_map(name: str, cu_or_batch, tensor_name: str, T: int, device) -> Tuple[int, torch.Tensor]:
+    """(B, ``(T,)`` int64 sequence of each token) of a PackedBatch or a cu_seqlens argument over
+    the T tokens of `tensor_name`. A cu_seqlens tensor is described on the host (checked, one
+    sync); while torch.compile traces, the map is computed on the device instead."""
+    if isinstance(cu_or_batch, PackedBatch):
+        cu_or_batch.check(tensor_name, T, device)
+        return cu_or_batch.num_sequences, cu_or_batch.sequence_ids
+    batch = batch_for_cu(name, cu_or_batch, T, device=device, force=True)
+    if batch is not None:
+        return batch.num_sequences, batch.sequence_ids
+    tokens = torch.arange(T, device=device, dtype=cu_or_batch.dtype)
+    # token t belongs to the first sequence whose end is past t (zero-length ones are skipped)
+    return cu_or_batch.numel() - 1, torch.searchsorted(cu_or_batch[1:], tokens, right=True).long()
+
+
+def check_cu_seqlens(name: str, cu, total: Optional[int], *, device: torch.device, force: bool = False
+                     ) -> Optional[np.ndarray]:
+    """The checks of :func:`batch_for_cu`, returning only the (B,) int64 host lengths (or None):
+    for ops that need no batch description (position synthesis), whose tile lists and token
+    maps would cost more than the op itself."""
+    check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
+    if cu.numel() < 1:
+        raise ValueError(f"{name} must have at least one entry (B+1 with B >= 0)")
+    if not (force or validation_enabled()):
+        return None
+    read = lambda: lengths_from_cu(name, cu.detach().to("cpu", torch.int64).numpy())  # noqa: E731
+    lengths = memo_by_tensor(cu, read, "lengths", name) if _cacheable(cu) else read()
+    if total is not None and int(lengths.sum()) != total:
+        raise ValueError(f"{name} must end at the total number of tokens {total}, got {int(lengths.sum())}")
     return lengths

@@ -9,8 +9,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._validation import batch_for_cu, check_finite_number, check_int, check_tensor, use_triton, validation_enabled
-from .batch import PackedBatch
+from ._validation import assert_on_device, check_finite_number, check_int, check_tensor, compiling, validation_enabled
+from .batch import PackedBatch, sequence_map
+from .kernels import use_triton
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _REDUCTIONS = ("none", "sum", "mean")
@@ -51,18 +52,24 @@ def _check_targets(labels, token_weights, T: int, V: int, ignore_index: int, dev
             weights = token_weights / token_weights.abs().amax().clamp_min(torch.finfo(torch.float64).tiny)
         weights = weights.float().contiguous()
     if validation_enabled() and T:
-        flags = [((labels != ignore_index) & ((labels < 0) | (labels >= V))).sum()]
+        checks = [(((labels != ignore_index) & ((labels < 0) | (labels >= V))).sum(),
+                   f"labels: {{}} of {T} are outside [0, {V}) and not ignore_index={ignore_index}")]
         if token_weights is not None:
-            flags += [torch.isnan(token_weights).sum(), (token_weights < 0).sum(), torch.isinf(token_weights).sum(),
-                      (torch.isinf(weights) & torch.isfinite(token_weights)).sum(),
-                      ((weights == 0) & (token_weights != 0)).sum()]
-        bad = torch.stack(flags).tolist()  # the one host sync of the checks
-        if bad[0]:
-            raise ValueError(f"labels: {bad[0]} of {T} are outside [0, {V}) and not ignore_index={ignore_index}")
-        for count, what in zip(bad[1:], ("NaN", "negative", "infinite", "too large for float32 (they overflow to inf)",
-                                         "too small for float32 (they underflow to 0)")):
-            if count:
-                raise ValueError(f"token_weights: {count} of {T} are {what}")
+            for count, what in ((torch.isnan(token_weights).sum(), "NaN"), ((token_weights < 0).sum(), "negative"),
+                                (torch.isinf(token_weights).sum(), "infinite"),
+                                ((torch.isinf(weights) & torch.isfinite(token_weights)).sum(),
+                                 "too large for float32 (they overflow to inf)"),
+                                (((weights == 0) & (token_weights != 0)).sum(),
+                                 "too small for float32 (they underflow to 0)")):
+                checks.append((count, f"token_weights: {{}} of {T} are {what}"))
+        if compiling():  # traced, no host read: the count is not known when the message is made
+            for count, message in checks:
+                assert_on_device(count == 0, message.format("some"))
+        else:
+            bad = torch.stack([count for count, _ in checks]).tolist()  # the one host sync of the checks
+            for count, (_, message) in zip(bad, checks):
+                if count:
+                    raise ValueError(message.format(count))
     return labels.long().contiguous(), weights, ignore_index
 
 
@@ -392,13 +399,38 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, token_weights: Optional[Ten
                    return_predicted_tokens)
 
 
-def _batch_of(name: str, cu_or_batch, tensor_name: str, T: int, device) -> PackedBatch:
-    """The batch description of a PackedBatch or cu_seqlens argument over the T tokens of
-    `tensor_name`."""
-    if isinstance(cu_or_batch, PackedBatch):
-        cu_or_batch.check(tensor_name, T, device)
-        return cu_or_batch
-    return batch_for_cu(name, cu_or_batch, T, device=device, force=True)
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def longalign_factors(n, num_packs: int, num_sequences: int):
+    """LongAlign's per-sequence weight ``K / (N_i M)`` from target counts ``n`` (a tensor or a
+    numpy array), 0 where ``N_i = 0``: the one definition the ops, sequence parallelism and the
+    packer's plan all use."""
+    return (n > 0) * (num_packs / ((n + (n == 0)) * num_sequences))
+
+
+def logprobs_by_sequence(hidden: Tensor, weight: Tensor, labels: Tensor, B: int, seq: Tensor, *,
+                         bias: Optional[Tensor] = None, ignore_index: int = -100, average: bool = False,
+                         reduce=_identity) -> Tensor:
+    """``(B,)`` per-sequence log-prob sums (means with ``average``) of the tokens whose sequence
+    is ``seq`` ``(T,)``; ``reduce`` combines partial sums held by several ranks (identity on one)."""
+    nll = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction="none")
+    sums = reduce(torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, seq, -nll))
+    if not average:
+        return sums
+    counts = reduce(torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(
+        0, seq, (labels != ignore_index).float()))
+    return sums / counts.clamp_min(1.0)
+
+
+def loss_weights_by_sequence(labels: Tensor, B: int, seq: Tensor, *, num_packs: int, num_sequences: int,
+                             ignore_index: int = -100, reduce=_identity) -> Tensor:
+    """``(T,)`` fp32 LongAlign weights of tokens whose sequence is ``seq``, N_i counted over
+    ``reduce`` (every rank holding part of the sequence)."""
+    target = labels != ignore_index
+    n = reduce(torch.zeros(B, dtype=torch.float64, device=labels.device).index_add(0, seq, target.double()))
+    return (longalign_factors(n, num_packs, num_sequences)[seq] * target).float()
 
 
 def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens, *, bias: Optional[Tensor] = None,
@@ -412,15 +444,8 @@ def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens
     the logits are never materialised.
     """
     check_tensor("hidden", hidden, ndim=2, dtypes=_FLOATS)
-    batch = _batch_of("cu_seqlens", cu_seqlens, "hidden", hidden.shape[0], hidden.device)
-    nll = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction="none")
-    B, seq = batch.num_sequences, batch.sequence_ids
-    sums = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, seq, -nll)
-    if not average:
-        return sums
-    counts = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(
-        0, seq, (labels != ignore_index).float())
-    return sums / counts.clamp_min(1.0)
+    B, seq = sequence_map("cu_seqlens", cu_seqlens, "hidden", hidden.shape[0], hidden.device)
+    return logprobs_by_sequence(hidden, weight, labels, B, seq, bias=bias, ignore_index=ignore_index, average=average)
 
 
 def longalign_loss_weights(cu_seqlens, labels: Tensor, *, num_packs: int, num_sequences: int,
@@ -431,11 +456,7 @@ def longalign_loss_weights(cu_seqlens, labels: Tensor, *, num_packs: int, num_se
     and averaging over the K ranks gives ``(1/M) sum_i L_i / N_i``. ``cu_seqlens`` may be a
     :class:`PackedBatch` (no device sync)."""
     check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32))
-    batch = _batch_of("cu_seqlens", cu_seqlens, "labels", labels.shape[0], labels.device)
+    B, seq = sequence_map("cu_seqlens", cu_seqlens, "labels", labels.shape[0], labels.device)
     K = check_int("num_packs", num_packs, minimum=1)
     M = check_int("num_sequences", num_sequences, minimum=1)
-    seq = batch.sequence_ids
-    target = labels != ignore_index
-    n = torch.zeros(batch.num_sequences, dtype=torch.float64, device=labels.device).index_add(0, seq, target.double())
-    per_seq = torch.where(n > 0, K / (n.clamp_min(1.0) * M), torch.zeros_like(n))
-    return (per_seq[seq] * target).float()
+    return loss_weights_by_sequence(labels, B, seq, num_packs=K, num_sequences=M, ignore_index=ignore_index)

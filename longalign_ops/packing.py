@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _C
 from ._validation import check_finite_number, check_int
+from .cross_entropy import longalign_factors
 
 STRATEGIES = ("naive", "sorted", "bfd")
 BALANCES = ("tokens", "attention")
@@ -151,8 +152,7 @@ class PackPlan:
             n_i = counts[members]
             m = int(np.count_nonzero(n_i))
             if m:
-                with np.errstate(divide="ignore"):
-                    weights[members] = np.where(n_i > 0, W / (n_i * float(m)), 0.0)
+                weights[members] = longalign_factors(n_i, W, m)
         return weights
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from . import _C
-from ._validation import check_cu_seqlens, check_int
+from ._validation import check_int
+from .batch import check_cu_seqlens
 from .batch import PackedBatch
 
 METHODS = {"contiguous": 0, "logo": 1, "pose": 2}
@@ -56,15 +57,23 @@ def _per_sequence(name: str, value, B: int, allow_none: bool) -> Optional[np.nda
     if value is None:
         return None if allow_none else np.zeros(B, np.int64)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if not -(2 ** 63) <= int(value) < 2 ** 63:
+            raise ValueError(f"{name} must fit in int64, got {int(value)}")
         arr = np.full(B, int(value), dtype=np.int64)
     else:
         if isinstance(value, torch.Tensor):
             if value.is_floating_point() or value.dtype == torch.bool:
                 raise TypeError(f"{name} must hold integers, got {value.dtype}")
             value = value.detach().cpu().numpy()
+        if isinstance(value, (list, tuple)):  # numpy would turn ints past int64 into floats or objects
+            big = [v for v in value if isinstance(v, numbers.Integral) and not -(2 ** 63) <= int(v) < 2 ** 63]
+            if big:
+                raise ValueError(f"{name} must fit in int64, got {int(big[0])}")
         arr = np.asarray(value)
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+        if arr.size and arr.dtype == np.uint64 and int(arr.max()) >= 2 ** 63:
+            raise ValueError(f"{name} must fit in int64, got {int(arr.max())}")
         arr = np.ascontiguousarray(arr, dtype=np.int64).reshape(-1) if arr.ndim <= 1 else arr
         if arr.shape != (B,):
             raise ValueError(f"{name} must be an int or have one entry per sequence ({B}), got shape {arr.shape}")

@@ -10,8 +10,8 @@ over the group, so a sequence that spans ranks gets one global value on every ra
     shard = la.sequence_parallel.shard(batch, group)      # pads the row to a multiple of P
     q_local = ...                                         # (shard.local_tokens, Hq, D)
     out_local = la.sequence_parallel.ulysses_attention(q_local, k_local, v_local, shard)
-    with la.sequence_parallel.use(shard):                 # transformers' "longalign" attention runs Ulysses
-        hidden = model.model(input_ids=shard.local(ids)[None], position_ids=shard.local(pos)[None]).last_hidden_state
+    hidden = model.model(input_ids=shard.local(ids)[None], position_ids=shard.local(pos)[None],
+                         packed_batch=shard).last_hidden_state  # "longalign" attention runs Ulysses
 
 Per layer and token, a rank sends and receives (P-1)/P of its q, k, v and output slices: with
 Hq query heads, Hk kv heads (after replication to at least P) and head dim D, that is
@@ -33,7 +33,7 @@ import torch.distributed._functional_collectives as fc
 
 from .attention import varlen_attention
 from .batch import PackedBatch
-from .cross_entropy import fused_linear_cross_entropy
+from .cross_entropy import logprobs_by_sequence, loss_weights_by_sequence
 
 Tensor = torch.Tensor
 # the shard set by use(): a plain module attribute, which torch.compile reads (and guards on)
@@ -73,6 +73,10 @@ class Shard:
         if self._local_sequence_ids is None:
             self._local_sequence_ids = self.batch.sequence_ids.narrow(0, self.start, self.local_tokens)
         return self._local_sequence_ids
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """The sum of `t` over the group, differentiable (its backward sums the gradients too)."""
+        return _all_reduce_sum(t, self.group)
 
     def __repr__(self) -> str:
         return (f"Shard(rank={self.rank}/{self.size}, tokens=[{self.start}, {self.end}) of {self.batch.total}, "
@@ -177,15 +181,8 @@ def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, shard: Sha
     if hidden.shape[0] != shard.local_tokens or labels.shape[0] != shard.local_tokens:
         raise ValueError(f"hidden and labels must hold this rank's {shard.local_tokens} tokens, got "
                          f"{hidden.shape[0]} and {labels.shape[0]}")
-    nll = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction="none")
-    B = shard.batch.num_sequences
-    sums = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, shard.local_sequence_ids, -nll)
-    sums = _all_reduce_sum(sums, shard.group)
-    if not average:
-        return sums
-    counts = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(
-        0, shard.local_sequence_ids, (labels != ignore_index).float())
-    return sums / _all_reduce_sum(counts, shard.group).clamp_min(1.0)
+    return logprobs_by_sequence(hidden, weight, labels, shard.batch.num_sequences, shard.local_sequence_ids, bias=bias,
+                                ignore_index=ignore_index, average=average, reduce=shard.all_reduce)
 
 
 def longalign_loss_weights(labels: Tensor, shard: Shard, *, num_packs: int, num_sequences: int,
@@ -195,12 +192,8 @@ def longalign_loss_weights(labels: Tensor, shard: Shard, *, num_packs: int, num_
     parallel ranks x accumulation: one pack per SP group), M its sequences with targets."""
     if labels.shape[0] != shard.local_tokens:
         raise ValueError(f"labels must hold this rank's {shard.local_tokens} tokens, got {labels.shape[0]}")
-    target = labels != ignore_index
-    n = torch.zeros(shard.batch.num_sequences, dtype=torch.float64, device=labels.device).index_add(
-        0, shard.local_sequence_ids, target.double())
-    n = _all_reduce_sum(n, shard.group)
-    per_seq = torch.where(n > 0, num_packs / (n.clamp_min(1.0) * num_sequences), torch.zeros_like(n))
-    return (per_seq[shard.local_sequence_ids] * target).float()
+    return loss_weights_by_sequence(labels, shard.batch.num_sequences, shard.local_sequence_ids, num_packs=num_packs,
+                                    num_sequences=num_sequences, ignore_index=ignore_index, reduce=shard.all_reduce)
 
 
 def reduce_loss(loss: Tensor, shard: Shard) -> Tensor:
@@ -211,13 +204,17 @@ def reduce_loss(loss: Tensor, shard: Shard) -> Tensor:
     same global loss and the all-reduce's backward sums over the group, so each rank's
     gradients are P times its slice's share; averaging parameter gradients over the SP ranks,
     as DDP or FSDP over the whole world do, gives the true gradient."""
-    return _all_reduce_sum(loss, shard.group)
+    return shard.all_reduce(loss)
 
 
 @contextlib.contextmanager
 def use(shard: Shard):
     """Within this block, transformers models with ``attn_implementation="longalign"`` run
-    Ulysses attention over `shard` (feed each rank ``shard.local(...)`` of the inputs)."""
+    Ulysses attention over `shard` (feed each rank ``shard.local(...)`` of the inputs).
+
+    Sugar for models run without activation checkpointing: a checkpointed layer recomputes in
+    the backward, after this block has ended. Passing ``packed_batch=shard`` to the model's
+    forward works everywhere (the keyword reaches every layer and is kept for the recompute)."""
     if not isinstance(shard, Shard):
         raise TypeError(f"shard must be a longalign_ops.sequence_parallel.Shard, got {type(shard).__name__}")
     previous, _active["shard"] = _active["shard"], shard

@@ -95,18 +95,89 @@ def test_compile_fullgraph_each_op():
     def plain(h, W):
         return la.cross_entropy(h @ W.t(), y)
 
-    la.set_validation(False)  # the label checks read values on the host: a graph break by design
-    try:
-        for fn in (fused, logprobs, plain):
-            assert_all_close(grads_of(torch.compile(fn, backend="aot_eager", fullgraph=True), h, W),
-                             grads_of(fn, h, W))
-    finally:
-        la.set_validation(True)
+    for fn in (fused, logprobs, plain):  # validation on (the default): the checks are traced
+        assert_all_close(grads_of(torch.compile(fn, backend="aot_eager", fullgraph=True), h, W),
+                         grads_of(fn, h, W))
 
 
-def test_compile_fullgraph_llama_training_step():
+def test_compile_fullgraph_cu_seqlens_forms_with_validation_on():
+    """flash-attn's tensor cu_seqlens form compiles whole with the default validation: the value
+    checks become device-side asserts and the kernels take the dense grid bounded by max_seqlen."""
+    from longalign_ops.flash_attn_compat import flash_attn_varlen_func
+
+    torch._dynamo.reset()
+    assert la._validation.validation_enabled()
+    batch = la.PackedBatch.from_lengths([5, 0, 19, 1])
+    cu, L = batch.cu_seqlens.clone(), batch.max_len
+    q, k, v = attention_args(True)[:3]
+    T, H, V = batch.total, 8, 33
+    h, W = torch.randn(T, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+    y = torch.randint(0, V, (T,))
+    y[3] = -100
+
+    def attention(q, k, v):
+        return la.varlen_attention(q, k, v, cu, cu, L, L, window_size=(6, 0), softcap=2.0)
+
+    def flash(q, k, v):
+        return flash_attn_varlen_func(q, k, v, cu, cu, L, L, causal=True)
+
+    def logprobs(h, W):
+        return la.sequence_logprobs(h, W, y, cu, average=True)
+
+    def weighted(h, W):
+        w = la.longalign_loss_weights(cu, y, num_packs=2, num_sequences=3)
+        return la.fused_linear_cross_entropy(h, W, y, token_weights=w, reduction="sum")
+
+    for fn, inputs in ((attention, (q, k, v)), (flash, (q, k, v)), (logprobs, (h, W)), (weighted, (h, W))):
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        assert_all_close(grads_of(compiled, *inputs), grads_of(fn, *inputs))
+        # and the eager answer is the one computed from the host-built description
+    assert_all_close(grads_of(lambda *a: la.varlen_attention(*a, batch, window_size=(6, 0), softcap=2.0), q, k, v),
+                     grads_of(attention, q, k, v))
+
+
+def test_compiled_checks_still_refuse_bad_values():
+    """Under fullgraph compile the value checks run inside the graph: a bad cu_seqlens, a too
+    small max_seqlen and an out-of-range label raise with the message eager gives (RuntimeError
+    from the traced assert, ValueError in eager)."""
+    torch._dynamo.reset()
+    q, k, v = attention_args(False, requires_grad=False)[:3]
+    good = la.PackedBatch.from_lengths([5, 0, 19, 1]).cu_seqlens
+
+    def attention(q, k, v, cu, max_len):
+        return la.varlen_attention(q, k, v, cu, cu, max_len, max_len)
+
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True, dynamic=False)
+    compiled(q, k, v, good, 19)
+    for cu, max_len, message in ((torch.tensor([0, 5, 3, 24, 25], dtype=torch.int32), 19, "non-decreasing"),
+                                 (torch.tensor([1, 5, 5, 24, 25], dtype=torch.int32), 19, "start at 0"),
+                                 (good, 18, "max_seqlen_q=18 is smaller"),
+                                 (torch.tensor([0, 5, 5, 24, 24], dtype=torch.int32), 19, "must end at")):
+        with pytest.raises(ValueError, match=message):
+            attention(q, k, v, cu, max_len)
+        with pytest.raises(RuntimeError, match=message):
+            compiled(q, k, v, cu, max_len)
+    h, W = torch.randn(25, 8), torch.randn(33, 8)
+
+    def loss(h, W, y):
+        return la.fused_linear_cross_entropy(h, W, y)
+
+    compiled_loss = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    bad = torch.randint(0, 33, (25,))
+    bad[4] = 33
+    with pytest.raises(ValueError, match="labels: 1 of 25 are outside"):
+        loss(h, W, bad)
+    with pytest.raises(RuntimeError, match="labels: some of 25 are outside"):
+        compiled_loss(h, W, bad)
+
+
+@pytest.mark.parametrize("form,backend", [("packed_batch", "aot_eager"), ("cu_seq_lens", "aot_eager"),
+                                          pytest.param("packed_batch", "inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_llama_training_step(form, backend):
     """A transformers Llama forward + backward with attn_implementation="longalign" and the
-    fused LongAlign-weighted loss, compiled whole, gives eager's loss and gradients."""
+    fused LongAlign-weighted loss, compiled whole with validation on, gives eager's loss and
+    gradients: with the host-built description, and with transformers' flash-style
+    cu_seq_lens_q/k keywords (DataCollatorWithFlattening), which trace without a host read."""
     torch._dynamo.reset()
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -116,21 +187,23 @@ def test_compile_fullgraph_llama_training_step():
     inputs = PackedCollator(device="cpu")([dict(input_ids=torch.randint(0, 97, (n,)).tolist()) for n in (6, 13, 1)])
     batch = inputs["packed_batch"]
 
+    if form == "packed_batch":
+        described = dict(packed_batch=batch)
+    else:
+        cu = batch.cu_seqlens.clone()
+        described = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_len, max_length_k=batch.max_len)
+
     def step(model, input_ids, position_ids, labels):
-        hidden = model.model(input_ids=input_ids, position_ids=position_ids, packed_batch=batch).last_hidden_state
+        hidden = model.model(input_ids=input_ids, position_ids=position_ids, **described).last_hidden_state
         return la.fused_linear_cross_entropy(hidden[0], model.lm_head.weight, labels, packed_batch=batch,
                                              num_packs=1, num_sequences=3, reduction="sum")
 
     args = (inputs["input_ids"], inputs["position_ids"], inputs["shift_labels"][0])
     twin = copy.deepcopy(model)
-    la.set_validation(False)
-    try:
-        eager_loss = step(model, *args)
-        eager_loss.backward()
-        compiled_loss = torch.compile(step, backend="aot_eager", fullgraph=True)(twin, *args)
-        compiled_loss.backward()
-    finally:
-        la.set_validation(True)
+    eager_loss = step(model, *args)  # validation on (the default)
+    eager_loss.backward()
+    compiled_loss = torch.compile(step, backend=backend, fullgraph=True)(twin, *args)
+    compiled_loss.backward()
     torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
     for (name, p), (_, p2) in zip(model.named_parameters(), twin.named_parameters()):
         torch.testing.assert_close(p2.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -8,13 +8,109 @@ import pytest
 import torch
 
 import longalign_ops
-from longalign_ops._validation import use_triton
+from longalign_ops.kernels import use_triton
 
 
 def test_kernels_subpackage_is_installed_under_the_package():
+    """The kernels ship inside the package (longalign_ops/kernels), never as a top-level
+    `kernels` package that would clash with other projects' modules."""
+    import importlib.util
+
     import longalign_ops.kernels.varlen_attention as k
 
-    assert k.__name__ == "longalign_ops.kernels.varlen_attention"
+    package_dir = os.path.dirname(longalign_ops.__file__)
+    assert os.path.dirname(os.path.dirname(k.__file__)) == package_dir or \
+        os.path.realpath(k.__file__).endswith(os.path.join("kernels", "varlen_attention.py"))
+    assert importlib.util.find_spec("longalign_ops.kernels.weighted_cross_entropy") is not None
+    top = importlib.util.find_spec("kernels")
+    assert top is None or "longalign" not in (top.origin or ""), "a top-level `kernels` package was installed"
+
+
+def _package_imports():
+    """{module: modules of longalign_ops it imports}, at any depth of its code (function-level
+    imports count: they are the same dependency, only deferred)."""
+    import ast
+
+    root = os.path.dirname(longalign_ops.__file__)
+    graph = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not name.endswith(".py") or name == "__init__.py" and folder == root:
+                continue
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
+            module = "longalign_ops." + rel.removesuffix(".__init__")
+            package = module if name == "__init__.py" else module.rsplit(".", 1)[0]
+            deps = set()
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    target = f"{base}.{node.module}" if node.module else base
+                    deps.update([target] if node.module else [f"{base}.{a.name}" for a in node.names])
+                elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("longalign_ops."):
+                    deps.add(node.module)
+            graph[module] = {d for d in deps if d != module and d != "longalign_ops"}
+    return graph
+
+
+def test_the_package_modules_import_each_other_without_cycles():
+    graph = _package_imports()
+    assert "longalign_ops.batch" in graph["longalign_ops.attention"]  # the walk sees relative imports
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "done" or m not in graph:
+            return
+        assert state.get(m) != "open", "import cycle: " + " -> ".join(path + [m])
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            visit(d, path + [m])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        visit(m, [])
+
+
+def test_one_place_reads_the_interpreter_switch():
+    """Whether an op runs its Triton kernel, and with which tile configs, both follow from one
+    reading of TRITON_INTERPRET (kernels/__init__.py)."""
+    from longalign_ops import kernels
+
+    readers = []
+    # the kernels may be installed elsewhere than the package (an editable install maps them)
+    for root in (os.path.dirname(longalign_ops.__file__), os.path.dirname(kernels.__file__)):
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                if name.endswith(".py") and '"TRITON_INTERPRET"' in open(path).read():
+                    readers.append(os.path.realpath(path))
+    assert sorted(set(readers)) == [os.path.realpath(kernels.__file__)]
+
+    cpu = torch.empty(1)
+    for value, expect in (("1", True), ("0", False)):
+        os.environ["TRITON_INTERPRET"], saved = value, os.environ.get("TRITON_INTERPRET")
+        try:
+            assert kernels.use_triton(cpu) is expect and kernels.on_compiled_gpu(cpu) is False
+        finally:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def test_every_attention_tile_config_has_a_schedule_in_the_batch():
+    """PackedBatch lays out one tile list per block size in TILE_BLOCKS; every row block any
+    config picks (any head dim, dtype, GPU generation, soft-cap) must be one of them."""
+    from longalign_ops.batch import TILE_BLOCKS
+    from longalign_ops.kernels.varlen_attention import attention_config
+
+    seen = set()
+    for head_dim in range(8, 257, 8):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for on_gpu, cap in ((False, (0, 0)), (True, (8, 0)), (True, (8, 6)), (True, (9, 0))):
+                for softcap in (False, True):
+                    cfg = attention_config(head_dim, dtype, on_gpu, cap, softcap)
+                    blocks = {cfg["fwd"][0], cfg["dkdv"][1], cfg["dq"][0]}
+                    assert blocks <= set(TILE_BLOCKS), (head_dim, dtype, cap, softcap, cfg)
+                    seen |= blocks
+    assert len(seen) > 1
 
 
 def test_ci_runs_the_triton_kernels_on_cpu():

@@ -188,6 +188,12 @@ def test_one_pass_path_of_the_cuda_kernel_matches_bitwise(method, num_chunks):
 
 def test_huge_target_len_is_refused_not_wrapped():
     cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    # past int64: a ValueError naming the argument, not numpy's OverflowError
+    for target in (2 ** 63, -(2 ** 64), [2 ** 63, 9], [2 ** 70, 9], np.array([2 ** 63, 9], dtype=np.uint64)):
+        with pytest.raises(ValueError, match="target_len must fit in int64"):
+            synthesize_positions(cu, target)
+    with pytest.raises(ValueError, match="prefix_lens must fit in int64"):
+        synthesize_positions(cu, 10, prefix_lens=[2 ** 64, 0])
     with pytest.raises(ValueError, match="target_len must be at most 2\\*\\*40"):
         synthesize_positions(cu, 2 ** 62)
     for method in ("logo", "pose"):

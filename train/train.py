@@ -193,9 +193,10 @@ class CausalLMWithLoss(torch.nn.Module):
 
     def forward(self, mb, loss_fn):
         batch = mb["batch"]  # one description for every layer, the loss and the backward
-        if "shard" in mb:  # sequence parallel: this rank's slice of the row, Ulysses attention
-            with sp.use(mb["shard"]):
-                out = self.model.model(input_ids=mb["input_ids"][None], position_ids=mb["position_ids"][None])
+        if "shard" in mb:  # sequence parallel: this rank's slice of the row, Ulysses attention (the shard
+            # travels in the call, so a checkpointed layer's recompute runs the same attention)
+            out = self.model.model(input_ids=mb["input_ids"][None], position_ids=mb["position_ids"][None],
+                                   packed_batch=mb["shard"])
         else:
             out = self.model.model(input_ids=mb["input_ids"][None], position_ids=batch.position_ids[None],
                                    packed_batch=batch)

@@ -9,6 +9,8 @@
 Where the sequence boundaries come from, best first:
 - ``packed_batch=`` a :class:`longalign_ops.PackedBatch` passed to the model's forward (it reaches
   every layer through transformers' attention kwargs): built on the host, nothing is read back;
+  or a :class:`longalign_ops.sequence_parallel.Shard` (sequence parallelism: this rank's slice
+  of the row, Ulysses attention over the row's global description; survives recompute);
 - ``cu_seq_lens_q/k`` (+ ``max_length_q/k``), as transformers' flash-attention path and its
   ``DataCollatorWithFlattening`` give them (needed when positions do not restart at 0, as with
   LOGO's synthesised ids);
@@ -97,7 +99,11 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         options["window_size"] = (sliding_window - 1, -1 if causal else sliding_window - 1)
     B, Hq, S, D = query.shape
     Sk = key.shape[2]
-    shard = sequence_parallel.current()
+    batch = kwargs.get("packed_batch")
+    # the shard rides in the call (packed_batch=shard): transformers hands the same keyword to
+    # every layer, and activation checkpointing captures it for the recompute, which a global
+    # set around the forward (sequence_parallel.use) cannot reach
+    shard = batch if isinstance(batch, sequence_parallel.Shard) else sequence_parallel.current()
     if shard is not None:
         # Ulysses: this rank holds its slice of one packed row; the shard carries the row's
         # global description, so nothing is derived from the (local) positions or masks
@@ -113,14 +119,20 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     if q.dtype != k.dtype or q.dtype != v.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
 
-    batch = kwargs.get("packed_batch")
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     position_ids = kwargs.get("position_ids")
     if batch is not None:
         if not isinstance(batch, PackedBatch):
-            raise TypeError(f"packed_batch must be a longalign_ops.PackedBatch, got {type(batch).__name__}")
+            raise TypeError(f"packed_batch must be a longalign_ops.PackedBatch or a sequence_parallel.Shard, got "
+                            f"{type(batch).__name__}")
         batch_q = batch_k = batch
     elif cu_q is not None and cu_k is not None:
+        if torch.compiler.is_compiling():
+            # traced: flash-attn's cu_seqlens form, checked by device-side asserts, no host read
+            max_q, max_k = kwargs.get("max_length_q") or B * S, kwargs.get("max_length_k") or B * Sk
+            out = varlen_attention(q, k, v, cu_q.reshape(-1).to(torch.int32), cu_k.reshape(-1).to(torch.int32),
+                                   int(max_q), int(max_k), **options)
+            return out.view(B, S, Hq, D), None
         batch_q, batch_k = _memo(cu_q, lambda: _from_cu_pair(cu_q, cu_k), cu_k)
     elif attention_mask is not None and not (S == Sk and _memo(attention_mask, lambda: bool(attention_mask.all()))):
         idx, described = _memo(attention_mask, lambda: _from_padding_mask(attention_mask, q.device), "unpad")
