@@ -592,48 +592,20 @@ def main(argv=None, step_hook=None) -> dict:
             torch.nn.parallel.DistributedDataParallel(wrapped)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-
-    def save_checkpoint(steps_done: int):
-        """Every rank calls it (FSDP gathers the full state dicts collectively); rank 0 writes."""
-        if cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            model_sd, opt_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                                  cpu_offload=True))
-        else:
-            model_sd, opt_sd = model.state_dict(), opt.state_dict()
-        if is_main:
-            checkpoint.save(dict(model=model_sd, optimizer=opt_sd, scheduler=sched.state_dict(), step=steps_done,
-                                 config=asdict(cfg)), ckpt_path)
-
+    ckpt = checkpoint.TrainingState(cfg.out, model, opt, sched, dict(asdict(cfg), processes=world), sharded=cfg.fsdp)
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     start = 0
-    if cfg.resume and checkpoint.exists(ckpt_path):
+    if cfg.resume and ckpt.exists():
         try:
-            state, used = checkpoint.load_latest(ckpt_path, device, log)
-            checkpoint.check_resumable(state["config"], asdict(cfg), state["step"], cfg.max_steps, used)
+            start, used = ckpt.resume(cfg.max_steps, log)
         except checkpoint.CheckpointError as e:
             raise SystemExit(f"resume: {e}") from None
-        if bool(state["config"].get("fsdp")) != cfg.fsdp:  # the optimizer state is keyed differently
-            raise SystemExit(f"resume: {used} was written {'with' if cfg.fsdp is False else 'without'} --fsdp; resume "
-                             f"it the same way")
-        if cfg.fsdp:  # every rank reads the full state dicts and keeps its shards
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                           options=StateDictOptions(full_state_dict=True))
-        else:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = state["step"]
         if is_main:  # keep the history up to the checkpoint; a torn last line is dropped
             kept = checkpoint.read_metrics(metrics_path, start, log)
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
         log(f"resumed from {used} at step {start}")
-    elif not cfg.resume and not cfg.overwrite and (checkpoint.exists(ckpt_path) or os.path.exists(metrics_path)):
+    elif not cfg.resume and not cfg.overwrite and (ckpt.exists() or os.path.exists(metrics_path)):
         raise SystemExit(f"{cfg.out} holds a previous run (checkpoint or metrics): pass --resume to continue it or "
                          f"--overwrite to replace it")
     elif is_main and os.path.exists(metrics_path):
@@ -718,12 +690,12 @@ def main(argv=None, step_hook=None) -> dict:
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.max_steps:
-            save_checkpoint(step + 1)
+            ckpt.save(step + 1)
         if step_hook is not None:  # after the step is complete (and checkpointed)
             step_hook(row)
     bar.close()
     if cfg.max_steps > start:  # a checkpoint is written for new steps only, never relabelled
-        save_checkpoint(cfg.max_steps)
+        ckpt.save(cfg.max_steps)
     if is_main and cfg.max_steps > start:
         png = plot_loss(metrics_path, os.path.join(cfg.out, "loss.png"), cfg) if cfg.plot and history else None
         log(f"done: {cfg.out}/metrics.jsonl" + (f", {png}" if png else ""))
