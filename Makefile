@@ -16,7 +16,7 @@ install:
 	$(PIP) install -q --no-build-isolation -e ".[test,train]"
 
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 tests
 
 sanitize: install
 	bash .ci/sanitize.sh

@@ -127,9 +127,10 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
             apply_tiled_mlp(model, tiled_mlp)
         if tiled_norms:
             apply_tiled_norms(model, tiled_norms)
-    la.set_validation(not fake)  # value checks read data, which fake tensors do not have
     rss = {}
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+    # value checks read data, which fake tensors do not have (the caller's setting is restored)
+    with la._validation.validation(not fake), \
+            FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         model = model.to_empty(device=device)
         if not fake:
             with torch.no_grad():

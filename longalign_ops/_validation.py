@@ -9,6 +9,7 @@ graph, raising RuntimeError with the same message on CPU, a device assert on CUD
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -29,6 +30,17 @@ def set_validation(enabled: bool) -> None:
 
 def validation_enabled() -> bool:
     return _state["validate"]
+
+
+@contextlib.contextmanager
+def validation(enabled: bool):
+    """``set_validation(enabled)`` for a block, the previous setting restored after it."""
+    previous = _state["validate"]
+    _state["validate"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _state["validate"] = previous
 
 
 def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None,

@@ -180,7 +180,7 @@ def test_softmax_scale():
 
 def test_validation_is_cached_per_device_tensor(monkeypatch):
     """Device tensors: one host read per tensor version, however many layers use it."""
-    from longalign_ops import _validation
+    from longalign_ops import batch as batch_module
     from longalign_ops.batch import PackedBatch
 
     q, k, v, cq, _ = make_inputs([5, 6], [5, 6], 2, 2, 8, torch.float32)
@@ -188,7 +188,7 @@ def test_validation_is_cached_per_device_tensor(monkeypatch):
     real = PackedBatch.from_cu_seqlens.__func__
     monkeypatch.setattr(PackedBatch, "from_cu_seqlens",
                         classmethod(lambda cls, cu, **kw: reads.append(cu) or real(cls, cu, **kw)))
-    monkeypatch.setattr(_validation, "_cacheable", lambda cu: True)  # as for a CUDA tensor
+    monkeypatch.setattr(batch_module, "_cacheable", lambda cu: True)  # as for a CUDA tensor
     for _ in range(3):  # three "layers": one host read
         varlen_attention(q, k, v, cq, cq, 6, 6)
     assert len(reads) == 1
