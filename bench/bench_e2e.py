@@ -47,7 +47,7 @@ STRATEGIES = {
 
 def epoch_steps(common, strategy_args):
     cfg = train.parse_args(common + strategy_args)
-    units = train.load_units(cfg, print)
+    units, _ = train.load_units(cfg, print)
     lengths = train.unit_lengths(units)
     return train.make_plan(cfg, lengths, cfg.world_size, 0).num_steps
 

@@ -101,3 +101,83 @@ def longpo_loss(policy_chosen_long: torch.Tensor, policy_rejected_long: torch.Te
         nll = -pc if chosen_nll is None else _vector("chosen_nll", chosen_nll, pc.shape[0])
         loss = loss + nll_weight * nll.mean()
     return loss
+
+
+# ----------------------------------------------------------------------------- objectives over answer groups
+
+OBJECTIVES = ("dpo", "simpo", "logo", "longpo")
+NEEDS_REFERENCE = ("dpo", "longpo")
+# reference-free objectives compare per-token mean log-probs; DPO-style ones the sums
+LENGTH_AVERAGED = ("simpo", "logo")
+
+
+def preference_loss(objective: str, logps: torch.Tensor, *, ref_logps: Optional[torch.Tensor] = None,
+                    beta: float, gamma: float = 0.0, sft_weight: float = 0.0, dpo_lambda: float = 1.0,
+                    chosen_nll: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
+    """The loss of `objective` over prompts with several answers each.
+
+    Args:
+        logps: ``(B, 1+M)`` the policy's log-probs of each prompt's answers, chosen first:
+            summed over answer tokens for "dpo" / "longpo", per-token means for "simpo" / "logo".
+        ref_logps: ``(B, 1+M)`` summed reference log-probs ("dpo"; "longpo": taken on the short prompt).
+        beta, gamma: reward scale; target margin (simpo, logo).
+        sft_weight: weight of the chosen answer's per-token NLL ``chosen_nll`` ``(B,)`` (LOGO's
+            lambda; LongPO's NLL term; an RPO-style term for dpo / simpo).
+        dpo_lambda: LongPO's weight of its DPO term: ``sft_weight * NLL + dpo_lambda * DPO``.
+        reduction: "mean" over prompts, "sum", or "none" ``(B,)``.
+
+    With M > 1 rejected answers, "logo" compares the chosen one with their mean (LOGO eq. 2);
+    the pairwise objectives average the M pairs.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_tensor("logps", logps, ndim=2, dtypes=_FLOAT)
+    if logps.shape[1] < 2:
+        raise ValueError(f"logps must be (B, 1+M) with M >= 1 rejected answers, got {tuple(logps.shape)}")
+    beta, gamma = check_finite_number("beta", beta), check_finite_number("gamma", gamma)
+    sft_weight = check_finite_number("sft_weight", sft_weight, minimum=0.0)
+    dpo_lambda = check_finite_number("dpo_lambda", dpo_lambda, minimum=0.0)
+    p = logps.double() if logps.dtype == torch.float64 else logps.float()  # half inputs computed in fp32
+    c, r = p[:, :1], p[:, 1:]
+    if objective in NEEDS_REFERENCE:
+        if ref_logps is None:
+            raise ValueError(f"objective {objective!r} needs ref_logps")
+        check_tensor("ref_logps", ref_logps, ndim=2, dtypes=_FLOAT)
+        if ref_logps.shape != logps.shape:
+            raise ValueError(f"ref_logps must have logps' shape {tuple(logps.shape)}, got {tuple(ref_logps.shape)}")
+        ref = ref_logps.to(p.dtype)
+        per = (-F.logsigmoid(beta * ((c - ref[:, :1]) - (r - ref[:, 1:])))).mean(1)
+        if objective == "longpo":
+            per = dpo_lambda * per
+    elif objective == "logo":
+        per = -F.logsigmoid(beta * (c[:, 0] - r.mean(1)) - gamma)
+    else:
+        per = (-F.logsigmoid(beta * (c - r) - gamma)).mean(1)
+    if sft_weight:
+        nll = -c[:, 0] if chosen_nll is None else _vector("chosen_nll", chosen_nll, p.shape[0])
+        per = per + sft_weight * nll
+    return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
+
+
+# the per-step metrics a preference run logs (train.py's metrics.jsonl): sums over prompts here,
+# divided by the prompt count once the step's sums are reduced over ranks
+PREFERENCE_METRICS = ("chosen_logp", "rejected_logp", "ref_chosen_logp", "ref_rejected_logp", "margin",
+                      "pref_accuracy")
+
+
+@torch.no_grad()
+def preference_metric_sums(logps: torch.Tensor, ref_logps: Optional[torch.Tensor] = None,
+                           beta: float = 1.0) -> torch.Tensor:
+    """``(len(PREFERENCE_METRICS) + 1,)`` float64 sums over the B prompts of ``logps`` ``(B, 1+M)``
+    (the objective's log-probs), then the count B. The rejected value is the mean of a prompt's
+    rejected answers. With a reference, margin and accuracy are DPO's implicit rewards
+    ``beta * (logp - ref)`` (chosen minus the mean rejected; chosen above every rejected); without,
+    the log-probs themselves. Reference columns are 0 without one."""
+    g = logps.double()
+    ref = ref_logps.double() if ref_logps is not None else torch.zeros_like(g)
+    score = beta * (g - ref) if ref_logps is not None else g
+    c, r = score[:, 0], score[:, 1:]
+    return torch.stack([g[:, 0].sum(), g[:, 1:].mean(1).sum(), ref[:, 0].sum(), ref[:, 1:].mean(1).sum(),
+                        (c - r.mean(1)).sum(), (c > r.amax(1)).double().sum(), g.new_tensor(float(len(g)))])

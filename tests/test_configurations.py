@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tiny_assets import assets
+from tiny_assets import assets, preference_records, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train", "train.py")
@@ -116,6 +116,10 @@ def shrink(command: str, out: str, folder: str):
     words = shlex.split(command)
     nproc, args, i = 2, [], 1
     local = assets(folder)
+    objective = words[words.index("--objective") + 1] if "--objective" in words else "sft"
+    if objective != "sft":  # preference records (LongPO's with a short prompt) for --data
+        local["chats"] = write_jsonl(os.path.join(folder, "prefs.jsonl"),
+                                     preference_records(8, short_prompt=objective == "longpo"))
     while i < len(words):
         w = words[i]
         value = words[i + 1] if i + 1 < len(words) else None
@@ -129,13 +133,16 @@ def shrink(command: str, out: str, folder: str):
             continue
         replaced = {"--preset": "tiny", "--window": "512", "--tiled-mlp": "64", "--tiled-norms": "64",
                     "--sp": "2", "--cp": "2", "--model": local["model"], "--tokenizer": local["tokenizer"],
-                    "--data": local["chats"], "--max-steps": "2", "--out": out}
+                    "--data": local["chats"], "--max-steps": "2", "--out": out, "--ref-model": local["model"],
+                    "--export": os.path.join(folder, "exported")}
         if w in replaced:
             args += [w, replaced[w]]
             i += 2
             continue
         args.append(w)
         i += 1
+    if "--model" in words and "--tokenizer" not in words:  # a user's model directory holds its tokenizer
+        args += ["--tokenizer", local["tokenizer"]]
     args += ["--max-steps", "2", "--out", out, "--no-plot", "--overwrite"]
     return nproc, args
 

@@ -207,18 +207,23 @@ def test_logo_objective(tmp_path, cpu_reference_path):
 def test_logo_metrics_match_a_direct_computation(cpu_reference_path):
     """The margin and accuracy a LOGO step logs are those of its own groups' log-probs."""
     cfg = train.parse_args(["--objective", "logo", "--num-rejected", "2"])
-    loss_fn = train.make_loss_fn(cfg, 1, 2, 1.0)
+    loss_fn = train.make_loss_fn(cfg, 1, 2, 1.0, step_groups=2)
     torch.manual_seed(0)
     T, H, V = 24, 8, 30
     hidden, weight = torch.randn(T, H), torch.randn(V, H)
     labels = torch.randint(0, V, (T,))
+    labels[[3, 7]] = -100  # a sequence's last label is the next sequence's first token: not a target
     batch = la.PackedBatch.from_lengths([4, 4, 4, 4, 4, 4])  # two groups of chosen + 2 rejected
-    loss_fn(hidden, weight, dict(num_units=2, labels=labels, batch=batch))
-    logps = la.sequence_logprobs(hidden, weight, labels, batch, average=True).view(2, 3).double()
+    tokens = (labels != -100).view(6, 4).sum(1).float()
+    loss_fn(hidden, weight, dict(num_units=2, labels=labels, batch=batch, answer_tokens=tokens))
+    # per-token means from the model's logits, in float64
+    logp = (hidden.double() @ weight.double().T).log_softmax(-1)
+    picked = torch.where(labels != -100, logp.gather(1, labels.clamp_min(0)[:, None])[:, 0], torch.zeros(()))
+    logps = (picked.view(6, 4).sum(1) / tokens.double()).view(2, 3)
     chosen, rejected = logps[:, 0], logps[:, 1:]
-    want = [chosen.sum(), rejected.mean(1).sum(), (chosen - rejected.mean(1)).sum(),
+    want = [chosen.sum(), rejected.mean(1).sum(), 0, 0, (chosen - rejected.mean(1)).sum(),
             (chosen > rejected.amax(1)).sum(), 2]
-    torch.testing.assert_close(loss_fn.sums, torch.tensor(want, dtype=torch.float64))
+    torch.testing.assert_close(loss_fn.sums, torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)  # fp32 log-probs
 
 
 def make_tokenizer(path):
@@ -231,23 +236,43 @@ def make_tokenizer(path):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]").save_pretrained(path)
 
 
-def test_jsonl_reader_reports_bad_records(tmp_path, cpu_reference_path, capsys):
-    make_tokenizer(str(tmp_path / "tok"))
+def test_jsonl_reader_stops_at_a_bad_record_or_skips_and_counts(tmp_path, cpu_reference_path, capsys):
+    make_tokenizer(str(tmp_path / "tok"))  # no chat template: the plain "<|role|>" fallback, said in the log
     good = {"messages": [{"role": "user", "content": "w1 w2 w3"}, {"role": "assistant", "content": "w4 w5"}]}
     lines = [json.dumps(good)] * 6 + ["{not json", json.dumps({"messages": []}),
                                       json.dumps({"messages": [{"role": "user", "content": "w1 " * 500}]})]
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
-    hist = train.main(["--data", str(tmp_path / "data.jsonl"), "--tokenizer", str(tmp_path / "tok"),
-                       "--max-steps", "2", "--window", "64", "--out", str(tmp_path / "run"), "--no-plot"])["history"]
-    err = capsys.readouterr()
-    text = err.out + err.err
-    assert "record 7 skipped" in text and "record 8 skipped" in text and "record 9 skipped" in text
+    args = ["--data", str(tmp_path / "data.jsonl"), "--tokenizer", str(tmp_path / "tok"), "--max-steps", "2",
+            "--window", "64", "--no-plot"]
+    with pytest.raises(SystemExit, match=r"data.jsonl:7: field '<record>': not JSON"):
+        train.main(args + ["--out", str(tmp_path / "a")])
+    hist = train.main(args + ["--out", str(tmp_path / "b"), "--skip-bad-records"])["history"]
+    text = capsys.readouterr().out
+    assert "has no chat template" in text
+    assert "data.jsonl:8: field 'messages': missing or empty" in text
+    assert "data.jsonl:9: field 'messages': no assistant message" in text
+    assert "3 bad records skipped, 6 kept" in text
     assert len(hist) == 2
+
+
+def test_chat_records_use_the_tokenizers_chat_template(tmp_path):
+    """The assistant turn's tokens, as the template renders them, are the only targets."""
+    from tiny_assets import make_tokenizer as make_chat_tokenizer
+
+    tok = make_chat_tokenizer(str(tmp_path / "tok"))
+    rec = {"messages": [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3 w4"},
+                        {"role": "user", "content": "w5"}, {"role": "assistant", "content": "w6"}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(rec) + "\n")
+    [sample] = train.records.read_chat_jsonl(str(tmp_path / "chat.jsonl"), tok, 512, False, print)
+    tokens = tok.convert_ids_to_tokens(sample["ids"].tolist())
+    assert tokens == ["<s>", "<|user|>", "w1", "w2", "</s>", "<|assistant|>", "w3", "w4", "</s>", "<|user|>", "w5",
+                      "</s>", "<|assistant|>", "w6", "</s>"]
+    assert [t for t, keep in zip(tokens, sample["target"]) if keep] == ["w3", "w4", "</s>", "w6", "</s>"]
 
 
 def test_one_step_through_the_triton_kernels(tmp_path):
     """Attention and the fused loss inside the loop, executed by the Triton interpreter."""
-    for objective in ("sft", "logo"):
+    for objective in ("sft", "logo", "dpo"):
         out = str(tmp_path / objective)
         run(["--max-steps", "1", "--window", "128", "--num-samples", "16", "--objective", objective, "--out", out,
              "--no-plot"], interpret="1")
@@ -265,7 +290,7 @@ def test_weighted_objective_is_mean_of_sequence_means(cpu_reference_path, extra)
     import longalign_ops as la
 
     cfg = train.parse_args(["--num-samples", "40", "--loss-weighting"] + extra)
-    units = train.load_units(cfg, print)
+    units, _ = train.load_units(cfg, print)
     lengths = train.unit_lengths(units)
     model = train.build_model(cfg, torch.device("cpu"))
     wrapped = train.CausalLMWithLoss(model)
@@ -378,7 +403,7 @@ def test_every_flag_has_help_choices_and_default(capsys):
     text = capsys.readouterr().out
     for name in train.HELP:
         assert "--" + name.replace("_", "-") in text
-    assert "{naive,sorted,bfd}" in text and "(default: bfd)" in text and "{sft,logo}" in text
+    assert "{naive,sorted,bfd}" in text and "(default: bfd)" in text and "{sft,logo,simpo,dpo,longpo}" in text
     # the library's vocabulary; the old spelling is an alias
     assert train.parse_args(["--strategy", "packing"]).strategy == "bfd"
     assert set(train.HELP) == set(train.asdict(train.Config()))

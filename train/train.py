@@ -1,7 +1,9 @@
 """Minimal long-context alignment training: SFT with naive / sorted / packed batching (LongAlign)
-and LOGO preference training, on a transformers Llama model, with every longalign_ops op.
+and preference training (LOGO, SimPO, DPO, LongPO) on packed rows, on a transformers model, with
+every longalign_ops op.
 
     python train/train.py --preset tiny --strategy bfd --objective sft --max-steps 8 --out runs/x
+    python train/train.py --model DIR --data prefs.jsonl --objective dpo --export runs/x/model
     torchrun --nproc_per_node=2 train/train.py --preset tiny ...       (DDP: gloo on CPU, nccl on GPU)
 
 Reads top to bottom: config, small helpers (model, data, batches, loss), one loop.
@@ -23,10 +25,13 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import export
 import longalign_ops as la
+import records
 import longalign_ops.integrations.transformers  # noqa: F401  registers attn_implementation="longalign"
 from longalign_ops import sequence_parallel as sp
-from longalign_ops.losses import logo_loss
+from longalign_ops.losses import LENGTH_AVERAGED, NEEDS_REFERENCE, PREFERENCE_METRICS, preference_loss, \
+    preference_metric_sums
 
 # ----------------------------------------------------------------------------- config
 
@@ -44,11 +49,14 @@ PRESETS = {
 class Config:
     preset: str = "tiny"
     model: Optional[str] = None         # local model dir (nothing is fetched from a hub)
-    data: Optional[str] = None          # JSONL of {"messages": [...]}; default: embedded retrieval task
-    tokenizer: Optional[str] = None     # local tokenizer dir for --data
+    data: Optional[str] = None          # JSONL (chat or preference records); default: embedded retrieval task
+    tokenizer: Optional[str] = None     # local tokenizer dir for --data (default: --model's)
+    skip_bad_records: bool = False      # skip (and count) bad records instead of stopping
     strategy: str = "bfd"               # naive | sorted | bfd (LongAlign packing; "packing" is an alias)
     loss_weighting: Optional[bool] = None  # LongAlign K/(N_i M); default: on with packing
-    objective: str = "sft"              # sft | logo
+    objective: str = "sft"              # sft | logo | simpo | dpo | longpo
+    ref_model: Optional[str] = None     # dpo / longpo reference (default: the initial policy)
+    export: Optional[str] = None        # write a transformers model directory here at the end
     max_steps: int = 8
     out: str = "runs/train"
     seed: int = 0
@@ -73,29 +81,41 @@ class Config:
     ckpt_every: int = 0                 # 0: only at the end
     log_every: int = 1
     time_repeats: int = 1               # benchmark: each emulated rank's micro-batch timed as a median
-    # LOGO
-    num_rejected: int = 2
-    target_window: int = 4              # synthesised positions cover window * target_window
-    beta: float = 3.0
-    gamma: float = 0.3
-    sft_weight: float = 0.1
+    # preference objectives (None: the objective's default, OBJECTIVE_DEFAULTS)
+    num_rejected: Optional[int] = None  # rejected answers per prompt (embedded task: 2; --data: the records')
+    target_window: int = 4              # LOGO: synthesised positions cover window * target_window
+    beta: Optional[float] = None
+    gamma: Optional[float] = None
+    sft_weight: Optional[float] = None
+    dpo_lambda: float = 1.0
     plot: bool = True
 
 
 # The library's names (la.pack, longalign-pack); old spellings kept as aliases
 STRATEGY_ALIASES = {"packing": "bfd"}
-CHOICES = dict(preset=tuple(PRESETS), strategy=("naive", "sorted", "bfd"), objective=("sft", "logo"))
+CHOICES = dict(preset=tuple(PRESETS), strategy=("naive", "sorted", "bfd"),
+               objective=("sft", "logo", "simpo", "dpo", "longpo"))
+# (beta, gamma, sft_weight) per preference objective: LOGO's paper (beta 3, gamma 0.3, lambda 0.1
+# on the tiny task), SimPO's Llama-3 recipe (beta 2, gamma 1), DPO's and LongPO's beta 0.1
+OBJECTIVE_DEFAULTS = dict(logo=(3.0, 0.3, 0.1), simpo=(2.0, 1.0, 0.0), dpo=(0.1, 0.0, 0.0), longpo=(0.1, 0.0, 1.0))
 HELP = dict(
     preset="model and data size: tiny (a few M parameters, seconds per step on a CPU) or small (~0.45B, 64K "
            "window, one H100)",
     model="local transformers model directory to train instead of the preset's (nothing is downloaded)",
-    data="JSONL of {\"messages\": [...]} chat records (default: the embedded long-context retrieval task)",
-    tokenizer="local tokenizer directory for --data",
+    data="JSONL of chat records {\"messages\": [...]} (sft) or TRL-format preference records {\"prompt\", "
+         "\"chosen\", \"rejected\"} (preference objectives); default: the embedded long-context retrieval task",
+    tokenizer="local tokenizer directory for --data (default: the --model directory's)",
+    skip_bad_records="skip bad records, counting them in the log (default: stop at the first, naming its line "
+                     "and field)",
     strategy="batching: naive (random batches, padded), sorted (LongAlign sorted batching) or bfd (LongAlign "
              "packing, best-fit decreasing; alias: packing)",
     loss_weighting="LongAlign loss weighting K/(N_i M) (default: on with bfd packing and --objective sft)",
-    objective="sft (token cross-entropy) or logo (reference-free preference loss over packed chosen/rejected "
-              "answers, with synthesised positions)",
+    objective="sft (token cross-entropy); preference objectives over each prompt's packed answers: logo "
+              "(reference-free, several rejected answers, synthesised positions), simpo, dpo, longpo (DPO whose "
+              "reference reads the record's short_prompt, plus the chosen answer's NLL)",
+    ref_model="dpo / longpo: local model directory of the reference (default: the initial policy); its log-probs "
+              "are computed once before training and cached in --out",
+    export="write the trained model here at the end as a transformers directory (safetensors, config, tokenizer)",
     max_steps="optimizer steps to run", out="run directory: metrics.jsonl, checkpoints, plot", seed="random seed",
     lr="peak learning rate", warmup_steps="linear warm-up steps", min_lr_ratio="final learning rate / peak (cosine)",
     weight_decay="AdamW weight decay", grad_accum="micro-batches per optimizer step",
@@ -120,8 +140,13 @@ HELP = dict(
     ckpt_every="checkpoint every N steps (0: only at the end)", log_every="print a progress line every N steps",
     time_repeats="benchmarking: time each emulated rank's micro-batch as the median of this many forward + "
                  "backward passes (the extra ones compute gradients and drop them: training is unchanged)",
-    num_rejected="LOGO: rejected answers per prompt", target_window="LOGO: synthesised positions cover window x this",
-    beta="LOGO / SimPO reward scale", gamma="LOGO / SimPO target margin", sft_weight="LOGO: weight of the SFT term",
+    num_rejected="rejected answers per prompt (embedded task: 2; --data: every record's count must match)",
+    target_window="LOGO: synthesised positions cover window x this",
+    beta="reward scale (default per objective: logo 3, simpo 2, dpo / longpo 0.1)",
+    gamma="target margin of logo / simpo (default: logo 0.3, simpo 1)",
+    sft_weight="weight of the chosen answer's per-token NLL (LOGO's lambda, LongPO's NLL term; default: logo 0.1, "
+               "longpo 1, else 0)",
+    dpo_lambda="longpo: weight of the DPO term (LongPO's trainer: NLL + dpo_lambda x DPO)",
     plot="draw loss.png at the end (needs matplotlib)",
 )
 
@@ -141,7 +166,9 @@ def parse_args(argv=None) -> Config:
             ap.add_argument(flag, choices=CHOICES[name] + aliases, default=value, metavar="{" + ",".join(
                 CHOICES[name]) + "}", help=text)
         else:
-            kind = type(value) if value is not None else (int if name in ("window", "num_samples") else str)
+            kind = type(value) if value is not None else (
+                int if name in ("window", "num_samples", "num_rejected") else
+                float if name in ("beta", "gamma", "sft_weight") else str)
             ap.add_argument(flag, type=kind, default=value, help=text)
     args = ap.parse_args(argv)
     cfg = Config(**{k: v for k, v in vars(args).items()})
@@ -151,6 +178,12 @@ def parse_args(argv=None) -> Config:
     cfg.num_samples = cfg.num_samples or preset["num_samples"]
     if cfg.loss_weighting is None:
         cfg.loss_weighting = cfg.strategy == "bfd" and cfg.objective == "sft"
+    if cfg.objective != "sft":
+        for name, value in zip(("beta", "gamma", "sft_weight"), OBJECTIVE_DEFAULTS[cfg.objective]):
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, value)
+    if cfg.num_rejected is None and not cfg.data:
+        cfg.num_rejected = 2
     return cfg
 
 
@@ -240,44 +273,25 @@ def embedded_dataset(cfg: Config, rng) -> List[dict]:
         wrong = [j for j in range(n_pairs) if j != q]
         for j in rng.permutation(wrong)[: cfg.num_rejected] if wrong else []:
             answers.append(np.concatenate([values[j], [EOS]]))
-        samples.append(dict(prompt=prompt, answers=answers))
+        # LongPO's short context: the queried pair alone, then the same question
+        short = np.concatenate([[BOS], prompt[1 + 4 * q:5 + 4 * q], prompt[-3:]])
+        samples.append(dict(prompt=prompt, answers=answers, short_prompt=short))
     return samples
 
 
-def jsonl_dataset(cfg: Config, log) -> List[dict]:
-    """{"messages": [{"role", "content"}, ...]} records, tokenised with a local tokenizer; the
-    assistant turns are the targets. Bad records are reported with their number and skipped."""
-    from transformers import AutoTokenizer
+def tokenizer_path(cfg: Config) -> str:
+    if not (cfg.tokenizer or cfg.model):
+        raise SystemExit("--data needs a tokenizer: --tokenizer DIR, or --model DIR with one")
+    return cfg.tokenizer or cfg.model
 
-    if not cfg.tokenizer:
-        raise SystemExit("--data needs --tokenizer (a local tokenizer directory)")
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
-    samples, errors = [], []
-    with open(cfg.data, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                msgs = rec["messages"]
-                if not msgs or not any(m.get("role") == "assistant" and m.get("content") for m in msgs):
-                    raise ValueError("no assistant message with content")
-                ids, target = [], []
-                for m in msgs:
-                    piece = tok.encode(f"<|{m['role']}|>\n{m['content']}\n", add_special_tokens=False)
-                    ids += piece
-                    target += [m["role"] == "assistant"] * len(piece)
-                if len(ids) + 1 > cfg.window:
-                    raise ValueError(f"{len(ids) + 1} tokens, longer than the window ({cfg.window})")
-                samples.append(dict(ids=np.array([tok.bos_token_id or 0] + ids), target=np.array([False] + target)))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                errors.append((lineno, str(e)))
-    for lineno, msg in errors[:20]:
-        log(f"data: record {lineno} skipped: {msg}")
-    if len(errors) > 20:
-        log(f"data: ... and {len(errors) - 20} more records skipped")
-    if not samples:
-        raise SystemExit(f"data: no usable record in {cfg.data} ({len(errors)} skipped)")
+
+def jsonl_dataset(cfg: Config, log) -> List[dict]:
+    """The user's records (train/records.py): chat records for sft, preference records otherwise."""
+    tok = records.load_tokenizer(tokenizer_path(cfg))
+    if cfg.objective == "sft":
+        return records.read_chat_jsonl(cfg.data, tok, cfg.window, cfg.skip_bad_records, log)
+    samples = records.read_preference_jsonl(cfg.data, tok, cfg.skip_bad_records, log, cfg.num_rejected)
+    cfg.num_rejected = len(samples[0]["answers"]) - 1
     return samples
 
 
@@ -297,17 +311,24 @@ def sft_sequences(samples) -> List[dict]:
     return seqs
 
 
-def logo_groups(samples, num_rejected: int) -> List[List[dict]]:
-    """One group per prompt: prompt + chosen answer, then prompt + each rejected answer (prompts
-    with fewer than `num_rejected` wrong answers are left out)."""
+def answer_sequence(prompt, answer) -> dict:
+    """prompt + answer, the answer tokens the (shifted) targets."""
+    ids = np.concatenate([prompt, answer]).astype(np.int64)
+    labels = np.full(len(ids), -100, np.int64)
+    labels[len(prompt) - 1:-1] = answer
+    return dict(input_ids=ids, labels=labels, answer_len=len(answer))
+
+
+def preference_groups(samples, num_rejected: int, short: bool = False) -> List[List[dict]]:
+    """One group per prompt: prompt + chosen answer, then prompt + each rejected answer, packed
+    together. `short`: the groups LongPO's reference reads (the short prompt). The embedded task's
+    prompts with fewer than `num_rejected` wrong answers are left out."""
     groups = []
     for s in samples:
-        group = []
-        for ans in s["answers"]:
-            ids = np.concatenate([s["prompt"], ans]).astype(np.int64)
-            labels = np.full(len(ids), -100, np.int64)
-            labels[len(s["prompt"]) - 1:-1] = ans
-            group.append(dict(input_ids=ids, labels=labels, answer_len=len(ans)))
+        prompt = s["short_prompt"] if short else s["prompt"]
+        if prompt is None:
+            raise SystemExit("--objective longpo needs a short_prompt (or short_prompt_input_ids) in every record")
+        group = [answer_sequence(prompt, ans) for ans in s["answers"][:1 + num_rejected]]
         if len(group) == 1 + num_rejected:
             groups.append(group)
     return groups
@@ -351,7 +372,8 @@ def micro_batch(cfg: Config, units, idx, device):
     real = sum(len(s["input_ids"]) for s in seqs) if idx else 0
     t = lambda a, dt=torch.int64: torch.from_numpy(np.concatenate(a)).to(device=device, dtype=dt)  # noqa: E731
     batch = la.PackedBatch.from_lengths(lens, device=device)  # from host lengths: no device sync
-    return dict(input_ids=t(ids), labels=t(labels), batch=batch, real_tokens=real,
+    answer_tokens = torch.tensor([int((s["labels"] != -100).sum()) for s in seqs], dtype=torch.float32, device=device)
+    return dict(input_ids=t(ids), labels=t(labels), batch=batch, real_tokens=real, answer_tokens=answer_tokens,
                 slots=int(sum(lens)) if idx else 0, seqs=seqs, num_units=len(idx))
 
 
@@ -381,10 +403,12 @@ def logo_positions(cfg: Config, mb):
 # ----------------------------------------------------------------------------- helpers: loss
 
 
-def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float):
+def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float, step_groups: int = 1):
     """The per-micro-batch loss. With LongAlign weighting: sum_t K/(N_i M) nll_t (K ranks, M
     sequences in the optimisation step), so DDP's average over ranks gives each sequence equal
-    weight; otherwise the token mean. `scale` folds in gradient accumulation and emulated ranks."""
+    weight; otherwise the token mean. Preference objectives: sum_g loss_g K/G over the micro-batch's
+    prompts g (G prompts in the step), the step's mean over prompts. `scale` folds in gradient
+    accumulation and emulated ranks."""
 
     def sft(hidden, weight, mb):
         if "shard" in mb:  # this rank's slice; the loss of the whole row on every rank of the group
@@ -404,32 +428,34 @@ def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float
             loss = la.fused_linear_cross_entropy(hidden, weight, mb["labels"], reduction="mean")
         return loss * scale
 
-    def logo(hidden, weight, mb):
+    def preference(hidden, weight, mb):
         if mb["num_units"] == 0:  # an idle rank: zero loss that still touches every parameter (DDP)
             return (hidden.sum() + weight.sum()) * 0.0
-        if "shard" in mb:  # global per-sequence values on every rank; the pad sequence (last) dropped
-            logps = sp.sequence_logprobs(hidden, weight, mb["labels"], mb["shard"], average=True)
-            logps = logps[:mb["num_sequences"]]
-        else:
-            logps = la.sequence_logprobs(hidden, weight, mb["labels"], mb["batch"], average=True)
+        logps = answer_logprobs(hidden, weight, mb)
+        tokens = mb["answer_tokens"].to(logps.device)
+        means = logps / tokens.clamp_min(1.0)  # per-token means: SimPO / LOGO's score, and the NLL term
         per_group = 1 + cfg.num_rejected
-        groups = logps.view(-1, per_group)  # logo_groups keeps only complete groups
+        scores = (means if cfg.objective in LENGTH_AVERAGED else logps).view(-1, per_group)
+        ref = mb.get("ref_logps")
         with torch.no_grad():  # summed on the device here, read once per step (PREFERENCE_METRICS)
-            g = groups.double()
-            chosen, rejected = g[:, 0], g[:, 1:].mean(1)
-            sums = torch.stack([chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
-                                (g[:, 0] > g[:, 1:].amax(1)).sum(), g.new_tensor(len(g))])
-            logo.sums = logo.sums.to(sums.device) + sums
-        return logo_loss(groups[:, 0], groups[:, 1:], beta=cfg.beta, gamma=cfg.gamma, sft_weight=cfg.sft_weight) * scale
+            sums = preference_metric_sums(scores, ref, cfg.beta)
+            preference.sums = preference.sums.to(sums.device) + sums
+        loss = preference_loss(cfg.objective, scores, ref_logps=ref, beta=cfg.beta, gamma=cfg.gamma,
+                               sft_weight=cfg.sft_weight, dpo_lambda=cfg.dpo_lambda,
+                               chosen_nll=-means.view(-1, per_group)[:, 0], reduction="sum")
+        # the step's mean over prompts: DDP's average over ranks and `scale` divide by the step's packs
+        return loss * (step_packs / max(1, step_groups)) * scale
 
-    logo.sums = torch.zeros(len(PREFERENCE_METRICS) + 1, dtype=torch.float64)
-    return logo if cfg.objective == "logo" else sft
+    preference.sums = torch.zeros(len(PREFERENCE_METRICS) + 1, dtype=torch.float64)
+    return sft if cfg.objective == "sft" else preference
 
 
-# LOGO's per-step preference metrics (metrics.jsonl, the plot): mean per-token log-prob of the
-# chosen answers and of the rejected ones, their mean margin, and the fraction of prompts whose
-# chosen answer beats every rejected one
-PREFERENCE_METRICS = ("chosen_logp", "rejected_logp", "margin", "pref_accuracy")
+def answer_logprobs(hidden, weight, mb):
+    """Each sequence's summed answer log-prob (fused, no logits); under sequence parallelism the
+    global values on every rank, the pad sequence dropped."""
+    if "shard" in mb:
+        return sp.sequence_logprobs(hidden, weight, mb["labels"], mb["shard"])[:mb["num_sequences"]]
+    return la.sequence_logprobs(hidden, weight, mb["labels"], mb["batch"])
 
 
 def optimizer_step_batches(cfg: Config, plans: dict, lengths, ranks: int, step: int):
@@ -455,11 +481,99 @@ def step_loss_fn(cfg: Config, units, plan_steps, ranks: int, emulated: int):
     step (ranks x accumulation); DDP averages over the real ranks and `scale` over
     accumulation and emulated ranks, which together divide by K."""
     step_sequences = sum(count_targets(units, pack) for ps in plan_steps for pack in ps)
-    return make_loss_fn(cfg, ranks * cfg.grad_accum, step_sequences, 1.0 / (cfg.grad_accum * emulated)), step_sequences
+    step_groups = sum(len(pack) for ps in plan_steps for pack in ps)  # prompts (preference units)
+    return make_loss_fn(cfg, ranks * cfg.grad_accum, step_sequences, 1.0 / (cfg.grad_accum * emulated),
+                        step_groups), step_sequences
 
 
 def count_targets(units, idx) -> int:
     return sum(int((s["labels"] != -100).any()) for s in sequences_of(units, idx))
+
+
+# ----------------------------------------------------------------------------- helpers: reference
+
+
+def reference_key(cfg: Config, ref_units) -> str:
+    """What the reference log-probs depend on: the reference model (directory contents' names,
+    sizes and times, or the preset and seed of the initial policy) and every reference token."""
+    import hashlib
+
+    h = hashlib.sha256()
+    source = cfg.ref_model or cfg.model
+    if source:
+        for name in sorted(os.listdir(source)):
+            st = os.stat(os.path.join(source, name))
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    else:
+        h.update(json.dumps(dict(PRESETS[cfg.preset], seed=cfg.seed, window=cfg.window,
+                                 target_window=cfg.target_window)).encode())
+    for group in ref_units:
+        for s in group:
+            h.update(s["input_ids"].tobytes())
+            h.update(s["labels"].tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def reference_logprobs(cfg: Config, model, ref_units, lengths, ranks: int, dp_rank: int, emulated: int,
+                       world: int, sp_group, device, log) -> torch.Tensor:
+    """(units, 1 + num_rejected) summed reference log-probs of every answer, computed once before
+    training and cached in --out (ref_logps-<key>.pt, keyed by reference model and tokens). The
+    packs are those of the first epoch's plan, each data-parallel rank its own; the table is
+    summed over the ranks (a row's values counted once per sequence-parallel group)."""
+    key = reference_key(cfg, ref_units)
+    path = os.path.join(cfg.out, f"ref_logps-{key[:16]}.pt")
+    cached = None
+    if os.path.exists(path):
+        try:
+            cached = checkpoint.safe_torch_load(path, path)
+            cached = cached["logps"] if isinstance(cached, dict) and cached.get("key") == key else None
+        except Exception as e:  # refused or torn: computed again
+            log(f"reference cache ignored: {e}")
+    found = torch.tensor([cached is not None and tuple(cached.shape) == (len(ref_units), 1 + cfg.num_rejected)],
+                         dtype=torch.int32, device=device)
+    if world > 1:  # every rank takes the same branch (the pass below has collectives)
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)
+    if found.item():
+        log(f"reference log-probs from the cache {path}")
+        return cached.to(device=device, dtype=torch.float32)
+    source = cfg.ref_model or "the initial policy"
+    log(f"reference log-probs of {len(ref_units)} prompts from {source}")
+    if cfg.ref_model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(cfg.ref_model, local_files_only=True,
+                                                     attn_implementation="longalign").to(device)
+    was_training = model.training
+    model.eval()
+    wrapped = CausalLMWithLoss(model)
+    table = torch.zeros(len(ref_units), 1 + cfg.num_rejected, dtype=torch.float64, device=device)
+    plan = make_plan(cfg, lengths, ranks, 0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    for ps in plan.steps:
+        for e in range(emulated):
+            idx = ps[dp_rank * emulated + e if world > 1 else e]
+            if not idx:
+                continue
+            mb = micro_batch(cfg, ref_units, idx, device)
+            if sp_group is not None:
+                mb = shard_micro_batch(mb, sp_group)
+            with autocast:
+                logps = wrapped(mb, answer_logprobs)
+            if sp_group is None or dist.get_rank(sp_group) == 0:
+                table[torch.as_tensor(idx, device=device)] = logps.double().view(len(idx), -1)
+    model.train(was_training)
+    if world > 1:
+        dist.all_reduce(table)
+    if world == 1 or dist.get_rank() == 0:
+        tmp = path + ".tmp"
+        torch.save(dict(key=key, logps=table.cpu()), tmp)
+        os.replace(tmp, path)
+    if cfg.ref_model:
+        del model, wrapped
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # no second model in device memory during training
+    return table.float()
 
 
 # ----------------------------------------------------------------------------- helpers: run
@@ -543,7 +657,7 @@ def plot_loss(metrics_path: str, png: str, cfg: Config) -> Optional[str]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        ax.set_title("LOGO preference metrics", fontsize=9)
+        ax.set_title(f"{cfg.objective} preference metrics", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -551,12 +665,20 @@ def plot_loss(metrics_path: str, png: str, cfg: Config) -> Optional[str]:
 
 
 def load_units(cfg: Config, log):
+    """(units, reference units): SFT sequences, or one group of sequences per prompt; LongPO's
+    reference reads other sequences (the short prompt with the same answers)."""
     rng = np.random.default_rng(cfg.seed)
-    if cfg.objective == "logo":
-        if cfg.data:
-            raise SystemExit("--objective logo uses the embedded retrieval task (chosen + rejected answers)")
-        return logo_groups(embedded_dataset(cfg, rng), cfg.num_rejected)
-    return sft_sequences(jsonl_dataset(cfg, log) if cfg.data else embedded_dataset(cfg, rng))
+    samples = jsonl_dataset(cfg, log) if cfg.data else embedded_dataset(cfg, rng)
+    if cfg.objective == "sft":
+        return sft_sequences(samples), None
+    units = preference_groups(samples, cfg.num_rejected)
+    ref_units = preference_groups(samples, cfg.num_rejected, short=cfg.objective == "longpo") \
+        if cfg.objective in NEEDS_REFERENCE else None
+    too_long = sum(n > cfg.window for n in unit_lengths(units))
+    if too_long:  # the packer drops them (overlong="drop"): said here, with the count
+        log(f"data: {too_long} of {len(units)} prompts with their answers exceed --window {cfg.window} tokens "
+            f"and are left out (a prompt and its answers always share one row)")
+    return units, ref_units
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -570,6 +692,8 @@ def main(argv=None, step_hook=None) -> dict:
         raise SystemExit("--fsdp needs a torchrun job (torchrun --nproc_per_node N train/train.py --fsdp ...)")
     if cfg.offload_params and not cfg.fsdp:
         raise SystemExit("--offload-params works through FSDP2: add --fsdp (one GPU: torchrun --nproc_per_node 1)")
+    if cfg.ref_model and cfg.objective not in NEEDS_REFERENCE:
+        raise SystemExit(f"--ref-model is for --objective dpo or longpo; {cfg.objective} has no reference")
     if cfg.fsdp and cfg.world_size > 1:
         raise SystemExit("--fsdp shards over torchrun's ranks; --world-size (emulated ranks) is for a single process")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
@@ -581,9 +705,12 @@ def main(argv=None, step_hook=None) -> dict:
     from tqdm import tqdm
 
     log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
-    units = load_units(cfg, log)
+    units, ref_units = load_units(cfg, log)
     lengths = unit_lengths(units)
     model = build_model(cfg, device)
+    # before wrapping and resuming: the default reference is the initial policy
+    ref_table = reference_logprobs(cfg, model, ref_units, lengths, ranks, dp_rank, emulated, world, sp_group, device,
+                                   log) if ref_units is not None else None
     wrapped = CausalLMWithLoss(model)
     if world > 1 or cfg.fsdp:
         if cfg.time_repeats > 1:
@@ -633,6 +760,8 @@ def main(argv=None, step_hook=None) -> dict:
                 r = dp_rank * emulated + e if world > 1 else e
                 t_rank = time.perf_counter()
                 mb = micro_batch(cfg, units, ps[r], device)
+                if ref_table is not None and ps[r]:
+                    mb["ref_logps"] = ref_table[torch.as_tensor(ps[r], device=device)]
                 if cfg.objective == "logo":
                     mb["batch"] = mb["batch"].with_positions(logo_positions(cfg, mb))
                 if sp_group is not None:
@@ -678,7 +807,8 @@ def main(argv=None, step_hook=None) -> dict:
                    real_tokens=int(stats[1].item()), sequences=step_sequences)
         if pref.numel():
             groups = max(1.0, stats[-1].item())
-            row.update({name: stats[3 + i].item() / groups for i, name in enumerate(PREFERENCE_METRICS)})
+            row.update({name: stats[3 + i].item() / groups for i, name in enumerate(PREFERENCE_METRICS)
+                        if ref_table is not None or not name.startswith("ref_")})
         history.append(row)
         if is_main:
             with open(metrics_path, "a") as f:
@@ -696,6 +826,10 @@ def main(argv=None, step_hook=None) -> dict:
     bar.close()
     if cfg.max_steps > start:  # a checkpoint is written for new steps only, never relabelled
         ckpt.save(cfg.max_steps)
+    if cfg.export:
+        tok = records.load_tokenizer(cfg.tokenizer or cfg.model) if (cfg.tokenizer or cfg.model) else None
+        export.export_model(cfg.export, model, tok, sharded=cfg.fsdp, is_main=is_main)
+        log(f"exported a transformers model directory to {cfg.export}")
     if is_main and cfg.max_steps > start:
         png = plot_loss(metrics_path, os.path.join(cfg.out, "loss.png"), cfg) if cfg.plot and history else None
         log(f"done: {cfg.out}/metrics.jsonl" + (f", {png}" if png else ""))

@@ -1,0 +1,147 @@
+"""The user's JSONL files to token ids: chat records for SFT, preference records (TRL's format)
+for the preference objectives. Both go through the tokenizer's chat template.
+
+A bad record stops the run before training with its line number and the field at fault, unless
+``skip_bad`` is set: then it is skipped and counted in the log. Nothing is silently dropped.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from longalign_ops.preference import RecordError, _common_prefix, tokenize_record
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"no usable tokenizer in {path} (pass --tokenizer DIR): {str(e).splitlines()[0]}") from None
+
+
+def _lines(path: str):
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield lineno, line
+
+
+class BadRecords:
+    """Collects bad records: raises at the first one (the default) or counts and logs them."""
+
+    def __init__(self, path: str, skip: bool, log: Callable[[str], None]):
+        self.path, self.skip, self.log, self.count = path, skip, log, 0
+
+    def __call__(self, lineno: int, field: str, message: str):
+        text = f"{self.path}:{lineno}: field {field!r}: {message}"
+        if not self.skip:
+            raise SystemExit(f"data: {text} (fix the record, or pass --skip-bad-records to skip such records)")
+        self.count += 1
+        if self.count <= 20:
+            self.log(f"data: record skipped: {text}")
+
+    def summary(self, kept: int):
+        if self.count:
+            self.log(f"data: {self.count} bad records skipped, {kept} kept")
+
+
+def _chat_ids(tok, messages) -> tuple:
+    """(ids, is_target) of a conversation: the assistant turns, as the chat template renders
+    them (each turn from where the generation prompt ends to the end of the turn), are targets."""
+    def render(msgs, gen):
+        out = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    ids = render(messages, False)
+    target = np.zeros(len(ids), bool)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        # the turn starts where the rendering with a generation prompt leaves the whole one
+        start = _common_prefix(render(messages[:i], True), ids)
+        end = len(render(messages[:i + 1], False))
+        target[start:end] = True
+    return ids, target
+
+
+def _plain_chat_ids(tok, messages) -> tuple:
+    """No chat template: each turn as "<|role|>\\ncontent\\n" (said in the log)."""
+    ids, target = [tok.bos_token_id or 0], [False]
+    for m in messages:
+        piece = tok.encode(f"<|{m['role']}|>\n{m['content']}\n", add_special_tokens=False)
+        ids += piece
+        target += [m["role"] == "assistant"] * len(piece)
+    return ids, np.array(target)
+
+
+def read_chat_jsonl(path: str, tok, window: int, skip_bad: bool, log) -> List[dict]:
+    """{"messages": [{"role", "content"}, ...]} records as dict(ids, target) arrays."""
+    templated = bool(getattr(tok, "chat_template", None))
+    if not templated:
+        log("data: the tokenizer has no chat template; turns are written as '<|role|>\\ncontent\\n'")
+    bad, samples = BadRecords(path, skip_bad, log), []
+    for lineno, line in _lines(path):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad(lineno, "<record>", f"not JSON ({e.msg})")
+            continue
+        msgs = rec.get("messages") if isinstance(rec, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            bad(lineno, "messages", "missing or empty (a list of {role, content})")
+            continue
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in msgs):
+            bad(lineno, "messages", "every message needs a string 'role' and 'content'")
+            continue
+        if not any(m["role"] == "assistant" and m["content"] for m in msgs):
+            bad(lineno, "messages", "no assistant message with content")
+            continue
+        ids, target = (_chat_ids if templated else _plain_chat_ids)(tok, msgs)
+        if len(ids) > window:
+            bad(lineno, "messages", f"{len(ids)} tokens, longer than the window ({window})")
+            continue
+        samples.append(dict(ids=np.asarray(ids, np.int64), target=np.asarray(target, bool)))
+    bad.summary(len(samples))
+    if not samples:
+        raise SystemExit(f"data: no usable record in {path}")
+    return samples
+
+
+def read_preference_jsonl(path: str, tok, skip_bad: bool, log, num_rejected: Optional[int] = None) -> List[dict]:
+    """TRL-format preference records (see longalign_ops.preference) as dict(prompt, answers,
+    short_prompt) arrays. Every record needs the same number of rejected answers (the run's
+    `num_rejected`, or the first record's)."""
+    bad, samples, templated = BadRecords(path, skip_bad, log), [], None
+    for lineno, line in _lines(path):
+        try:
+            ex = tokenize_record(json.loads(line), tok)
+        except json.JSONDecodeError as e:
+            bad(lineno, "<record>", f"not JSON ({e.msg})")
+            continue
+        except RecordError as e:
+            bad(lineno, e.field, str(e).split(": ", 1)[1])
+            continue
+        rejected = len(ex["answers"]) - 1
+        if num_rejected is None:
+            num_rejected = rejected
+        if rejected != num_rejected:
+            bad(lineno, "rejected", f"{rejected} rejected answers where the run uses {num_rejected} "
+                                    f"(every record of a run needs the same number; see --num-rejected)")
+            continue
+        templated = ex["uses_chat_template"] if templated is None else templated
+        samples.append(dict(prompt=np.asarray(ex["prompt_ids"], np.int64),
+                            answers=[np.asarray(a, np.int64) for a in ex["answers"]],
+                            short_prompt=None if ex["short_prompt_ids"] is None
+                            else np.asarray(ex["short_prompt_ids"], np.int64)))
+    if templated is False:
+        log("data: the tokenizer has no chat template; text records are tokenised as prompt, then prompt + "
+            "answer + EOS (TRL's rule)")
+    bad.summary(len(samples))
+    if not samples:
+        raise SystemExit(f"data: no usable record in {path}")
+    return samples
