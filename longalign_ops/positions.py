@@ -1,5 +1,5 @@
 """LOGO / PoSE position synthesis: position ids that let a short physical sequence cover a long
-position window (DESIGN.md, synthesize_positions).
+position window (docs/api.md, "Positions", states the placement).
 
 CPU tensors use the C++ twin (``longalign_ops._C``); CUDA tensors use the CUDA library built
 beside it when nvcc was found (raw pointers and the current stream, through ctypes). Both

@@ -180,7 +180,7 @@ def _uniform(seed, seq, chunk, lo, hi):
 
 def synthesize_positions_numpy(lengths, target_len, *, method="logo", chunk_size=512, num_chunks=None,
                                prefix_lens=None, suffix_lens=None, seed=0):
-    """An independent NumPy implementation of DESIGN.md's placement (vectorised over
+    """An independent NumPy implementation of the placement of docs/api.md (Positions) (vectorised over
     sequences and tokens); the C++ twin must match it bitwise. Returns (T,) int64."""
     import numpy as np
 

@@ -1,4 +1,4 @@
-"""The C++ packer against DESIGN.md: coverage, capacity, balance, loss weights, bad input."""
+"""The C++ packer against its contract (docs/api.md, Packing): coverage, capacity, balance, loss weights, bad input."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""synthesize_positions against DESIGN.md's invariants, an independent NumPy implementation
+"""synthesize_positions against the placement invariants of docs/api.md (Positions), an independent NumPy implementation
 (bitwise), and, on a GPU, the CUDA kernel against the CPU twin (bitwise)."""
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ def cu_of(lengths, device="cpu"):
 
 
 def chunks_of(c, chunk_size, num_chunks):
-    """(start, length) of the middle chunks, per DESIGN.md."""
+    """(start, length) of the middle chunks, per docs/api.md (Positions)."""
     if c <= 0:
         return []
     if num_chunks:

@@ -1,5 +1,7 @@
-"""Every Python block of the README runs as written, in a fresh interpreter on this CPU machine
-(the way a reader pastes it: no TRITON_INTERPRET, so the ops take their plain-CPU path)."""
+"""Every Python block of the README, docs/*.md and bench/README.md runs as written, in a fresh
+interpreter on this CPU machine (the way a reader pastes it: no TRITON_INTERPRET, so the ops take
+their plain-CPU path); the README keeps to its size and order."""
+import glob
 import os
 import re
 import subprocess
@@ -8,16 +10,39 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCKS = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(), re.S)
+PAGES = ["README.md", "bench/README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
-def test_the_readme_has_python_blocks():
-    assert len(BLOCKS) >= 3
+def python_blocks(page):
+    return re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, page), encoding="utf-8").read(), re.S)
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs_as_written(index, tmp_path):
+BLOCKS = [(page, i, block) for page in PAGES for i, block in enumerate(python_blocks(page))]
+
+
+def test_the_readme_is_a_front_door():
+    """At most 200 lines, a pip install line and the quickstart within the first 60, and a link to
+    every page of docs/."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    lines = text.splitlines()
+    assert len(lines) <= 200
+    head = "\n".join(lines[:60])
+    assert "pip install" in head and "## Quickstart" in head and "```python" in head.split("## Quickstart")[1]
+    for page in PAGES[2:]:
+        assert f"({page})" in text, page
+    assert len(python_blocks("README.md")) >= 2 and len(BLOCKS) >= 6
+
+
+def test_relative_links_resolve():
+    for page in PAGES:
+        folder = os.path.dirname(os.path.join(ROOT, page))
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", open(os.path.join(ROOT, page), encoding="utf-8").read()):
+            assert os.path.exists(os.path.join(folder, target)), (page, target)
+
+
+@pytest.mark.parametrize("page, index, block", BLOCKS, ids=[f"{p}-{i}" for p, i, _ in BLOCKS])
+def test_python_block_runs_as_written(page, index, block, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", BLOCKS[index]], cwd=tmp_path, env=env, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
-    assert res.returncode == 0, f"README block {index}:\n{BLOCKS[index]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, f"{page} block {index}:\n{block}\n{res.stderr[-3000:]}"
