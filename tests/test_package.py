@@ -16,12 +16,17 @@ def test_kernels_subpackage_is_installed_under_the_package():
     `kernels` package that would clash with other projects' modules."""
     import importlib.util
 
+    import sys
+
     import longalign_ops.kernels.varlen_attention as k
 
     package_dir = os.path.dirname(longalign_ops.__file__)
-    assert os.path.dirname(os.path.dirname(k.__file__)) == package_dir or \
-        os.path.realpath(k.__file__).endswith(os.path.join("kernels", "varlen_attention.py"))
+    repo_kernels = os.path.join(os.path.dirname(package_dir), "kernels")  # an editable install maps here
+    assert k.__spec__.name == "longalign_ops.kernels.varlen_attention"
+    assert os.path.dirname(os.path.realpath(k.__file__)) in {os.path.realpath(os.path.join(package_dir, "kernels")),
+                                                             os.path.realpath(repo_kernels)}
     assert importlib.util.find_spec("longalign_ops.kernels.weighted_cross_entropy") is not None
+    assert "kernels" not in sys.modules or "longalign" not in (getattr(sys.modules["kernels"], "__file__", "") or "")
     top = importlib.util.find_spec("kernels")
     assert top is None or "longalign" not in (top.origin or ""), "a top-level `kernels` package was installed"
 

@@ -98,7 +98,7 @@ def test_sequence_parallel_two_processes_match_single_process(tmp_path, objectiv
 @pytest.mark.parametrize("objective", ["sft", "logo"])
 def test_fsdp_two_processes_match_the_emulated_two_ranks(tmp_path, objective):
     """torchrun --nproc_per_node 2 train.py --fsdp logs the losses of --world-size 2 in one process
-    (DESIGN: scale-out interfaces) for 8 steps, and the gathered weights agree."""
+    for 8 steps, and the gathered weights agree."""
     fsdp, emu = str(tmp_path / "fsdp"), str(tmp_path / "emu")
     common = ["--max-steps", "8", "--no-plot", "--objective", objective]
     run(common + ["--out", fsdp, "--fsdp"], torchrun=2)
@@ -181,27 +181,79 @@ def test_sequence_parallel_size_must_divide_the_world(tmp_path):
     assert res.returncode != 0 and "--sp 4 must be >= 1 and divide the world size 2" in res.stdout + res.stderr
 
 
+def initial_eager_model(cfg):
+    """The run's initial weights (build_model seeds them) on transformers' own eager attention."""
+    model = train.build_model(cfg, torch.device("cpu"))
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def answer_nll_fp64(model, ids, labels, position_ids=None):
+    """Summed negative log-likelihood of one sequence's (already shifted) targets and their count,
+    from the model's logits in float64: no longalign_ops op is involved."""
+    ids, labels = torch.as_tensor(ids), torch.as_tensor(labels)
+    pos = None if position_ids is None else torch.as_tensor(position_ids)[None]
+    logits = model(input_ids=ids[None], position_ids=pos).logits[0].double()
+    keep = labels != -100
+    return -logits.log_softmax(-1)[keep].gather(1, labels[keep, None]).sum().item(), int(keep.sum())
+
+
 @pytest.mark.parametrize("strategy", ["naive", "sorted"])
 def test_padded_strategies(tmp_path, cpu_reference_path, strategy):
-    hist = train.main(["--strategy", strategy, "--max-steps", "2", "--world-size", "2", "--out",
-                       str(tmp_path / strategy), "--no-plot"])["history"]
-    assert len(hist) == 2 and all(r["loss"] > 0 for r in hist)
-    if strategy == "naive":
+    """The first step's logged loss is each rank's token mean averaged over ranks, recomputed from
+    the model's logits in float64; the padding ratio is that of the step's padded rows."""
+    args = ["--strategy", strategy, "--max-steps", "2", "--world-size", "2", "--no-plot"]
+    hist = train.main(args + ["--out", str(tmp_path / strategy)])["history"]
+    cfg = train.parse_args(args)
+    units, _ = train.load_units(cfg, print)
+    model = initial_eager_model(cfg)
+    [ranks] = train.optimizer_step_batches(cfg, {}, train.unit_lengths(units), 2, 0)
+    means, real, slots = [], 0, 0
+    with torch.no_grad():
+        for pack in ranks:
+            sums = [answer_nll_fp64(model, units[i]["input_ids"], units[i]["labels"]) for i in pack]
+            means.append(sum(s for s, _ in sums) / sum(n for _, n in sums))
+            lengths = [len(units[i]["input_ids"]) for i in pack]
+            real, slots = real + sum(lengths), slots + len(lengths) * max(lengths)
+    assert len(hist) == 2
+    assert hist[0]["loss"] == pytest.approx(sum(means) / 2, rel=1e-5)
+    assert hist[0]["padding_ratio"] == pytest.approx(1 - real / slots)
+    if strategy == "naive":  # random batches of very different lengths pad a lot; sorted ones little
         assert hist[0]["padding_ratio"] > 0.1
 
 
 def test_logo_objective(tmp_path, cpu_reference_path):
     out = tmp_path / "logo"
-    hist = train.main(["--objective", "logo", "--max-steps", "3", "--out", str(out), "--world-size", "2"])["history"]
-    assert len(hist) == 3 and all(r["loss"] == r["loss"] for r in hist)
+    args = ["--objective", "logo", "--max-steps", "3", "--world-size", "2"]
+    hist = train.main(args + ["--out", str(out)])["history"]
+    assert len(hist) == 3
+    # the first step's loss from scratch: every answer's per-token mean log-prob from the model's
+    # float64 logits at the synthesised positions, LOGO's formula written out, the mean over prompts
+    cfg = train.parse_args(args)
+    units, _ = train.load_units(cfg, print)
+    model = initial_eager_model(cfg)
+    [ranks] = train.optimizer_step_batches(cfg, {}, train.unit_lengths(units), 2, 0)
+    losses = []
+    with torch.no_grad():
+        for pack in ranks:
+            mb = train.micro_batch(cfg, units, pack, "cpu")
+            pos, cu = train.logo_positions(cfg, mb), mb["batch"].cu_seqlens.tolist()
+            means = []
+            for j, seq in enumerate(mb["seqs"]):
+                nll, n = answer_nll_fp64(model, seq["input_ids"], seq["labels"], pos[cu[j]:cu[j + 1]])
+                means.append(-nll / n)
+            for g in torch.tensor(means, dtype=torch.float64).view(-1, 1 + cfg.num_rejected):
+                z = cfg.beta * (g[0] - g[1:].mean()) - cfg.gamma
+                losses.append(-torch.nn.functional.logsigmoid(z).item() + cfg.sft_weight * -g[0].item())
+    assert hist[0]["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
     # the preference metrics of every step, in the history and in metrics.jsonl
     logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
     for r in logged:
         assert r["chosen_logp"] < 0 and r["rejected_logp"] < 0 and 0 <= r["pref_accuracy"] <= 1
         assert abs(r["margin"] - (r["chosen_logp"] - r["rejected_logp"])) < 1e-9
     assert logged[-1]["margin"] == hist[-1]["margin"]
-    if train.plot_loss(str(out / "metrics.jsonl"), str(out / "again.png"), train.parse_args(["--objective", "logo"])):
-        assert (out / "loss.png").exists()
+    png = train.plot_loss(str(out / "metrics.jsonl"), str(out / "again.png"), train.parse_args(["--objective", "logo"]))
+    assert png == str(out / "again.png") and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_logo_metrics_match_a_direct_computation(cpu_reference_path):
@@ -271,28 +323,29 @@ def test_chat_records_use_the_tokenizers_chat_template(tmp_path):
 
 
 def test_one_step_through_the_triton_kernels(tmp_path):
-    """Attention and the fused loss inside the loop, executed by the Triton interpreter."""
+    """Attention and the fused loss inside the loop, executed by the Triton interpreter, log the
+    loss of the plain-CPU path (SDPA per sequence and PyTorch's cross-entropy): two independent
+    implementations of every op in the step."""
     for objective in ("sft", "logo", "dpo"):
-        out = str(tmp_path / objective)
-        run(["--max-steps", "1", "--window", "128", "--num-samples", "16", "--objective", objective, "--out", out,
-             "--no-plot"], interpret="1")
-        assert metrics(out)[0]["loss"] > 0
+        args = ["--max-steps", "1", "--window", "128", "--num-samples", "16", "--objective", objective, "--no-plot"]
+        kernels, plain = str(tmp_path / objective), str(tmp_path / f"{objective}-cpu")
+        run(args + ["--out", kernels], interpret="1")
+        run(args + ["--out", plain], interpret="0")
+        assert metrics(kernels)[0]["loss"] == pytest.approx(metrics(plain)[0]["loss"], rel=1e-4), objective
 
 
 @pytest.mark.parametrize("extra", [["--grad-accum", "2", "--world-size", "2"], ["--grad-accum", "3"]])
 def test_weighted_objective_is_mean_of_sequence_means(cpu_reference_path, extra):
     """With LongAlign weighting, the micro-batch losses of one optimisation step (ranks x
     accumulation packs, each scaled as the loop scales it) add up to the mean over the step's
-    sequences of their per-token mean loss, whatever the accumulation."""
+    sequences of their per-token mean loss (from the model's float64 logits), whatever the
+    accumulation."""
     import numpy as np
-    import torch
-
-    import longalign_ops as la
 
     cfg = train.parse_args(["--num-samples", "40", "--loss-weighting"] + extra)
     units, _ = train.load_units(cfg, print)
     lengths = train.unit_lengths(units)
-    model = train.build_model(cfg, torch.device("cpu"))
+    model, eager = train.build_model(cfg, torch.device("cpu")), initial_eager_model(cfg)
     wrapped = train.CausalLMWithLoss(model)
     ranks = cfg.world_size
     plan_steps = train.optimizer_step_batches(cfg, {}, lengths, ranks, 0)
@@ -304,9 +357,8 @@ def test_weighted_objective_is_mean_of_sequence_means(cpu_reference_path, extra)
         for i in (i for ps in plan_steps for pack in ps for i in pack):
             u = units[i]
             if (u["labels"] != -100).any():
-                hidden = model.model(input_ids=torch.from_numpy(u["input_ids"])[None]).last_hidden_state[0]
-                means.append(la.fused_linear_cross_entropy(hidden, model.lm_head.weight,
-                                                           torch.from_numpy(u["labels"])).item())
+                nll, n = answer_nll_fp64(eager, u["input_ids"], u["labels"])
+                means.append(nll / n)
     assert len(means) == M
     assert total == pytest.approx(float(np.mean(means)), rel=1e-4)
 

@@ -59,7 +59,7 @@ def test_fused_fp32_matches_reference(reduction, V, weights, bias, softcap):
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_fused_fp16_within_twice_torch_fp16_error(reduction):
-    """DESIGN rule 5: error against fp64 at most twice that of the same computation done by
+    """Error against fp64 at most twice that of the same computation done by
     PyTorch in fp16 (plus 1e-5)."""
     h, W, b, y, w = make(29, 32, 333, torch.float16, bias=True)
     out, grads, (ref, ref_grads), (low, low_grads) = fused_and_reference(h, W, b, y, w, reduction, None,
@@ -193,24 +193,23 @@ def test_longalign_weights_identity_over_a_packed_step():
         assert total / W_ranks == pytest.approx(np.mean(per_seq_means), rel=1e-5)
 
 
-def test_longalign_weights_match_packer():
-    lengths = np.array([6, 3, 8])
+@pytest.mark.parametrize("num_packs, num_sequences", [(1, 3), (4, 10)])
+def test_longalign_weights_are_k_over_n_i_m(num_packs, num_sequences):
+    """K/(N_i*M) written out by hand for a row of sequences of 6, 3 and 8 tokens whose ignored
+    targets leave N = 4, 2 and 7; the packer's factors agree."""
     labels = torch.arange(17) % 5
-    labels[[0, 1, 6, 9]] = -100
-    plan = la.pack(lengths, 32)
-    cu = plan.cu_seqlens(0, 0)
-    order = plan.steps[0][0]
-    counts = np.zeros(3, np.int64)
-    starts = cu.tolist()
-    for j, i in enumerate(order):
-        counts[i] = int((labels[starts[j]:starts[j + 1]] != -100).sum())
-    w = la.longalign_loss_weights(cu, labels, num_packs=1, num_sequences=3)
-    want = plan.loss_weights(counts)
-    for j, i in enumerate(order):
-        seg = w[starts[j]:starts[j + 1]]
-        tgt = labels[starts[j]:starts[j + 1]] != -100
-        assert torch.all(seg[~tgt] == 0)
-        assert torch.allclose(seg[tgt], torch.tensor(want[i], dtype=torch.float32))
+    labels[[0, 1, 6, 9]] = -100          # sequence 0: tokens 0-5, two ignored; 1: 6-8, one; 2: 9-16, one
+    cu = torch.tensor([0, 6, 9, 17], dtype=torch.int32)
+    K, M = num_packs, num_sequences
+    want = torch.zeros(17)
+    for start, end, n in ((0, 6, 4), (6, 9, 2), (9, 17, 7)):
+        want[start:end] = K / (n * M)
+    want[labels == -100] = 0
+    w = la.longalign_loss_weights(cu, labels, num_packs=K, num_sequences=M)
+    torch.testing.assert_close(w, want)
+    plan = la.pack([6, 3, 8], 32)
+    factors = plan.loss_weights(np.array([4, 2, 7]))   # K = 1 pack, M = 3 sequences
+    np.testing.assert_allclose(factors, [1 / 12, 1 / 6, 1 / 21])
 
 
 def test_module_form():
