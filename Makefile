@@ -15,8 +15,10 @@ install:
 	$(PIP) install -q $(TORCH_PIN) pybind11 scikit-build-core ninja
 	$(PIP) install -q --no-build-isolation -e ".[test,train]"
 
+# two pytest workers, one for each core of the CI machine, each torch on one thread (two busy
+# processes with a thread pool each stall one another); the slowest tests are printed
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 tests
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --durations=25 tests
 
 sanitize: install
 	bash .ci/sanitize.sh

@@ -33,15 +33,16 @@ def step(mode, fake):
 
 
 @pytest.mark.parametrize("mode", ["baseline", "longalign"])
-def test_fake_count_matches_a_real_step_within_ten_percent(mode):
-    """2048 tokens, a 2-layer model with an 8K vocabulary (bf16 matmuls on a CPU take about a
-    minute per real step at this size; measured 2.2% and 0.7% apart): the baseline's fp32 logits
-    and the fused loss's chunks are both in it. The longalign row packs 64-token sequences, so the CPU
-    attention path's per-sequence scores (which the fake kernel of the op does not allocate)
-    stay small."""
+def test_fake_count_matches_a_real_step_within_five_percent(mode):
+    """2048 tokens, a 2-layer model with an 8K vocabulary: the baseline's fp32 logits and the
+    fused loss's chunks are both in it. The real step is the second one of its process (the first
+    one's one-time allocations are not step memory; bench_memory.step_peak does this). Measured on
+    the 2-core CPU machine, 2026-12-01: counted 291.7 MB against a 291.6 MB rise (baseline), 129.7
+    against 127.6 (longalign). The longalign row packs 64-token sequences, so the CPU attention
+    path's per-sequence scores (which the fake kernel of the op does not allocate) stay small."""
     estimate = step(mode, fake=True)["rise"]
     measured = step(mode, fake=False)["rss_rise"]
-    assert abs(estimate - measured) <= 0.10 * measured, (estimate, measured)
+    assert abs(estimate - measured) <= 0.05 * measured, (estimate, measured)
 
 
 def run_cli(*args):

@@ -35,9 +35,10 @@ def run_worker(nproc: int, lengths, interpret: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("nproc, interpret", [(2, "0"), (4, "1")])
+@pytest.mark.parametrize("nproc, interpret", [(2, "1"), (4, "0")])
 def test_ulysses_matches_single_process(nproc, interpret):
-    """4 processes run the Triton kernels under the interpreter; 2 the plain-CPU path."""
+    """2 processes run the Triton kernels under the interpreter; 4 (kv heads replicated) the
+    plain-CPU path, which on a 2-core machine is the one that finishes in seconds."""
     out = run_worker(nproc, [37, 1, 60, 0, 25], interpret)  # 123 tokens: padded to a multiple of P
     assert out["world"] == nproc and out["total"] % nproc == 0 and out["pad"] == (-123) % nproc
     numeric = {k: v for k, v in out["errors"].items() if not k.startswith("refused")}
