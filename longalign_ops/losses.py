@@ -161,6 +161,24 @@ def preference_loss(objective: str, logps: torch.Tensor, *, ref_logps: Optional[
     return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
 
 
+def packed_preference_loss(objective: str, answer_logps: torch.Tensor, answer_tokens: torch.Tensor,
+                           answers_per_prompt: int, *, ref_logps: Optional[torch.Tensor] = None, beta: float,
+                           gamma: float = 0.0, sft_weight: float = 0.0, dpo_lambda: float = 1.0,
+                           reduction: str = "mean"):
+    """:func:`preference_loss` of prompts packed with their answers, from what the packed row
+    gives: ``answer_logps`` ``(B*(1+M),)`` each answer's summed log-prob (``sequence_logprobs``),
+    ``answer_tokens`` their target counts, ``answers_per_prompt`` = 1+M. Length-averaged
+    objectives compare per-token means; the NLL term is the chosen answer's per-token mean.
+    Returns ``(loss, scores)``, scores ``(B, 1+M)`` being what the objective compared (for
+    :func:`preference_metric_sums`)."""
+    sums = answer_logps.view(-1, answers_per_prompt)
+    means = sums / answer_tokens.to(sums.device, sums.dtype).view_as(sums).clamp_min(1.0)
+    scores = means if objective in LENGTH_AVERAGED else sums
+    loss = preference_loss(objective, scores, ref_logps=ref_logps, beta=beta, gamma=gamma, sft_weight=sft_weight,
+                           dpo_lambda=dpo_lambda, chosen_nll=-means[:, 0], reduction=reduction)
+    return loss, scores
+
+
 # the per-step metrics a preference run logs (train.py's metrics.jsonl): sums over prompts here,
 # divided by the prompt count once the step's sums are reduced over ranks
 PREFERENCE_METRICS = ("chosen_logp", "rejected_logp", "ref_chosen_logp", "ref_rejected_logp", "margin",

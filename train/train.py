@@ -30,8 +30,7 @@ import longalign_ops as la
 import records
 import longalign_ops.integrations.transformers  # noqa: F401  registers attn_implementation="longalign"
 from longalign_ops import sequence_parallel as sp
-from longalign_ops.losses import LENGTH_AVERAGED, NEEDS_REFERENCE, PREFERENCE_METRICS, preference_loss, \
-    preference_metric_sums
+from longalign_ops.losses import NEEDS_REFERENCE, PREFERENCE_METRICS, packed_preference_loss, preference_metric_sums
 
 # ----------------------------------------------------------------------------- config
 
@@ -123,7 +122,7 @@ HELP = dict(
     sp="Ulysses sequence parallelism under torchrun: this many ranks share each packed row (data-parallel size = "
        "world size / sp)",
     fsdp="FSDP2 under torchrun: fully_shard per decoder layer and the root, over every rank (bf16 parameters, fp32 "
-         "gradient reduction on GPU); checkpoints hold full state dicts",
+         "gradient reduction on GPU); checkpoints are sharded torch.distributed.checkpoint directories",
     batch_size="sequences per rank per step for naive and sorted", window="tokens per pack / longest sequence "
     "(default: the preset's)", num_samples="samples of the embedded dataset (default: the preset's)",
     grad_checkpointing="activation checkpointing of every decoder layer",
@@ -431,18 +430,13 @@ def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float
     def preference(hidden, weight, mb):
         if mb["num_units"] == 0:  # an idle rank: zero loss that still touches every parameter (DDP)
             return (hidden.sum() + weight.sum()) * 0.0
-        logps = answer_logprobs(hidden, weight, mb)
-        tokens = mb["answer_tokens"].to(logps.device)
-        means = logps / tokens.clamp_min(1.0)  # per-token means: SimPO / LOGO's score, and the NLL term
-        per_group = 1 + cfg.num_rejected
-        scores = (means if cfg.objective in LENGTH_AVERAGED else logps).view(-1, per_group)
         ref = mb.get("ref_logps")
+        loss, scores = packed_preference_loss(cfg.objective, answer_logprobs(hidden, weight, mb), mb["answer_tokens"],
+                                              1 + cfg.num_rejected, ref_logps=ref, beta=cfg.beta, gamma=cfg.gamma,
+                                              sft_weight=cfg.sft_weight, dpo_lambda=cfg.dpo_lambda, reduction="sum")
         with torch.no_grad():  # summed on the device here, read once per step (PREFERENCE_METRICS)
             sums = preference_metric_sums(scores, ref, cfg.beta)
             preference.sums = preference.sums.to(sums.device) + sums
-        loss = preference_loss(cfg.objective, scores, ref_logps=ref, beta=cfg.beta, gamma=cfg.gamma,
-                               sft_weight=cfg.sft_weight, dpo_lambda=cfg.dpo_lambda,
-                               chosen_nll=-means.view(-1, per_group)[:, 0], reduction="sum")
         # the step's mean over prompts: DDP's average over ranks and `scale` divide by the step's packs
         return loss * (step_packs / max(1, step_groups)) * scale
 
@@ -827,7 +821,7 @@ def main(argv=None, step_hook=None) -> dict:
     if cfg.max_steps > start:  # a checkpoint is written for new steps only, never relabelled
         ckpt.save(cfg.max_steps)
     if cfg.export:
-        tok = records.load_tokenizer(cfg.tokenizer or cfg.model) if (cfg.tokenizer or cfg.model) else None
+        tok = records.load_tokenizer(tokenizer_path(cfg)) if (cfg.tokenizer or cfg.model) else None
         export.export_model(cfg.export, model, tok, sharded=cfg.fsdp, is_main=is_main)
         log(f"exported a transformers model directory to {cfg.export}")
     if is_main and cfg.max_steps > start:

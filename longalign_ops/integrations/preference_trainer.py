@@ -84,14 +84,10 @@ class PreferenceTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps = _answer_logprobs(model, inputs)
-        B = logps.numel() // inputs["num_answers"]
-        sums = logps.view(B, -1)
-        means = sums / inputs["answer_tokens"].view(B, -1).clamp_min(1.0)
-        scores = means if self.objective in losses.LENGTH_AVERAGED else sums
-        loss = losses.preference_loss(self.objective, scores, ref_logps=inputs.get("ref_logps"), beta=self.beta,
-                                      gamma=self.gamma, sft_weight=self.sft_weight, dpo_lambda=self.dpo_lambda,
-                                      chosen_nll=-means[:, 0])
-        return (loss, dict(logps=sums)) if return_outputs else loss
+        loss, _ = losses.packed_preference_loss(self.objective, logps, inputs["answer_tokens"], inputs["num_answers"],
+                                                ref_logps=inputs.get("ref_logps"), beta=self.beta, gamma=self.gamma,
+                                                sft_weight=self.sft_weight, dpo_lambda=self.dpo_lambda)
+        return (loss, dict(logps=logps.view(-1, inputs["num_answers"]))) if return_outputs else loss
 
 
 __all__ = ["PreferenceTrainer"]
