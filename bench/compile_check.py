@@ -1,15 +1,19 @@
 """Compile every Triton kernel ahead of time for sm_80 and sm_90, without a GPU (triton ships
-ptxas), and print the compiler's resource report: registers per thread, spills, shared memory.
+ptxas), and print the compiler's resource report: registers per thread, spills, shared memory,
+and the instruction mix read from the PTX (wgmma, mma.sync, cp.async, TMA), with tiles and stages.
 
-    python bench/compile_check.py [--arch 80,90]
+    python bench/compile_check.py [--arch 80,90] [--strict] [--out report.csv]
 
 This catches what the interpreter cannot (type errors in compiled control flow, register
-spills) and costs no device time; tests/test_compile.py runs it for sm_90 in CI.
+spills, a matmul that falls off Hopper's tensor-core path) and costs no device time;
+tests/test_compile.py runs it with --strict for sm_90 and sm_80 in CI. It reads compiled code,
+not speed: bench/gpu_check.sh measures speed.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import tempfile
 
@@ -86,6 +90,15 @@ def cubin_usage(cubin: bytes) -> dict:
     return dict(n_regs=int(fields["REG"]), stack_bytes=int(fields["STACK"]))
 
 
+def instruction_mix(ptx: str) -> dict:
+    """Matmul and load instructions of a kernel's PTX: Hopper's warpgroup tensor-core `wgmma`,
+    the pre-Hopper `mma.sync`, and asynchronous (pipelined) global-to-shared copies, `cp.async`
+    and TMA's `cp.async.bulk.tensor`."""
+    return dict(wgmma=len(re.findall(r"\bwgmma\.mma_async\b", ptx)), mma_sync=len(re.findall(r"\bmma\.sync\b", ptx)),
+                cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)\b", ptx)),
+                tma=len(re.findall(r"\bcp\.async\.bulk\.tensor\b", ptx)))
+
+
 def compile_kernel(fn, ptr, floats, constexprs, warps, stages, arch):
     src = ASTSource(fn=fn, signature=_signature(fn, ptr, floats, (), constexprs), constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
@@ -105,21 +118,26 @@ def compile_all(archs=(90,), quiet=False):
     for arch in archs:
         for name, fn, ptr, floats, constexprs, warps, stages in all_cases(arch):
             k = compile_kernel(fn, ptr, floats, constexprs, warps, stages, arch)
+            tiles = f"{constexprs['BLOCK_M']}x{constexprs['BLOCK_N']}" if "BLOCK_N" in constexprs else ""
             row = dict(arch=f"sm_{arch}", kernel=name, dtype=ptr.get("Q") or ptr.get("Out") or ptr.get("Logits"),
-                       head_dim=constexprs.get("HEAD_DIM", ""), shared_bytes=k.metadata.shared, num_warps=warps,
-                       **cubin_usage(k.asm["cubin"]))
+                       head_dim=constexprs.get("HEAD_DIM", ""), tiles=tiles, shared_bytes=k.metadata.shared,
+                       num_warps=warps, num_stages=stages, **cubin_usage(k.asm["cubin"]),
+                       **instruction_mix(k.asm["ptx"]))
             results.append(row)
             if not quiet:
-                print(f"{row['arch']} {name:40} {row['dtype']:>5} D={row['head_dim']!s:>4}: {row['n_regs']:3d} regs, "
-                      f"{row['stack_bytes']:5d} B stack (spills), {row['shared_bytes']:6d} B shared, {warps} warps",
-                      flush=True)
+                print(f"{row['arch']} {name:40} {row['dtype']:>5} D={row['head_dim']!s:>4} {tiles:>7}: "
+                      f"{row['n_regs']:3d} regs, {row['stack_bytes']:5d} B stack (spills), {row['shared_bytes']:6d} B "
+                      f"shared, {warps} warps, {stages} stages | wgmma {row['wgmma']:3d}, mma.sync {row['mma_sync']:3d}, "
+                      f"cp.async {row['cp_async']:3d}, tma {row['tma']}", flush=True)
     return results
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="80,90")
-    ap.add_argument("--strict", action="store_true", help="exit 1 if any kernel spills to local memory")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit 1 if a normal-path kernel spills to local memory, or an sm_90 bf16/fp16 attention "
+                         "kernel at head dim 40-128 issues mma.sync instead of wgmma")
     ap.add_argument("--out", default=None, help="also write the report as CSV")
     args = ap.parse_args()
     rows = compile_all(tuple(int(a) for a in args.arch.split(",")))
@@ -141,4 +159,15 @@ if __name__ == "__main__":
     if spilled:
         print(f"{len(spilled)} kernel configuration(s) spill: " + ", ".join(f"{r['kernel']} {r['dtype']} D={r['head_dim']}"
                                                                           for r in spilled))
-    raise SystemExit(1 if args.strict and spilled else 0)
+    # and on Hopper every bf16/fp16 attention matmul of the normal path is a wgmma at the head dims
+    # of today's models (40-128); D = 256's backward tiles cannot hold wgmma's 64-row operands and
+    # their fp32 accumulators in registers without spilling, so it keeps mma.sync (no spills)
+    not_wgmma = [r for r in rows if r["arch"] == "sm_90" and r["dtype"] in ("bf16", "fp16")
+                 and r["kernel"].split(" ")[:2] in (["varlen_attention", "fwd"], ["varlen_attention", "dkdv"],
+                                                    ["varlen_attention", "dq"])
+                 and "dense-grid" not in r["kernel"] and "wide-offsets" not in r["kernel"]
+                 and r["head_dim"] in (40, 64, 128) and (r["mma_sync"] or not r["wgmma"])]
+    if not_wgmma:
+        print(f"{len(not_wgmma)} sm_90 attention kernel(s) not on wgmma: "
+              + ", ".join(f"{r['kernel']} {r['dtype']} D={r['head_dim']} ({r['mma_sync']} mma.sync)" for r in not_wgmma))
+    raise SystemExit(1 if args.strict and (spilled or not_wgmma) else 0)

@@ -113,20 +113,22 @@ def _query_range(len_q, len_k, nblk, window_left, window_right, BLOCK_M: tl.cons
 
 @triton.jit
 def _visible(rows, cols, len_q, len_k, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """(rows x cols) mask of the in-range (query, key) pairs that the window lets through."""
-    keep = (rows < len_q)[:, None] & (cols < len_k)[None, :]
+    """Mask of the in-range (query, key) pairs that the window lets through, from query indices
+    `rows` and key indices `cols` already broadcast against each other: ``rows[:, None]``,
+    ``cols[None, :]`` for a (queries x keys) tile, the other way round for its transpose."""
+    keep = (rows < len_q) & (cols < len_k)
     diag = len_k - len_q
     if HAS_RIGHT:
-        keep = keep & (cols[None, :] <= rows[:, None] + diag + window_right)
+        keep = keep & (cols <= rows + diag + window_right)
     if HAS_LEFT:
-        keep = keep & (cols[None, :] >= rows[:, None] + diag - window_left)
+        keep = keep & (cols >= rows + diag - window_left)
     return keep
 
 
 @triton.jit
 def _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Scores in log2 units, and tanh of the capped scores (what the backward needs; the raw
-    dot product when there is no cap)."""
+    """Scores ``q @ k.T`` in log2 units, and tanh of the capped scores (what the backward needs;
+    the raw dot product when there is no cap). ``_scores(k, q, ...)`` gives the transpose."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     t = qk
     if SOFTCAP:
@@ -175,7 +177,7 @@ def _varlen_attention_fwd_kernel(
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(k_base + _tile_offsets(cols, stride_kt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
         s, _ = _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
-        keep = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        keep = _visible(offs_m[:, None], cols[None, :], len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid inf - inf
@@ -261,15 +263,19 @@ def _varlen_attention_bwd_dkdv_kernel(
             # rows that saw no key have lse = -inf and p = 0
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             delta = tl.load(Delta + stat_base + offs_m, mask=m_valid, other=0.0)
-            s, t = _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
-            keep = _visible(offs_m, offs_n, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
+            # the transposed scores, keys x queries: every matmul of this loop then has this
+            # program's BLOCK_N keys as its M dimension, which is what Hopper's wgmma needs (>= 64
+            # rows per warpgroup) while the query step BLOCK_M stays small (as Triton's tutorial)
+            sT, tT = _scores(k, q, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
+            keep = _visible(offs_m[None, :], offs_n[:, None], len_q, len_k, window_left, window_right, HAS_LEFT,
+                            HAS_RIGHT)
+            pT = tl.where(keep, tl.math.exp2(sT - lse2[None, :]), 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dsT = pT * (dpT - delta[None, :])
             if SOFTCAP:
-                ds = ds * (1.0 - t * t)  # d(cap * tanh(x / cap)) / dx
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                dsT = dsT * (1.0 - tT * tT)  # d(cap * tanh(x / cap)) / dx
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(_head_base(dK, k_start, stride_dkt, kh, stride_dkh) + _tile_offsets(offs_n, stride_dkt, offs_d, WIDE_OFFSETS),
              dk.to(dK.dtype.element_ty), mask=kv_mask)
@@ -321,7 +327,7 @@ def _varlen_attention_bwd_dq_kernel(
         k = tl.load(k_base + _tile_offsets(cols, stride_kt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
         v = tl.load(v_base + _tile_offsets(cols, stride_vt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
         s, t = _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
-        keep = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        keep = _visible(offs_m[:, None], cols[None, :], len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -357,12 +363,15 @@ def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability
     hopper = tuple(capability) >= (9, 0)
     if dtype == torch.float32:
         return dict(fwd=(32, 16, 4, 1), dkdv=(16, 16, 4, 1) if hopper else (16, 16, 8, 1), dq=(32, 16, 4, 1))
+    # sm_90 dK/dV: 64 keys per program (the M dimension of all of its matmuls: wgmma's minimum),
+    # 8 warps, and a short query step (32 at D <= 64, 16 at D = 128) so that the fp32 dK, dV
+    # accumulators and the K, V tiles fit the register file; its loads pipeline through cp.async
     if head_dim <= 64:
-        return dict(fwd=(128, 64, 8, 3), dkdv=(64, 64, 8, 2) if hopper else (32, 32, 4, 2), dq=(64, 64, 8, 2))
+        return dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 8, 3) if hopper else (32, 32, 4, 2), dq=(64, 64, 8, 2))
     if head_dim <= 128:
         dq = (64, 64, 4, 2) if hopper else (32, 64, 4, 2)
         fwd = (64, 64, 8, 2) if softcap and not hopper else (128, 64, 8, 3)
-        return dict(fwd=fwd, dkdv=(64, 32, 4, 2), dq=(dq[0], 32, 4, 2) if softcap else dq)
+        return dict(fwd=fwd, dkdv=(16, 64, 8, 2) if hopper else (64, 32, 4, 2), dq=(dq[0], 32, 4, 2) if softcap else dq)
     return dict(fwd=(64, 64, 8, 2), dkdv=(16, 16, 4, 1), dq=(32, 16, 4, 2))
 
 

@@ -15,3 +15,10 @@ def test_kernels_compile_for_sm90_and_sm80_without_spills():
                           "--strict"], env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "sm_90 varlen_attention fwd" in res.stdout and "sm_80 weighted_cross_entropy" in res.stdout
+    # --strict also holds sm_90's bf16/fp16 attention at head dims 40-128 to wgmma alone: the
+    # report line of the kernel that used to fall back (dK/dV, D=128) says so
+    import re
+
+    line = next(x for x in res.stdout.splitlines() if x.startswith("sm_90 varlen_attention dkdv ") and "D= 128" in x)
+    wgmma, mma = map(int, re.search(r"wgmma +(\d+), mma\.sync +(\d+)", line).groups())
+    assert wgmma > 0 and mma == 0, line
