@@ -42,26 +42,29 @@ def _signature(fn, pointers: dict, floats=(), i64=(), constexprs: dict = None):
     return sig
 
 
-def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=True, wide=False, local=False):
-    """`local`: a sliding window (both bounds) with logit soft-capping, Gemma-2 style."""
+def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=True, wide=False, local=False,
+                    prefix=False):
+    """`local`: a sliding window (both bounds) with logit soft-capping, Gemma-2 style; `prefix`:
+    a batch with shared prefixes (PackedBatch.from_prefix_groups)."""
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    cfg = va.attention_config(head_dim, torch_dtype, on_gpu=True, capability=divmod(arch, 10), softcap=local)
+    cfg = va.attention_config(head_dim, torch_dtype, on_gpu=True, capability=divmod(arch, 10), softcap=local,
+                              prefix=prefix)
     common = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_LEFT=local,
                   HAS_RIGHT=causal or local, SOFTCAP=local, TILE_LIST=tile_list,
-                  DOT_PRECISION=va._dot_precision(torch_dtype), WIDE_OFFSETS=wide)
+                  DOT_PRECISION=va._dot_precision(torch_dtype), WIDE_OFFSETS=wide, HAS_PREFIX=prefix)
     t = dtype
     ptr = dict(Q=t, K=t, V=t, Out=t, Lse="fp32", cu_q="i32", cu_k="i32", tile_seq="i32", tile_block="i32",
-               dOut=t, Delta="fp32", dK=t, dV=t, dQ=t)
+               Prefix="i32", dOut=t, Delta="fp32", dK=t, dV=t, dQ=t)
     floats = ("qk_scale_log2", "scale_over_cap", "cap_log2", "sm_scale")
     for kernel, fn in (("fwd", va._varlen_attention_fwd_kernel), ("dkdv", va._varlen_attention_bwd_dkdv_kernel),
                        ("dq", va._varlen_attention_bwd_dq_kernel)):
         BM, BN, warps, stages = cfg[kernel]
         variant = ("" if tile_list else " dense-grid") + (" wide-offsets" if wide else "") + \
-            (" window+softcap" if local else "")
+            (" window+softcap" if local else "") + (" shared-prefix" if prefix else "")
         yield (f"varlen_attention {kernel}{variant}", fn, ptr, floats, dict(common, BLOCK_M=BM, BLOCK_N=BN), warps,
                stages)
     block_d = triton.next_power_of_2(head_dim)
-    if not tile_list or wide or local:
+    if not tile_list or wide or local or prefix:
         return
     yield ("varlen_attention bwd preprocess", va._varlen_attention_bwd_preprocess_kernel,
            dict(Out=t, dOut=t, Delta="fp32"), (), dict(HEAD_DIM=head_dim, BLOCK_D=block_d,
@@ -110,7 +113,9 @@ def all_cases(arch):
             for case in attention_cases(dtype, d, causal, arch)] + \
         list(attention_cases("bf16", 128, True, arch, tile_list=False)) + \
         list(attention_cases("bf16", 128, True, arch, wide=True)) + \
-        list(attention_cases("bf16", 128, True, arch, local=True)) + list(cross_entropy_cases())
+        list(attention_cases("bf16", 128, True, arch, local=True)) + \
+        [case for d in (64, 128, 256) for case in attention_cases("bf16", d, True, arch, prefix=True)] + \
+        list(attention_cases("bf16", 128, True, arch, local=True, prefix=True)) + list(cross_entropy_cases())
 
 
 def compile_all(archs=(90,), quiet=False):

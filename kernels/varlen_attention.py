@@ -96,19 +96,37 @@ def _key_range(len_q, len_k, mblk, window_left, window_right, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _query_range(len_q, len_k, nblk, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _query_range(len_q, len_k, k_first, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """[lo, hi) of the query rows that see any key of key block `nblk`; lo rounded down to a
-    row block."""
+    """[lo, hi) of the query rows that see any of the BLOCK_N keys from key index `k_first`; lo
+    rounded down to a row block."""
     diag = len_k - len_q
     lo = 0
     hi = len_q
     if HAS_RIGHT:
-        lo = tl.maximum(nblk * BLOCK_N - diag - window_right, 0)
+        lo = tl.maximum(k_first - diag - window_right, 0)
         lo = (lo // BLOCK_M) * BLOCK_M
     if HAS_LEFT:
-        hi = tl.minimum(len_q, tl.maximum((nblk + 1) * BLOCK_N - diag + window_left, 0))
+        hi = tl.minimum(len_q, tl.maximum(k_first + BLOCK_N - diag + window_left, 0))
     return lo, hi
+
+
+@triton.jit
+def _prefix_of(Prefix, seq, HAS_PREFIX: tl.constexpr):
+    """(offset of segment `seq`'s prefix keys from its own first key (<= 0), prefix length),
+    from the (S, 4) int32 table of a batch with shared prefixes; (0, 0) without one."""
+    if HAS_PREFIX:
+        row = Prefix + seq.to(tl.int64) * 4
+        return tl.load(row), tl.load(row + 1)
+    else:
+        return 0, 0
+
+
+@triton.jit
+def _branches_of(Prefix, seq):
+    """(first segment, count) of the branches that share segment `seq` as their prefix."""
+    row = Prefix + seq.to(tl.int64) * 4
+    return tl.load(row + 2), tl.load(row + 3)
 
 
 @triton.jit
@@ -140,13 +158,53 @@ def _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP: tl.constexpr
 
 
 @triton.jit
+def _prefix_blocks(lo, hi, pre_off, pre_len, BLOCK_N: tl.constexpr):
+    """The key blocks of a branch: its prefix's keys [lo, min(hi, pre_len)) in BLOCK_N steps from
+    lo, then its own from pre_len (so no block straddles the two, and each block's rows are
+    affine: key j is row j + pre_off in the prefix, j - pre_len in the branch). Returns (blocks
+    in the prefix, blocks in all, own start)."""
+    n_pre = tl.cdiv(tl.maximum(tl.minimum(hi, pre_len) - lo, 0), BLOCK_N)
+    own_lo = pre_len + (tl.maximum(lo - pre_len, 0) // BLOCK_N) * BLOCK_N
+    return n_pre, n_pre + tl.cdiv(tl.maximum(hi - own_lo, 0), BLOCK_N), own_lo
+
+
+@triton.jit
+def _fwd_block(q, m_i, l_i, acc, k_base, v_base, cols, row_shift, key_end, offs_m, len_q, len_k,
+               stride_kt, stride_vt, qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+               MASK_KEYS: tl.constexpr):
+    """One online-softmax step of a query tile over the keys `cols` (key j at row j + row_shift);
+    with MASK_KEYS, keys from key_end on are not this block's (a prefix's last partial block)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = cols < key_end
+    kv_mask = n_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(k_base + _tile_offsets(cols + row_shift, stride_kt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
+    s, _ = _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
+    keep = _visible(offs_m[:, None], cols[None, :], len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+    if MASK_KEYS:
+        keep = keep & n_valid[None, :]
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid inf - inf
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + _tile_offsets(cols + row_shift, stride_vt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _varlen_attention_fwd_kernel(
-    Q, K, V, Out, Lse, cu_q, cu_k, tile_seq, tile_block,
+    Q, K, V, Out, Lse, cu_q, cu_k, tile_seq, tile_block, Prefix,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     total_q, total_k, qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right, BLOCKS_PER_SEQ,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
 ):
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
@@ -154,9 +212,11 @@ def _varlen_attention_fwd_kernel(
     q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq, total_q, total_k)
     if mblk * BLOCK_M >= len_q:
         return
+    # a branch's keys are its prefix's, then its own: key index j < pre_len is prefix key j
+    pre_off, pre_len = _prefix_of(Prefix, seq, HAS_PREFIX)
+    len_k = len_k + pre_len
 
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < len_q
     d_valid = offs_d < HEAD_DIM
@@ -171,23 +231,23 @@ def _varlen_attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, hi = _key_range(len_q, len_k, mblk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_valid = cols < len_k
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + _tile_offsets(cols, stride_kt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
-        s, _ = _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
-        keep = _visible(offs_m[:, None], cols[None, :], len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid inf - inf
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + _tile_offsets(cols, stride_vt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    offs_n = tl.arange(0, BLOCK_N)
+    if HAS_PREFIX:  # one loop over the prefix's key blocks, then the branch's own
+        n_pre, n_all, own_lo = _prefix_blocks(lo, hi, pre_off, pre_len, BLOCK_N)
+        for i in range(0, n_all):
+            in_prefix = i < n_pre
+            start_n = tl.where(in_prefix, lo + i * BLOCK_N, own_lo + (i - n_pre) * BLOCK_N)
+            m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, k_base, v_base, start_n + offs_n,
+                                       tl.where(in_prefix, pre_off, -pre_len), tl.where(in_prefix, pre_len, len_k),
+                                       offs_m, len_q, len_k, stride_kt, stride_vt, qk_scale_log2, scale_over_cap,
+                                       cap_log2, window_left, window_right, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT,
+                                       SOFTCAP, DOT_PRECISION, WIDE_OFFSETS, True)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, k_base, v_base, start_n + offs_n, 0, len_k, offs_m, len_q,
+                                       len_k, stride_kt, stride_vt, qk_scale_log2, scale_over_cap, cap_log2,
+                                       window_left, window_right, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                       DOT_PRECISION, WIDE_OFFSETS, False)
 
     # a row that sees no key (causal with len_k < len_q, or a window past the keys) outputs 0
     # with lse = -inf
@@ -218,36 +278,22 @@ def _varlen_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _varlen_attention_bwd_dkdv_kernel(
-    Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, tile_seq, tile_block,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_q, total_k, qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right, sm_scale,
-    BLOCKS_PER_SEQ,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-):
-    seq, nblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
-    kh = tl.program_id(1)
-    q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq, total_q, total_k)
-    if nblk * BLOCK_N >= len_k:
-        return
-
-    offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+def _dkdv_from_queries(dk, dv, k, v, keys, k_first, key_valid, q_start, len_q, len_k, kh, Q, dOut, Lse, Delta,
+                       stride_qt, stride_qh, stride_dot, stride_doh, total_q,
+                       qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right,
+                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                       SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+                       MASK_KEYS: tl.constexpr):
+    """dK, dV of one key tile (key indices `keys`, from k_first, of a sequence with len_k keys) accumulated
+    over the len_q queries from q_start that can see them, for every query head of kv head kh.
+    MASK_KEYS: drop keys past the tile's own (a prefix tile seen by a branch, whose key indices
+    run on into the branch's own keys)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    n_valid = offs_n < len_k
     d_valid = offs_d < HEAD_DIM
-    kv_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(_head_base(K, k_start, stride_kt, kh, stride_kh) + _tile_offsets(offs_n, stride_kt, offs_d, WIDE_OFFSETS),
-                mask=kv_mask, other=0.0)
-    v = tl.load(_head_base(V, k_start, stride_vt, kh, stride_vh) + _tile_offsets(offs_n, stride_vt, offs_d, WIDE_OFFSETS),
-                mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    lo, hi = _query_range(len_q, len_k, nblk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, hi = _query_range(len_q, len_k, k_first, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT,
+                          HAS_RIGHT)
     for g in range(GROUP):
         h = kh * GROUP + g
         q_base = _head_base(Q, q_start, stride_qt, h, stride_qh)
@@ -263,12 +309,14 @@ def _varlen_attention_bwd_dkdv_kernel(
             # rows that saw no key have lse = -inf and p = 0
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             delta = tl.load(Delta + stat_base + offs_m, mask=m_valid, other=0.0)
-            # the transposed scores, keys x queries: every matmul of this loop then has this
-            # program's BLOCK_N keys as its M dimension, which is what Hopper's wgmma needs (>= 64
+            # the transposed scores, keys x queries: every matmul of this loop then has the
+            # tile's BLOCK_N keys as its M dimension, which is what Hopper's wgmma needs (>= 64
             # rows per warpgroup) while the query step BLOCK_M stays small (as Triton's tutorial)
             sT, tT = _scores(k, q, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
-            keep = _visible(offs_m[None, :], offs_n[:, None], len_q, len_k, window_left, window_right, HAS_LEFT,
+            keep = _visible(offs_m[None, :], keys[:, None], len_q, len_k, window_left, window_right, HAS_LEFT,
                             HAS_RIGHT)
+            if MASK_KEYS:
+                keep = keep & key_valid[:, None]
             pT = tl.where(keep, tl.math.exp2(sT - lse2[None, :]), 0.0)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -276,6 +324,58 @@ def _varlen_attention_bwd_dkdv_kernel(
             if SOFTCAP:
                 dsT = dsT * (1.0 - tT * tT)  # d(cap * tanh(x / cap)) / dx
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _varlen_attention_bwd_dkdv_kernel(
+    Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, tile_seq, tile_block, Prefix,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    total_q, total_k, qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right, sm_scale,
+    BLOCKS_PER_SEQ,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+):
+    seq, nblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
+    kh = tl.program_id(1)
+    q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq, total_q, total_k)
+    if nblk * BLOCK_N >= len_k:
+        return
+
+    offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < len_k
+    d_valid = offs_d < HEAD_DIM
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(_head_base(K, k_start, stride_kt, kh, stride_kh) + _tile_offsets(offs_n, stride_kt, offs_d, WIDE_OFFSETS),
+                mask=kv_mask, other=0.0)
+    v = tl.load(_head_base(V, k_start, stride_vt, kh, stride_vh) + _tile_offsets(offs_n, stride_vt, offs_d, WIDE_OFFSETS),
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # this tile's own queries (a branch's keys follow its prefix's: their indices start at pre_len)
+    _, pre_len = _prefix_of(Prefix, seq, HAS_PREFIX)
+    dk, dv = _dkdv_from_queries(dk, dv, k, v, offs_n + pre_len, nblk * BLOCK_N + pre_len, n_valid, q_start, len_q, len_k + pre_len, kh, Q,
+                                dOut, Lse, Delta, stride_qt, stride_qh, stride_dot, stride_doh, total_q,
+                                qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right,
+                                GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                DOT_PRECISION, WIDE_OFFSETS, False)
+    if HAS_PREFIX:
+        # a shared prefix's keys are also every branch's first keys: their gradients sum over all
+        # of the branches' queries here, in this one program (no atomics)
+        first, count = _branches_of(Prefix, seq)
+        for b in range(count):
+            branch = first + b
+            bq_start, blen_q, _, blen_own = _sequence_bounds(cu_q, cu_k, branch, total_q, total_k)
+            dk, dv = _dkdv_from_queries(dk, dv, k, v, offs_n, nblk * BLOCK_N, n_valid, bq_start, blen_q, len_k + blen_own, kh, Q,
+                                        dOut, Lse, Delta, stride_qt, stride_qh, stride_dot, stride_doh, total_q,
+                                        qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right,
+                                        GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                        DOT_PRECISION, WIDE_OFFSETS, True)
     dk = dk * sm_scale
     tl.store(_head_base(dK, k_start, stride_dkt, kh, stride_dkh) + _tile_offsets(offs_n, stride_dkt, offs_d, WIDE_OFFSETS),
              dk.to(dK.dtype.element_ty), mask=kv_mask)
@@ -284,8 +384,32 @@ def _varlen_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_block(dq, q, do, lse2, delta, k_base, v_base, cols, row_shift, key_end, offs_m, len_q, len_k,
+              stride_kt, stride_vt, qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+              MASK_KEYS: tl.constexpr):
+    """dQ of a query tile from the keys `cols`, addressed as in _fwd_block."""
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = cols < key_end
+    kv_mask = n_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(k_base + _tile_offsets(cols + row_shift, stride_kt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
+    v = tl.load(v_base + _tile_offsets(cols + row_shift, stride_vt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
+    s, t = _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
+    keep = _visible(offs_m[:, None], cols[None, :], len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+    if MASK_KEYS:
+        keep = keep & n_valid[None, :]
+    p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _varlen_attention_bwd_dq_kernel(
-    Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, tile_seq, tile_block,
+    Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, tile_seq, tile_block, Prefix,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     total_q, total_k, qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right, sm_scale,
@@ -293,6 +417,7 @@ def _varlen_attention_bwd_dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
 ):
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
@@ -300,9 +425,10 @@ def _varlen_attention_bwd_dq_kernel(
     q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq, total_q, total_k)
     if mblk * BLOCK_M >= len_q:
         return
+    pre_off, pre_len = _prefix_of(Prefix, seq, HAS_PREFIX)
+    len_k = len_k + pre_len
 
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < len_q
     d_valid = offs_d < HEAD_DIM
@@ -320,20 +446,21 @@ def _varlen_attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, hi = _key_range(len_q, len_k, mblk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n0
-        n_valid = cols < len_k
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + _tile_offsets(cols, stride_kt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
-        v = tl.load(v_base + _tile_offsets(cols, stride_vt, offs_d, WIDE_OFFSETS), mask=kv_mask, other=0.0)
-        s, t = _scores(q, k, qk_scale_log2, scale_over_cap, cap_log2, SOFTCAP, DOT_PRECISION)
-        keep = _visible(offs_m[:, None], cols[None, :], len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-        p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    offs_n = tl.arange(0, BLOCK_N)
+    if HAS_PREFIX:  # the prefix's key blocks, then the branch's own (as in the forward)
+        n_pre, n_all, own_lo = _prefix_blocks(lo, hi, pre_off, pre_len, BLOCK_N)
+        for i in range(0, n_all):
+            in_prefix = i < n_pre
+            start_n = tl.where(in_prefix, lo + i * BLOCK_N, own_lo + (i - n_pre) * BLOCK_N)
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n + offs_n, tl.where(in_prefix, pre_off, -pre_len),
+                           tl.where(in_prefix, pre_len, len_k), offs_m, len_q, len_k, stride_kt, stride_vt,
+                           qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right, HEAD_DIM, BLOCK_D,
+                           HAS_LEFT, HAS_RIGHT, SOFTCAP, DOT_PRECISION, WIDE_OFFSETS, True)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n + offs_n, 0, len_k, offs_m, len_q, len_k,
+                           stride_kt, stride_vt, qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right,
+                           HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP, DOT_PRECISION, WIDE_OFFSETS, False)
     dq = dq * sm_scale
     tl.store(_head_base(dQ, q_start, stride_dqt, h, stride_dqh) + _tile_offsets(offs_m, stride_dqt, offs_d, WIDE_OFFSETS),
              dq.to(dQ.dtype.element_ty), mask=q_mask)
@@ -342,7 +469,8 @@ def _varlen_attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability=(9, 0), softcap: bool = False) -> dict:
+def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability=(9, 0), softcap: bool = False,
+                     prefix: bool = False) -> dict:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, in one place.
 
     GPU choices are the largest tiles that compile without register spills for the device's
@@ -356,6 +484,8 @@ def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability
     the correctness path, bf16 / fp16 the fast one.
     Soft-capping keeps tanh of the scores live through the dq loop: its key tiles are halved
     (and sm_80's forward row tiles).
+    Shared prefixes (`prefix`) add the prefix's key blocks to each branch's loop (and a loop over
+    the branches to a prefix's dK/dV): narrower tiles keep those spill-free above head dim 64.
     Interpreter: 32 x 32, so small test shapes (97, 1025 tokens) cross several tiles.
     """
     if not on_gpu:
@@ -368,18 +498,23 @@ def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability
     # accumulators and the K, V tiles fit the register file; its loads pipeline through cp.async
     if head_dim <= 64:
         return dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 8, 3) if hopper else (32, 32, 4, 2), dq=(64, 64, 8, 2))
+    if head_dim <= 128 and prefix:
+        if hopper:
+            return dict(fwd=(64, 64, 8, 2) if softcap else (128, 64, 8, 3),
+                        dkdv=(32, 64, 8, 1) if softcap else (32, 64, 8, 2), dq=(64, 32, 8, 2))
+        return dict(fwd=(64, 64, 8, 2), dkdv=(64, 16, 4, 2), dq=(32, 32, 4, 2))
     if head_dim <= 128:
         dq = (64, 64, 4, 2) if hopper else (32, 64, 4, 2)
         fwd = (64, 64, 8, 2) if softcap and not hopper else (128, 64, 8, 3)
         return dict(fwd=fwd, dkdv=(16, 64, 8, 2) if hopper else (64, 32, 4, 2), dq=(dq[0], 32, 4, 2) if softcap else dq)
-    return dict(fwd=(64, 64, 8, 2), dkdv=(16, 16, 4, 1), dq=(32, 16, 4, 2))
+    return dict(fwd=(64, 32, 8, 2) if prefix else (64, 64, 8, 2), dkdv=(16, 16, 4, 1), dq=(32, 16, 4, 2))
 
 
-def config_for(q: torch.Tensor, softcap: float = 0.0) -> dict:
+def config_for(q: torch.Tensor, softcap: float = 0.0, prefix: bool = False) -> dict:
     """The tile config of the device and dtype `q` runs on (GPU capability read once per call)."""
     on_gpu = on_compiled_gpu(q)
     cap = torch.cuda.get_device_capability(q.device) if on_gpu else (0, 0)
-    return attention_config(q.shape[-1], q.dtype, on_gpu, cap, softcap > 0)
+    return attention_config(q.shape[-1], q.dtype, on_gpu, cap, softcap > 0, prefix)
 
 
 def _grid_args(tiles, num_seqs: int, max_seqlen: int, block: int, device):
@@ -413,39 +548,51 @@ def _score_args(scale: float, window_left: int, window_right: int, softcap: floa
     return runtime, flags
 
 
+def _prefix_args(prefix, dummy, max_q, max_k, total_q, total_k):
+    """(Prefix pointer, HAS_PREFIX, the lengths that decide 64-bit offsets): a branch reads its
+    prefix's rows, up to a whole row away, so with prefixes the offsets are sized on the row."""
+    if prefix is None:
+        return dummy, False, max_q, max_k
+    return prefix, True, max(max_q, total_q), max(max_k, total_k)
+
+
 def varlen_attention_forward(q, k, v, cu_q, cu_k, tiles, max_q, max_k, scale, window_left=-1, window_right=-1,
-                             softcap=0.0):
+                             softcap=0.0, prefix=None):
     """Launch the forward kernel over `tiles` (the (2, n) int32 list for BLOCK_M of
     `config_for(q)["fwd"]`, or None for the dense grid). Window bounds (< 0: none; causal is
-    right = 0) must fit in int32. Returns out (total_q, Hq, D) and lse (Hq, total_q) fp32. Rows
-    no program reaches (a sequence past an understated max_seqlen, validation off) are 0 with
-    lse -inf."""
+    right = 0) must fit in int32. `prefix`: the (S, 4) int32 table of a batch with shared
+    prefixes (PackedBatch.prefix_table), or None. Returns out (total_q, Hq, D) and lse
+    (Hq, total_q) fp32. Rows no program reaches (a sequence past an understated max_seqlen,
+    validation off) are 0 with lse -inf."""
     total_q, Hq, D = q.shape
     Hk = k.shape[1]
     out = (torch.empty_like if tiles is not None else torch.zeros_like)(q)
     lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     if total_q == 0:
         return out, lse
-    BLOCK_M, BLOCK_N, warps, stages = config_for(q, softcap)["fwd"]
+    BLOCK_M, BLOCK_N, warps, stages = config_for(q, softcap, prefix is not None)["fwd"]
     programs, tile_seq, tile_block, per_seq, tile_list = _grid_args(tiles, cu_q.numel() - 1, max_q, BLOCK_M, q.device)
     if programs == 0:
         return out, lse
     runtime, flags = _score_args(scale, window_left, window_right, softcap)
+    prefix_ptr, has_prefix, span_q, span_k = _prefix_args(prefix, cu_q, max_q, max_k, total_q, k.shape[0])
     _varlen_attention_fwd_kernel[(programs, Hq)](
-        q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_block,
+        q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_block, prefix_ptr,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         total_q, k.shape[0], *runtime, per_seq,
         GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         TILE_LIST=tile_list, DOT_PRECISION=_dot_precision(q.dtype), **flags,
-        WIDE_OFFSETS=_wide_offsets(max_q, max_k, q, k, v, out), num_warps=warps, num_stages=stages,
+        WIDE_OFFSETS=_wide_offsets(span_q, span_k, q, k, v, out), HAS_PREFIX=has_prefix, num_warps=warps,
+        num_stages=stages,
     )
     return out, lse
 
 
 def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k, scale,
-                              window_left=-1, window_right=-1, softcap=0.0):
+                              window_left=-1, window_right=-1, softcap=0.0, prefix=None):
     """Launch the backward kernels. `tiles_dkdv` lists key blocks of BLOCK_N and `tiles_dq` query
-    blocks of BLOCK_M (config_for(q)); None for the dense grid. Returns dq, dk, dv."""
+    blocks of BLOCK_M (config_for(q)); None for the dense grid. `prefix` as for the forward.
+    Returns dq, dk, dv."""
     total_q, Hq, D = q.shape
     total_k, Hk = k.shape[0], k.shape[1]
     do = do.contiguous()
@@ -455,7 +602,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
     dk, dv = ((torch.empty_like if tiles_dkdv is not None else torch.zeros_like)(t) for t in (k, v))
     if total_q == 0 or total_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = config_for(q, softcap)
+    cfg = config_for(q, softcap, prefix is not None)
     BLOCK_D = triton.next_power_of_2(D)
     delta = torch.empty_like(lse)
     PRE_M = max(16, 8192 // BLOCK_D)  # rows per program: 64 at D=128, 32 at D=256 (no spills)
@@ -464,15 +611,16 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_M,
     )
     runtime, flags = _score_args(scale, window_left, window_right, softcap)
+    prefix_ptr, has_prefix, span_q, span_k = _prefix_args(prefix, cu_q, max_q, max_k, total_q, total_k)
     common = dict(GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype), **flags,
-                  WIDE_OFFSETS=_wide_offsets(max_q, max_k, q, k, v, do, dq, dk, dv))
+                  WIDE_OFFSETS=_wide_offsets(span_q, span_k, q, k, v, do, dq, dk, dv), HAS_PREFIX=has_prefix)
     # dK, dV: one program per key block and kv head; every key row is written exactly once
     BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
     programs, tile_seq, tile_block, per_seq, tile_list = _grid_args(tiles_dkdv, cu_k.numel() - 1, max_k, BLOCK_N,
                                                                     q.device)
     if programs:
         _varlen_attention_bwd_dkdv_kernel[(programs, Hk)](
-            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, tile_seq, tile_block,
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, tile_seq, tile_block, prefix_ptr,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             total_q, total_k, *runtime, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
@@ -483,7 +631,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
                                                                     q.device)
     if programs:
         _varlen_attention_bwd_dq_kernel[(programs, Hq)](
-            q, k, v, do, lse, delta, dq, cu_q, cu_k, tile_seq, tile_block,
+            q, k, v, do, lse, delta, dq, cu_q, cu_k, tile_seq, tile_block, prefix_ptr,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dq.stride(0), dq.stride(1),
             total_q, total_k, *runtime, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,

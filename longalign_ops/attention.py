@@ -45,12 +45,27 @@ def _visible(Lq: int, Lk: int, window_left: int, window_right: int, device):
     return keep
 
 
-def _sequences(q, k, cu_q, cu_k, window_left: int, window_right: int):
-    """(query span, key span, visibility mask or None) of every sequence that has both queries
-    and keys."""
-    for (qs, qe), (ks, ke) in zip(_clamped_spans(cu_q, q.shape[0]), _clamped_spans(cu_k, k.shape[0])):
-        if qe > qs and ke > ks:
-            yield (qs, qe), (ks, ke), _visible(qe - qs, ke - ks, window_left, window_right, q.device)
+def _sequences(q, k, cu_q, cu_k, window_left: int, window_right: int, prefix=None):
+    """(query span, key rows, visibility mask or None) of every sequence that has both queries
+    and keys. Key rows: a slice, or for a branch of a shared prefix (the (S, 4) `prefix` table)
+    the index of its prefix's rows, then its own."""
+    table = None if prefix is None else prefix.tolist()
+    for i, ((qs, qe), (ks, ke)) in enumerate(zip(_clamped_spans(cu_q, q.shape[0]), _clamped_spans(cu_k, k.shape[0]))):
+        keys, Lk = slice(ks, ke), ke - ks
+        if table is not None and table[i][1] > 0:
+            offset, pre_len = table[i][0], table[i][1]
+            keys = torch.cat([torch.arange(ks + offset, ks + offset + pre_len), torch.arange(ks, ke)]).to(q.device)
+            Lk += pre_len
+        if qe > qs and Lk > 0:
+            yield (qs, qe), keys, _visible(qe - qs, Lk, window_left, window_right, q.device)
+
+
+def _add_rows(dst, keys, rows):
+    """dst[keys] += rows (keys a slice, or an index whose prefix rows other branches share)."""
+    if isinstance(keys, slice):
+        dst[keys] += rows
+    else:
+        dst.index_add_(0, keys, rows)
 
 
 def _scores(qi, ki, scale: float, softcap: float, keep):
@@ -71,16 +86,18 @@ def _probabilities(s, lse):
     return torch.exp(s - torch.where(torch.isinf(lse), float("inf"), lse)[..., None])
 
 
-def _torch_attention(q, k, v, cu_q, cu_k, scale: float, window_left: int, window_right: int, softcap: float):
+def _torch_attention(q, k, v, cu_q, cu_k, scale: float, window_left: int, window_right: int, softcap: float,
+                     prefix=None):
     """The CPU path when Triton cannot run: per sequence in fp32, the masks and soft-capping of
-    the kernels and their bounds rule (spans clamped into [0, total))."""
+    the kernels and their bounds rule (spans clamped into [0, total)), shared prefixes read by
+    each of their branches."""
     total_q, Hq, D = q.shape
     Hk = k.shape[1]
     out = torch.zeros(total_q, Hq, D, dtype=torch.float32, device=q.device)
     lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        for (qs, qe), (ks, ke), keep in _sequences(q, k, cu_q, cu_k, window_left, window_right):
-            qi, ki, vi = (t.float().transpose(0, 1) for t in (q[qs:qe], k[ks:ke], v[ks:ke]))
+        for (qs, qe), keys, keep in _sequences(q, k, cu_q, cu_k, window_left, window_right, prefix):
+            qi, ki, vi = (t.float().transpose(0, 1) for t in (q[qs:qe], k[keys], v[keys]))
             ki, vi = ki.repeat_interleave(Hq // Hk, 0), vi.repeat_interleave(Hq // Hk, 0)
             s, _ = _scores(qi, ki, scale, softcap, keep)
             row_lse = torch.logsumexp(s, -1)
@@ -90,7 +107,7 @@ def _torch_attention(q, k, v, cu_q, cu_k, scale: float, window_left: int, window
 
 
 def _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale: float, window_left: int,
-                              window_right: int, softcap: float):
+                              window_right: int, softcap: float, prefix=None):
     """Gradients of :func:`_torch_attention` per sequence in fp32, from the saved LSE (autograd
     does not run inside a custom op): P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - delta)
     (times 1 - tanh^2 under a soft cap), dQ = dS K * scale, dK = dS^T Q * scale, with
@@ -102,10 +119,10 @@ def _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale: float,
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        for (qs, qe), (ks, ke), keep in _sequences(q, k, cu_q, cu_k, window_left, window_right):
-            Lk = ke - ks
+        for (qs, qe), keys, keep in _sequences(q, k, cu_q, cu_k, window_left, window_right, prefix):
+            Lk = keep.shape[1] if keep is not None else keys.stop - keys.start
             qi, doi, oi = (t[qs:qe].float().transpose(0, 1) for t in (q, dout, out))  # (Hq, Lq, D)
-            ki, vi = (t[ks:ke].float().transpose(0, 1).repeat_interleave(G, 0) for t in (k, v))
+            ki, vi = (t[keys].float().transpose(0, 1).repeat_interleave(G, 0) for t in (k, v))
             s, t = _scores(qi, ki, scale, softcap, keep)
             p = _probabilities(s, lse[:, qs:qe])
             delta = (doi * oi).sum(-1, keepdim=True)
@@ -113,8 +130,8 @@ def _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale: float,
             if t is not None:
                 ds = ds * (1 - t * t)
             dq[qs:qe] = ((ds @ ki) * scale).transpose(0, 1)
-            dk[ks:ke] = ((ds.transpose(1, 2) @ qi) * scale).view(Hk, G, Lk, D).sum(1).transpose(0, 1)
-            dv[ks:ke] = (p.transpose(1, 2) @ doi).view(Hk, G, Lk, D).sum(1).transpose(0, 1)
+            _add_rows(dk, keys, ((ds.transpose(1, 2) @ qi) * scale).view(Hk, G, Lk, D).sum(1).transpose(0, 1))
+            _add_rows(dv, keys, (p.transpose(1, 2) @ doi).view(Hk, G, Lk, D).sum(1).transpose(0, 1))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -123,56 +140,60 @@ def _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale: float,
 
 @torch.library.custom_op("longalign::varlen_attention_fwd", mutates_args=())
 def _varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, tiles_fwd: Optional[Tensor],
-                          tiles_dkdv: Optional[Tensor], tiles_dq: Optional[Tensor], max_q: int, max_k: int,
-                          scale: float, window_left: int, window_right: int, softcap: float) -> Tuple[Tensor, Tensor]:
+                          tiles_dkdv: Optional[Tensor], tiles_dq: Optional[Tensor], prefix: Optional[Tensor],
+                          max_q: int, max_k: int, scale: float, window_left: int, window_right: int,
+                          softcap: float) -> Tuple[Tensor, Tensor]:
     """out (total_q, Hq, D) in q's dtype, lse (Hq, total_q) fp32. The backward's tile lists ride
-    along so that the autograd context holds them. Window bounds < 0 are no bound (causal is
-    window_right = 0); softcap 0 is no cap."""
+    along so that the autograd context holds them. `prefix`: the (S, 4) int32 table of a
+    shared-prefix batch, or None. Window bounds < 0 are no bound (causal is window_right = 0);
+    softcap 0 is no cap."""
     if use_triton(q):
         from .kernels.varlen_attention import varlen_attention_forward
 
         return varlen_attention_forward(q, k, v, cu_q, cu_k, tiles_fwd, max_q, max_k, scale, window_left,
-                                        window_right, softcap)
-    return _torch_attention(q, k, v, cu_q, cu_k, scale, window_left, window_right, softcap)
+                                        window_right, softcap, prefix)
+    return _torch_attention(q, k, v, cu_q, cu_k, scale, window_left, window_right, softcap, prefix)
 
 
 @_varlen_attention_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, tiles_fwd, tiles_dkdv, tiles_dq, max_q, max_k, scale, window_left, window_right, softcap):
+def _(q, k, v, cu_q, cu_k, tiles_fwd, tiles_dkdv, tiles_dq, prefix, max_q, max_k, scale, window_left, window_right,
+      softcap):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("longalign::varlen_attention_bwd", mutates_args=())
 def _varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
-                          cu_k: Tensor, tiles_dkdv: Optional[Tensor], tiles_dq: Optional[Tensor], max_q: int,
-                          max_k: int, scale: float, window_left: int, window_right: int,
-                          softcap: float) -> Tuple[Tensor, Tensor, Tensor]:
+                          cu_k: Tensor, tiles_dkdv: Optional[Tensor], tiles_dq: Optional[Tensor],
+                          prefix: Optional[Tensor], max_q: int, max_k: int, scale: float, window_left: int,
+                          window_right: int, softcap: float) -> Tuple[Tensor, Tensor, Tensor]:
     if use_triton(q):
         from .kernels.varlen_attention import varlen_attention_backward
 
         return varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k,
-                                         scale, window_left, window_right, softcap)
-    return _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, window_left, window_right, softcap)
+                                         scale, window_left, window_right, softcap, prefix)
+    return _torch_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, window_left, window_right, softcap,
+                                     prefix)
 
 
 @_varlen_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k, scale, window_left, window_right,
-      softcap):
+def _(dout, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, prefix, max_q, max_k, scale, window_left,
+      window_right, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, _, tiles_dkdv, tiles_dq, *flags = inputs
+    q, k, v, cu_q, cu_k, _, tiles_dkdv, tiles_dq, prefix, *flags = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, prefix)
     ctx.flags = flags  # max_q, max_k, scale, window_left, window_right, softcap
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, prefix = ctx.saved_tensors
     dq, dk, dv = _varlen_attention_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq,
-                                       *ctx.flags)
-    return (dq, dk, dv) + (None,) * 11
+                                       prefix, *ctx.flags)
+    return (dq, dk, dv) + (None,) * 12
 
 
 _varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -188,7 +209,7 @@ def _tile_lists(q: Tensor, batch_q: Optional[PackedBatch], batch_k: Optional[Pac
         return None, None, None
     from .kernels.varlen_attention import config_for
 
-    cfg = config_for(q, softcap)
+    cfg = config_for(q, softcap, batch_q.groups is not None)
     blocks = (cfg["fwd"][0], cfg["dkdv"][1], cfg["dq"][0])
     if not set(blocks) <= set(TILE_BLOCKS):  # a tile config the description lays out no schedule for
         raise RuntimeError(f"attention tile blocks {blocks} for head dim {q.shape[-1]}, {q.dtype} are not all in "
@@ -248,13 +269,17 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
         if not isinstance(batch_k, PackedBatch) or max_seqlen_q is not None or max_seqlen_k is not None:
             raise ValueError("with a PackedBatch, pass no cu_seqlens_k / max_seqlen_q / max_seqlen_k: the batch "
                              "describes queries and keys (or pass a second PackedBatch for the keys)")
-        if batch_k.num_sequences != batch_q.num_sequences:
+        if len(batch_k.lengths) != len(batch_q.lengths):
             raise ValueError(f"the query and key PackedBatch must describe the same number of sequences, got "
-                             f"{batch_q.num_sequences} and {batch_k.num_sequences}")
+                             f"{len(batch_q.lengths)} and {len(batch_k.lengths)}")
+        if (batch_q.groups is not None or batch_k.groups is not None) and batch_k is not batch_q:
+            raise ValueError("a PackedBatch with shared prefixes describes self-attention: pass it alone "
+                             "(varlen_attention(q, k, v, batch))")
         batch_q.check("q", total_q, device)
         batch_k.check("k", total_k, device)
         cu_q, cu_k = batch_q.cu_seqlens, batch_k.cu_seqlens
         max_q, max_k = batch_q.max_len, batch_k.max_len
+        prefix = batch_q.prefix_table
     else:
         if cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
             raise TypeError("varlen_attention takes a PackedBatch, or cu_seqlens_q, cu_seqlens_k, max_seqlen_q "
@@ -271,8 +296,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
         # a validated description carries its own copy of cu_seqlens, consistent with its tiles
         cu_q = batch_q.cu_seqlens if batch_q is not None else cu_seqlens_q
         cu_k = batch_k.cu_seqlens if batch_k is not None else cu_seqlens_k
+        prefix = None
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else check_finite_number("softmax_scale", softmax_scale)
-    window_left, window_right = _window_bounds(window_size, bool(causal), max_k)
+    # a branch's keys run on past its own: the window is judged on its prefix and its own keys
+    key_len = batch_k.max_key_len if isinstance(cu_seqlens_q, PackedBatch) else max_k
+    window_left, window_right = _window_bounds(window_size, bool(causal), key_len)
     cap = 0.0
     if softcap is not None:
         cap = check_finite_number("softcap", softcap)
@@ -284,7 +312,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
         q, k, v = (F.pad(t, (0, 8 - D % 8)) for t in (q, k, v))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     tiles = _tile_lists(q, batch_q, batch_k, cap)
-    out, lse = _varlen_attention_fwd(q, k, v, cu_q, cu_k, *tiles, max_q, max_k, float(scale), window_left,
+    out, lse = _varlen_attention_fwd(q, k, v, cu_q, cu_k, *tiles, prefix, max_q, max_k, float(scale), window_left,
                                      window_right, cap)
     if D % 8:
         out = out[..., :D]

@@ -53,16 +53,23 @@ class PackedBatch:
         device: the device every tensor of the description lives on.
     """
 
-    __slots__ = ("lengths", "cu_seqlens", "position_ids", "sequence_ids", "max_len", "total", "device", "_tiles")
+    __slots__ = ("lengths", "cu_seqlens", "position_ids", "sequence_ids", "max_len", "total", "device", "_tiles",
+                 "groups", "prefix_table", "max_key_len", "_num_sequences")
 
-    def __init__(self, lengths: np.ndarray, device: torch.device, *, _parts=None):
-        # use from_lengths / from_cu_seqlens / PackPlan.batch; this takes checked host lengths
+    def __init__(self, lengths: np.ndarray, device: torch.device, *, _parts=None, _groups=None):
+        # use from_lengths / from_cu_seqlens / from_prefix_groups / PackPlan.batch; this takes
+        # checked host lengths
         self.lengths = lengths
         self.lengths.setflags(write=False)  # owned: nobody may change the host copy behind the tensors
         self.total = int(lengths.sum())
         self.max_len = int(lengths.max()) if lengths.size else 0
         self.device = device
-        self.cu_seqlens, self.position_ids, self.sequence_ids, self._tiles = _parts
+        self.cu_seqlens, self.position_ids, self.sequence_ids, self._tiles, self.prefix_table = _parts
+        self.groups = _groups
+        self.max_key_len, self._num_sequences = self.max_len, len(lengths)
+        if _groups is not None:  # a branch's keys are its prefix's and its own
+            self.max_key_len = max([p + b for p, branches in _groups for b in branches] + [self.max_len])
+            self._num_sequences = sum(max(1, len(branches)) for _, branches in _groups)
 
     # ------------------------------------------------------------------ construction
 
@@ -84,19 +91,74 @@ class PackedBatch:
         return cls._build(lengths, cu_seqlens.device)
 
     @classmethod
-    def _build(cls, lengths: np.ndarray, device: torch.device) -> "PackedBatch":
+    def from_prefix_groups(cls, groups, *, device="cpu") -> "PackedBatch":
+        """Shared-prefix packing: ``groups`` is a list of ``(prefix_len, [branch_len, ...])``.
+        A group is laid out as its prefix, then each branch in order; groups follow one another.
+        A prefix token attends causally within its prefix; a branch token attends to the whole
+        prefix and causally within its own branch, never to another branch. Positions: the prefix
+        0..p-1, each branch p, p+1, ... The batch's sequences (``num_sequences``, the per-sequence
+        log-probs and loss weights) are the branches in order, a group without branches being one
+        sequence (its prefix); a prefix's tokens count with its group's first branch. For
+        preference data, prefix = the prompt without its last token, which starts each branch
+        (it predicts a different first answer token in each). ``(n, [])`` is ``from_lengths([n])``.
+        Attention kernels take the segments (each prefix, each branch) as their sequences:
+        ``lengths``, ``cu_seqlens`` and the tiles describe those."""
+        if not isinstance(groups, (list, tuple)):
+            raise TypeError(f"groups must be a list of (prefix_len, [branch_len, ...]), got {type(groups).__name__}")
+        checked = []
+        for i, group in enumerate(groups):
+            if not isinstance(group, (list, tuple)) or len(group) != 2:
+                raise TypeError(f"groups[{i}] must be a pair (prefix_len, [branch_len, ...]), got {group!r}")
+            prefix, branches = group
+            if not isinstance(branches, (list, tuple, np.ndarray)):
+                raise TypeError(f"groups[{i}]: the branch lengths must be a list of ints, got {branches!r}")
+            lens = _host_lengths(f"groups[{i}]", [prefix] + list(branches))
+            checked.append((int(lens[0]), [int(b) for b in lens[1:]]))
+        device = torch.device(device)
+        if all(not branches for _, branches in checked):  # no sharing: a plain batch
+            return cls.from_lengths([p for p, _ in checked], device=device)
+        segments, positions, seq_ids, table = [], [], [], []
+        start, sequence = 0, 0
+        for prefix, branches in checked:
+            first = len(segments)
+            segments.append(prefix)
+            table.append((0, 0, first + 1 if branches else 0, len(branches)))
+            positions.append(np.arange(prefix))
+            seq_ids.append(np.full(prefix, sequence))
+            branch_start = start + prefix
+            for b in branches:
+                segments.append(b)
+                table.append((start - branch_start, prefix, 0, 0))
+                positions.append(prefix + np.arange(b))
+                seq_ids.append(np.full(b, sequence))
+                sequence += 1
+                branch_start += b
+            sequence += 0 if branches else 1
+            start = branch_start
+        lengths = np.array(segments, dtype=np.int64)
+        extra = (np.concatenate(positions).astype(np.int64), np.concatenate(seq_ids).astype(np.int64),
+                 np.array(table, dtype=np.int32))
+        return cls._build(lengths, device, extra, groups=checked)
+
+    @classmethod
+    def _build(cls, lengths: np.ndarray, device: torch.device, extra=None, groups=None) -> "PackedBatch":
+        """`extra`: (positions, sequence ids, (S, 4) prefix table) of a shared-prefix batch."""
         total = int(lengths.sum())
         if total > _INT32_LIMIT:
             raise ValueError(f"lengths: {total} tokens in one batch do not fit int32 cu_seqlens (at most {_INT32_LIMIT})")
         B = len(lengths)
         cu = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(lengths, out=cu[1:])
-        starts = np.repeat(cu[:-1], lengths)
-        positions = np.arange(total, dtype=np.int64) - starts
-        seq_ids = np.repeat(np.arange(B, dtype=np.int64), lengths)
+        if extra is None:
+            starts = np.repeat(cu[:-1], lengths)
+            positions = np.arange(total, dtype=np.int64) - starts
+            seq_ids = np.repeat(np.arange(B, dtype=np.int64), lengths)
+            table = np.zeros((0, 4), dtype=np.int32)
+        else:
+            positions, seq_ids, table = extra
         tiles = [_tile_list(lengths, b) for b in TILE_BLOCKS]
-        # one int64-aligned host buffer: [positions | seq_ids | cu (int32) | tiles (int32)...]
-        int32_parts = [cu.astype(np.int32)] + [t.reshape(-1) for t in tiles]
+        # one int64-aligned host buffer: [positions | seq_ids | cu (int32) | tiles (int32)... | prefix table]
+        int32_parts = [cu.astype(np.int32)] + [t.reshape(-1) for t in tiles] + [table.reshape(-1)]
         n32 = sum(p.size for p in int32_parts)
         host = np.empty(2 * total + (n32 + 1) // 2, dtype=np.int64)
         host[:total] = positions
@@ -110,10 +172,12 @@ class PackedBatch:
         buf = _to_device(torch.from_numpy(host), device)
         # narrow, not [a:b]: Python indexing of fake cuda tensors needs a CUDA build of torch
         d32 = buf.narrow(0, 2 * total, buf.numel() - 2 * total).view(torch.int32)
-        (c0, cn), *tile_spans = offsets
+        (c0, cn), *tile_spans, (p0, pn) = offsets
         tile_tensors = {b: d32.narrow(0, o, n).view(2, n // 2) for b, (o, n) in zip(TILE_BLOCKS, tile_spans)}
-        parts = (d32.narrow(0, c0, cn), buf.narrow(0, 0, total), buf.narrow(0, total, total), tile_tensors)
-        return cls(lengths, device, _parts=parts)  # the views keep the one device buffer alive
+        prefix_table = d32.narrow(0, p0, pn).view(-1, 4) if extra is not None else None
+        parts = (d32.narrow(0, c0, cn), buf.narrow(0, 0, total), buf.narrow(0, total, total), tile_tensors,
+                 prefix_table)
+        return cls(lengths, device, _parts=parts, _groups=groups)  # the views keep the one device buffer alive
 
     def with_positions(self, position_ids: torch.Tensor) -> "PackedBatch":
         """The same batch with other position ids (e.g. from :func:`synthesize_positions`):
@@ -134,14 +198,16 @@ class PackedBatch:
         device = torch.device(device)
         if device == self.device:
             return self
-        moved = PackedBatch._build(self.lengths.copy(), device)
+        moved = PackedBatch._build(self.lengths.copy(), device) if self.groups is None \
+            else PackedBatch.from_prefix_groups(self.groups, device=device)
         return moved.with_positions(self.position_ids.to(device))
 
     # ------------------------------------------------------------------ use by the ops
 
     @property
     def num_sequences(self) -> int:
-        return len(self.lengths)
+        """Sequences of the per-sequence ops: the lengths', or a shared-prefix batch's branches."""
+        return self._num_sequences
 
     def tiles(self, block: int) -> torch.Tensor:
         """``(2, n)`` int32 device tile list (sequence, row block) for row blocks of ``block``."""
@@ -157,7 +223,8 @@ class PackedBatch:
                              f"use batch.to({str(device)!r})")
 
     def __repr__(self) -> str:
-        return (f"PackedBatch(sequences={self.num_sequences}, total={self.total}, max_len={self.max_len}, "
+        groups = "" if self.groups is None else f", prefix_groups={len(self.groups)}"
+        return (f"PackedBatch(sequences={self.num_sequences}, total={self.total}, max_len={self.max_len}{groups}, "
                 f"device={self.device})")
 
 

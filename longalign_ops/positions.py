@@ -100,6 +100,10 @@ def synthesize_positions(cu_seqlens: torch.Tensor, target_len: Union[int, torch.
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     if isinstance(cu_seqlens, PackedBatch):  # host lengths known: nothing is read back
+        if cu_seqlens.groups is not None:
+            raise ValueError("cu_seqlens: a PackedBatch with shared prefixes has one position per shared token; "
+                             "synthesise the prefixes' positions (a batch of their lengths) and continue each "
+                             "branch after its prefix")
         lengths, cu_seqlens = cu_seqlens.lengths, cu_seqlens.cu_seqlens
     elif isinstance(cu_seqlens, torch.Tensor):
         lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, None, device=cu_seqlens.device, force=True)

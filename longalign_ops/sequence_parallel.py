@@ -98,6 +98,9 @@ def shard(batch: PackedBatch, group=None) -> Shard:
     ``shard.local(...)`` of them."""
     if not isinstance(batch, PackedBatch):
         raise TypeError(f"batch must be a longalign_ops.PackedBatch, got {type(batch).__name__}")
+    if batch.groups is not None:
+        raise ValueError("sequence parallelism does not split a PackedBatch with shared prefixes yet: build the "
+                         "row with PackedBatch.from_lengths (each answer after its own copy of the prompt)")
     group = _check_group(group)
     size = dist.get_world_size(group)
     lengths = pad_lengths(batch.lengths, size)

@@ -111,10 +111,11 @@ def test_every_attention_tile_config_has_a_schedule_in_the_batch():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for on_gpu, cap in ((False, (0, 0)), (True, (8, 0)), (True, (8, 6)), (True, (9, 0))):
                 for softcap in (False, True):
-                    cfg = attention_config(head_dim, dtype, on_gpu, cap, softcap)
-                    blocks = {cfg["fwd"][0], cfg["dkdv"][1], cfg["dq"][0]}
-                    assert blocks <= set(TILE_BLOCKS), (head_dim, dtype, cap, softcap, cfg)
-                    seen |= blocks
+                    for prefix in (False, True):
+                        cfg = attention_config(head_dim, dtype, on_gpu, cap, softcap, prefix)
+                        blocks = {cfg["fwd"][0], cfg["dkdv"][1], cfg["dq"][0]}
+                        assert blocks <= set(TILE_BLOCKS), (head_dim, dtype, cap, softcap, prefix, cfg)
+                        seen |= blocks
     assert len(seen) > 1
 
 
