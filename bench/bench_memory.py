@@ -104,9 +104,10 @@ def _rss_kib(field: str) -> int:
 
 def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False, layers=None,
               device: str = "cpu", fake: bool = True, sequence_length=None, tiled_mlp: int = 0,
-              tiled_norms: int = 0, offload_activations: bool = False) -> dict:
+              tiled_norms: int = 0, offload_activations: bool = False, groups=None) -> dict:
     """Peak bytes per category of one training step of `tokens` tokens (one packed row; with
-    `sequence_length`, sequences of that length packed in it) on one device. `model_name`: a
+    `sequence_length`, sequences of that length packed in it; with `groups`, a shared-prefix row
+    of PackedBatch.from_prefix_groups, `tokens` its total) on one device. `model_name`: a
     name of MODELS or a transformers config. With ``fake=False`` the step runs on real tensors
     and also reports the process's resident-memory rise over the step (VmHWM after the step
     minus VmRSS before it, peak reset first): the check of the fake count. Returns
@@ -150,7 +151,8 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
 
         def step():
             if mode == "longalign":
-                batch = la.PackedBatch.from_lengths(lengths, device=device)
+                batch = la.PackedBatch.from_prefix_groups(groups, device=device) if groups \
+                    else la.PackedBatch.from_lengths(lengths, device=device)
                 hidden = model.model(input_ids=ids, position_ids=batch.position_ids.unsqueeze(0),
                                      packed_batch=batch).last_hidden_state.squeeze(0)
                 loss = la.fused_linear_cross_entropy(hidden, model.lm_head.weight, ids.squeeze(0), reduction="mean")

@@ -207,7 +207,7 @@ def test_dpo_under_sequence_parallelism_equals_one_process(folder, tmp_path, tor
     args = ["--model", folder["model"], "--tokenizer", folder["tokenizer"], "--data", folder["prefs"],
             "--objective", "dpo", "--max-steps", "3", "--window", "256", "--lr", "3e-3", "--no-plot"]
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
-    single = train.main(args + ["--out", str(tmp_path / "one")])["history"]
+    single = train.main(args + ["--out", str(tmp_path / "one"), "--no-shared-prefix"])["history"]  # SP's layout
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           os.path.join(ROOT, "train", "train.py")] + args + ["--sp", "2", "--out", str(tmp_path / "sp")],
                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -86,7 +86,7 @@ def test_sequence_parallel_two_processes_match_single_process(tmp_path, objectiv
     spd, single = str(tmp_path / "sp"), str(tmp_path / "single")
     common = ["--max-steps", "8", "--no-plot", "--objective", objective, "--strategy", "bfd"]
     run(common + ["--out", spd, "--sp", "2"], torchrun=2)
-    run(common + ["--out", single])
+    run(common + ["--out", single] + (["--no-shared-prefix"] if objective != "sft" else []))  # as SP lays rows out
     r0, r1 = (json.load(open(os.path.join(spd, f"rank{r}.json"))) for r in (0, 1))
     ref = json.load(open(os.path.join(single, "rank0.json")))
     assert r0["param_checksum"] == r1["param_checksum"]  # DDP over both ranks: one set of weights
@@ -222,25 +222,44 @@ def test_padded_strategies(tmp_path, cpu_reference_path, strategy):
         assert hist[0]["padding_ratio"] > 0.1
 
 
-def test_logo_objective(tmp_path, cpu_reference_path):
+def sequence_positions(mb, pos):
+    """Each answer sequence's position ids in the micro-batch's row (prompt + answer): its own
+    span, or with shared prefixes its prompt's prefix span followed by its branch's."""
+    batch, cu = mb["batch"], mb["batch"].cu_seqlens.tolist()
+    if batch.groups is None:
+        return [pos[cu[j]:cu[j + 1]] for j in range(len(mb["seqs"]))]
+    out, seg = [], 0
+    for _, branches in batch.groups:
+        prefix = pos[cu[seg]:cu[seg + 1]]
+        out += [torch.cat([prefix, pos[cu[seg + 1 + b]:cu[seg + 2 + b]]]) for b in range(len(branches))]
+        seg += 1 + len(branches)
+    return out
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_logo_objective(tmp_path, cpu_reference_path, shared):
     out = tmp_path / "logo"
-    args = ["--objective", "logo", "--max-steps", "3", "--world-size", "2"]
+    args = ["--objective", "logo", "--max-steps", "3", "--world-size", "2"] + ([] if shared else ["--no-shared-prefix"])
     hist = train.main(args + ["--out", str(out)])["history"]
     assert len(hist) == 3
     # the first step's loss from scratch: every answer's per-token mean log-prob from the model's
-    # float64 logits at the synthesised positions, LOGO's formula written out, the mean over prompts
+    # float64 logits on prompt + answer at the row's synthesised positions (with shared prefixes,
+    # the prompt's once-synthesised ids, then the answer's), LOGO's formula written out, the mean
+    # over prompts
     cfg = train.parse_args(args)
+    assert cfg.shared_prefix == shared
     units, _ = train.load_units(cfg, print)
     model = initial_eager_model(cfg)
-    [ranks] = train.optimizer_step_batches(cfg, {}, train.unit_lengths(units), 2, 0)
+    [ranks] = train.optimizer_step_batches(cfg, {}, train.unit_lengths(units, shared), 2, 0)
     losses = []
     with torch.no_grad():
         for pack in ranks:
             mb = train.micro_batch(cfg, units, pack, "cpu")
-            pos, cu = train.logo_positions(cfg, mb), mb["batch"].cu_seqlens.tolist()
+            assert (mb["batch"].groups is not None) == shared
+            positions = sequence_positions(mb, train.logo_positions(cfg, mb))
             means = []
-            for j, seq in enumerate(mb["seqs"]):
-                nll, n = answer_nll_fp64(model, seq["input_ids"], seq["labels"], pos[cu[j]:cu[j + 1]])
+            for seq, seq_pos in zip(mb["seqs"], positions):
+                nll, n = answer_nll_fp64(model, seq["input_ids"], seq["labels"], seq_pos)
                 means.append(-nll / n)
             for g in torch.tensor(means, dtype=torch.float64).view(-1, 1 + cfg.num_rejected):
                 z = cfg.beta * (g[0] - g[1:].mean()) - cfg.gamma
@@ -459,3 +478,35 @@ def test_every_flag_has_help_choices_and_default(capsys):
     # the library's vocabulary; the old spelling is an alias
     assert train.parse_args(["--strategy", "packing"]).strategy == "bfd"
     assert set(train.HELP) == set(train.asdict(train.Config()))
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo", "longpo"])
+def test_shared_prefix_rows_give_the_unshared_loss_and_gradients(objective, cpu_reference_path):
+    """The same prompts and answers as one shared-prefix row (each prompt once) and as prompt +
+    answer sequences: the same preference loss and the same gradient of every parameter, from
+    fewer tokens."""
+    on = train.parse_args(["--objective", objective])
+    off = train.parse_args(["--objective", objective, "--no-shared-prefix"])
+    assert on.shared_prefix and not off.shared_prefix
+    units, _ = train.load_units(on, print)
+    model = train.build_model(on, torch.device("cpu"))
+    wrapped, params = train.CausalLMWithLoss(model), [p for p in model.parameters() if p.requires_grad]
+    pack = [0, 1, 2]
+    ref = torch.randn(len(pack), 1 + on.num_rejected) - 30.0  # reference log-probs, the same for both rows
+    results = []
+    for cfg in (on, off):
+        mb = train.micro_batch(cfg, units, pack, "cpu")
+        mb["ref_logps"] = ref
+        loss = wrapped(mb, train.make_loss_fn(cfg, 1, 1, 1.0, step_groups=len(pack)))
+        results.append((loss, torch.autograd.grad(loss, params), mb["batch"].total))
+    (loss_on, grads_on, tokens_on), (loss_off, grads_off, tokens_off) = results
+    assert tokens_on < tokens_off
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_on, grads_off):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prefix_is_refused_with_sequence_parallelism(tmp_path):
+    with pytest.raises(SystemExit, match="--shared-prefix does not combine with --sp > 1"):
+        train.main(["--objective", "dpo", "--sp", "2", "--shared-prefix", "--out", str(tmp_path / "x")])
+    assert not train.parse_args(["--objective", "dpo", "--sp", "2"]).shared_prefix  # off by default there

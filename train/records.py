@@ -6,7 +6,6 @@ A bad record stops the run before training with its line number and the field at
 """
 from __future__ import annotations
 
-import functools
 import json
 from typing import Callable, List, Optional
 
@@ -15,7 +14,6 @@ import numpy as np
 from longalign_ops.preference import RecordError, _common_prefix, tokenize_record
 
 
-@functools.lru_cache(maxsize=4)  # read once per run: the data and the export share it
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

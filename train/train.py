@@ -54,6 +54,7 @@ class Config:
     strategy: str = "bfd"               # naive | sorted | bfd (LongAlign packing; "packing" is an alias)
     loss_weighting: Optional[bool] = None  # LongAlign K/(N_i M); default: on with packing
     objective: str = "sft"              # sft | logo | simpo | dpo | longpo
+    shared_prefix: Optional[bool] = None  # preference rows: each prompt once for all its answers (default: on, SP 1)
     ref_model: Optional[str] = None     # dpo / longpo reference (default: the initial policy)
     export: Optional[str] = None        # write a transformers model directory here at the end
     max_steps: int = 8
@@ -112,6 +113,11 @@ HELP = dict(
     objective="sft (token cross-entropy); preference objectives over each prompt's packed answers: logo "
               "(reference-free, several rejected answers, synthesised positions), simpo, dpo, longpo (DPO whose "
               "reference reads the record's short_prompt, plus the chosen answer's NLL)",
+    shared_prefix="preference objectives: pack each prompt once, its answers after it as branches that all "
+                  "attend to it (PackedBatch.from_prefix_groups), so the prompt is embedded, attended and "
+                  "back-propagated once per prompt instead of once per answer (default: on, except with --sp > 1, "
+                  "which does not split shared prefixes yet); LOGO then synthesises each prompt's positions once "
+                  "and every answer follows them",
     ref_model="dpo / longpo: local model directory of the reference (default: the initial policy); its log-probs "
               "are computed once before training and cached in --out",
     export="write the trained model here at the end as a transformers directory (safetensors, config, tokenizer)",
@@ -158,7 +164,7 @@ def parse_args(argv=None) -> Config:
         text = HELP[name] + (f" (default: {value})" if value is not None and not isinstance(value, bool) else "")
         if isinstance(value, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=HELP[name])
-        elif name == "loss_weighting":
+        elif name in ("loss_weighting", "shared_prefix"):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif name in CHOICES:
             aliases = tuple(a for a, target in STRATEGY_ALIASES.items() if name == "strategy")
@@ -177,6 +183,12 @@ def parse_args(argv=None) -> Config:
     cfg.num_samples = cfg.num_samples or preset["num_samples"]
     if cfg.loss_weighting is None:
         cfg.loss_weighting = cfg.strategy == "bfd" and cfg.objective == "sft"
+    if cfg.shared_prefix is None:
+        cfg.shared_prefix = cfg.objective != "sft" and cfg.sp == 1
+    cfg.shared_prefix = cfg.shared_prefix and cfg.objective != "sft"
+    if cfg.shared_prefix and cfg.sp > 1:
+        raise SystemExit("--shared-prefix does not combine with --sp > 1 yet (Ulysses does not split shared "
+                         "prefixes): drop it, it is off by default with --sp")
     if cfg.objective != "sft":
         for name, value in zip(("beta", "gamma", "sft_weight"), OBJECTIVE_DEFAULTS[cfg.objective]):
             if getattr(cfg, name) is None:
@@ -315,7 +327,7 @@ def answer_sequence(prompt, answer) -> dict:
     ids = np.concatenate([prompt, answer]).astype(np.int64)
     labels = np.full(len(ids), -100, np.int64)
     labels[len(prompt) - 1:-1] = answer
-    return dict(input_ids=ids, labels=labels, answer_len=len(answer))
+    return dict(input_ids=ids, labels=labels, answer_len=len(answer), prompt_len=len(prompt))
 
 
 def preference_groups(samples, num_rejected: int, short: bool = False) -> List[List[dict]]:
@@ -346,9 +358,30 @@ def sequences_of(units, idx) -> List[dict]:
     return [s for i in idx for s in (units[i] if isinstance(units[i], list) else [units[i]])]
 
 
-def unit_lengths(units) -> List[int]:
-    """Tokens per unit: what the packer packs (a LOGO group stays in one pack)."""
+def unit_lengths(units, shared_prefix: bool = False) -> List[int]:
+    """Tokens per unit: what the packer packs (a prompt's answers stay in one pack). With shared
+    prefixes a prompt is stored once: its len - 1 tokens plus each answer's branch."""
+    if shared_prefix:
+        return [int(sum(map(len, shared_prefix_row(units, [i])[1]))) for i in range(len(units))]
     return [sum(len(s["input_ids"]) for s in sequences_of(units, [i])) for i in range(len(units))]
+
+
+def shared_prefix_row(units, idx):
+    """A row of prompts, each stored once: per prompt its first len - 1 tokens (the shared prefix),
+    then each answer as a branch that starts with the prompt's last token (which predicts a
+    different first answer token in each). Returns (groups, ids, labels) for
+    PackedBatch.from_prefix_groups."""
+    groups, ids, labels = [], [], []
+    for i in idx:
+        unit = units[i]
+        cut = max(unit[0]["prompt_len"] - 1, 0)
+        ids.append(unit[0]["input_ids"][:cut])
+        labels.append(unit[0]["labels"][:cut])
+        for s in unit:
+            ids.append(s["input_ids"][cut:])
+            labels.append(s["labels"][cut:])
+        groups.append((cut, [len(s["input_ids"]) - cut for s in unit]))
+    return groups, ids, labels
 
 
 def micro_batch(cfg: Config, units, idx, device):
@@ -370,10 +403,15 @@ def micro_batch(cfg: Config, units, idx, device):
         lens.append(n + pad)
     real = sum(len(s["input_ids"]) for s in seqs) if idx else 0
     t = lambda a, dt=torch.int64: torch.from_numpy(np.concatenate(a)).to(device=device, dtype=dt)  # noqa: E731
-    batch = la.PackedBatch.from_lengths(lens, device=device)  # from host lengths: no device sync
+    if cfg.shared_prefix and idx:  # each prompt once, its answers branching off it
+        groups, ids, labels = shared_prefix_row(units, idx)
+        batch = la.PackedBatch.from_prefix_groups(groups, device=device)
+        real = lens = batch.total
+    else:
+        batch = la.PackedBatch.from_lengths(lens, device=device)  # from host lengths: no device sync
     answer_tokens = torch.tensor([int((s["labels"] != -100).sum()) for s in seqs], dtype=torch.float32, device=device)
     return dict(input_ids=t(ids), labels=t(labels), batch=batch, real_tokens=real, answer_tokens=answer_tokens,
-                slots=int(sum(lens)) if idx else 0, seqs=seqs, num_units=len(idx))
+                slots=int(np.sum(lens)) if idx else 0, seqs=seqs, num_units=len(idx))
 
 
 def shard_micro_batch(mb, group):
@@ -392,8 +430,21 @@ def shard_micro_batch(mb, group):
 
 
 def logo_positions(cfg: Config, mb):
-    """Synthesised ids over window * target_window; the answer stays contiguous (suffix)."""
+    """Synthesised ids over window * target_window; the answer stays contiguous (suffix). With
+    shared prefixes, each prompt's ids are synthesised once (over its own length times
+    target_window) and every answer continues from its last one."""
     batch = mb["batch"]
+    if batch.groups is not None:
+        prefixes = la.PackedBatch.from_lengths([p for p, _ in batch.groups])
+        pos = la.synthesize_positions(prefixes, prefixes.lengths * max(1, cfg.target_window), method="logo",
+                                      chunk_size=64, seed=cfg.seed).numpy()
+        out, at = [], 0
+        for p, branches in batch.groups:
+            mine = pos[at:at + p]
+            at += p
+            start = int(mine[-1]) + 1 if p else 0
+            out += [mine] + [start + np.arange(b) for b in branches]
+        return torch.from_numpy(np.concatenate(out)).to(batch.device)
     suffix = np.minimum([s["answer_len"] + 2 if "answer_len" in s else 0 for s in mb["seqs"]], batch.lengths)
     target = batch.lengths * max(1, cfg.target_window)
     return la.synthesize_positions(batch, target, method="logo", chunk_size=64, suffix_lens=suffix, seed=cfg.seed)
@@ -668,7 +719,7 @@ def load_units(cfg: Config, log):
     units = preference_groups(samples, cfg.num_rejected)
     ref_units = preference_groups(samples, cfg.num_rejected, short=cfg.objective == "longpo") \
         if cfg.objective in NEEDS_REFERENCE else None
-    too_long = sum(n > cfg.window for n in unit_lengths(units))
+    too_long = sum(n > cfg.window for n in unit_lengths(units, cfg.shared_prefix))
     if too_long:  # the packer drops them (overlong="drop"): said here, with the count
         log(f"data: {too_long} of {len(units)} prompts with their answers exceed --window {cfg.window} tokens "
             f"and are left out (a prompt and its answers always share one row)")
@@ -700,7 +751,7 @@ def main(argv=None, step_hook=None) -> dict:
 
     log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
     units, ref_units = load_units(cfg, log)
-    lengths = unit_lengths(units)
+    lengths = unit_lengths(units, cfg.shared_prefix)
     model = build_model(cfg, device)
     # before wrapping and resuming: the default reference is the initial policy
     ref_table = reference_logprobs(cfg, model, ref_units, lengths, ranks, dp_rank, emulated, world, sp_group, device,
