@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from .batch import PackedBatch
 from .data import PackedCollator
 
 
@@ -160,16 +161,23 @@ class PreferenceCollator:
     Examples are dicts with ``prompt_ids`` and ``answers`` (from :func:`tokenize_record`) or
     TRL's ``chosen_ids`` / ``rejected_ids``; optional ``ref_logps`` (one per answer). Every
     example of a batch needs the same number of answers. ``reference=True`` packs the
-    ``short_prompt_ids`` instead of the prompt (LongPO's reference). Returns
-    :class:`~longalign_ops.data.PackedCollator`'s keys plus ``num_answers`` (int),
+    ``short_prompt_ids`` instead of the prompt (LongPO's reference). ``shared_prefix=True``
+    (needs ``device``: only the batch description can express it) stores each prompt once, its
+    answers as branches (:meth:`PackedBatch.from_prefix_groups`; the prompt's last token starts
+    each branch); the log-probs are the same. Returns :class:`~longalign_ops.data.PackedCollator`'s
+    keys (without ``cu_seq_lens_*`` for a shared-prefix row) plus ``num_answers`` (int),
     ``answer_tokens`` ``(B * num_answers,)`` and, when given, ``ref_logps`` ``(B, num_answers)``."""
 
-    def __init__(self, device=None, *, reference: bool = False, ignore_index: int = -100):
+    def __init__(self, device=None, *, reference: bool = False, shared_prefix: bool = False,
+                 ignore_index: int = -100):
+        if shared_prefix and device is None:
+            raise ValueError("shared_prefix=True needs a device: a shared-prefix row is described by a PackedBatch, "
+                             "which cu_seq_lens cannot express")
         self.pack = PackedCollator(device, ignore_index=ignore_index)
-        self.reference, self.ignore_index = reference, ignore_index
+        self.reference, self.shared_prefix, self.ignore_index = reference, shared_prefix, ignore_index
 
     def __call__(self, examples: Sequence[dict]) -> dict:
-        records, sizes = [], set()
+        records, answer_records, groups, sizes = [], [], [], set()
         for i, ex in enumerate(examples):
             prompt = ex.get("short_prompt_ids") if self.reference else ex["prompt_ids"]
             if prompt is None:
@@ -177,16 +185,27 @@ class PreferenceCollator:
             answers = _answers_of(ex)
             sizes.add(len(answers))
             prompt = [int(t) for t in prompt]
+            # shared: the prompt's first len - 1 tokens once, each answer after the prompt's last token
+            cut = max(len(prompt) - 1, 0) if self.shared_prefix else 0
+            if self.shared_prefix:
+                records.append(dict(input_ids=prompt[:cut], labels=[self.ignore_index] * cut))
+            head = prompt[cut:]
             for a in answers:
                 a = [int(t) for t in a]
-                records.append(dict(input_ids=prompt + a, labels=[self.ignore_index] * len(prompt) + a))
+                answer_records.append(dict(input_ids=head + a, labels=[self.ignore_index] * len(head) + a))
+                records.append(answer_records[-1])
+            groups.append((cut, [len(head) + len(a) for a in answers]))
         if len(sizes) > 1:
             raise ValueError(f"every example of a batch needs the same number of answers, got {sorted(sizes)}")
         out = self.pack(records)
+        if self.shared_prefix:  # the row's description replaces the segments' cu_seq_lens and positions
+            batch = PackedBatch.from_prefix_groups(groups, device=out["input_ids"].device)
+            out = {k: v for k, v in out.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+            out.update(packed_batch=batch, position_ids=batch.position_ids[None])
         out["num_answers"] = sizes.pop() if sizes else 0
         device = out["input_ids"].device
-        out["answer_tokens"] = torch.tensor([sum(t != self.ignore_index for t in r["labels"][1:]) for r in records],
-                                            dtype=torch.float32, device=device)
+        out["answer_tokens"] = torch.tensor([sum(t != self.ignore_index for t in r["labels"][1:])
+                                             for r in answer_records], dtype=torch.float32, device=device)
         if examples and all(ex.get("ref_logps") is not None for ex in examples):
             out["ref_logps"] = torch.tensor([list(ex["ref_logps"]) for ex in examples], dtype=torch.float32,
                                             device=device)

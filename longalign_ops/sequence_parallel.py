@@ -98,13 +98,15 @@ def shard(batch: PackedBatch, group=None) -> Shard:
     ``shard.local(...)`` of them."""
     if not isinstance(batch, PackedBatch):
         raise TypeError(f"batch must be a longalign_ops.PackedBatch, got {type(batch).__name__}")
-    if batch.groups is not None:
-        raise ValueError("sequence parallelism does not split a PackedBatch with shared prefixes yet: build the "
-                         "row with PackedBatch.from_lengths (each answer after its own copy of the prompt)")
     group = _check_group(group)
     size = dist.get_world_size(group)
-    lengths = pad_lengths(batch.lengths, size)
-    padded = batch if len(lengths) == batch.num_sequences else PackedBatch.from_lengths(lengths, device=batch.device)
+    pad = (-batch.total) % size
+    if not pad:
+        padded = batch
+    elif batch.groups is not None:  # shared prefixes: the pad is one more group, without branches
+        padded = PackedBatch.from_prefix_groups(batch.groups + [(pad, [])], device=batch.device)
+    else:
+        padded = PackedBatch.from_lengths(pad_lengths(batch.lengths, size), device=batch.device)
     return Shard(padded, group, int(padded.total - batch.total))
 
 

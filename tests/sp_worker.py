@@ -37,7 +37,7 @@ def check_attention(shard, Hq, Hk, errors, tag, **options):
         errors[f"attention {tag} {name}"] = err(local.grad, shard.local(full.grad))
 
 
-def check_losses(shard, errors):
+def check_losses(shard, errors, tag=""):
     T, H, V = shard.batch.total, 16, 50
     P = shard.size
     hidden, hl = full_and_local((T, H), 5, shard)
@@ -48,19 +48,19 @@ def check_losses(shard, errors):
     for average in (False, True):
         want = la.sequence_logprobs(hidden, weight, labels, shard.batch, average=average)
         got = sp.sequence_logprobs(hl, weight, shard.local(labels), shard, average=average)
-        errors[f"sequence_logprobs average={average}"] = err(got, want)
+        errors[f"{tag}sequence_logprobs average={average}"] = err(got, want)
         (g_full,) = torch.autograd.grad((want * torch.arange(len(want))).sum(), hidden)
         (g_local,) = torch.autograd.grad((got * torch.arange(len(got))).sum(), hl)
         # every rank back-propagates the same loss: P times its slice's share (sp.reduce_loss)
-        errors[f"sequence_logprobs average={average} grad"] = err(g_local, P * shard.local(g_full))
+        errors[f"{tag}sequence_logprobs average={average} grad"] = err(g_local, P * shard.local(g_full))
     M = int(shard.batch.num_sequences)
     w_full = la.longalign_loss_weights(shard.batch, labels, num_packs=1, num_sequences=M)
     w_local = sp.longalign_loss_weights(shard.local(labels), shard, num_packs=1, num_sequences=M)
-    errors["longalign weights"] = err(w_local, shard.local(w_full))
+    errors[f"{tag}longalign weights"] = err(w_local, shard.local(w_full))
     want = la.fused_linear_cross_entropy(hidden, weight, labels, token_weights=w_full, reduction="sum")
     got = sp.reduce_loss(la.fused_linear_cross_entropy(hl, weight, shard.local(labels), token_weights=w_local,
                                                        reduction="sum"), shard)
-    errors["weighted loss"] = err(got, want)
+    errors[f"{tag}weighted loss"] = err(got, want)
 
 
 def check_model(shard, errors):
@@ -119,6 +119,12 @@ def main():
     check_attention(shard, 8, 1, errors, "mqa, window + softcap", window_size=(9, 0), softcap=3.0)
     check_losses(shard, errors)
     check_model(shard, errors)
+    # a row with shared prefixes (prompts stored once, answers as branches): split the same way
+    shared = sp.shard(la.PackedBatch.from_prefix_groups([(20, [5, 1, 9]), (0, [3]), (1, [2, 2]), (7, [])]), None)
+    errors["shared prefix: keeps its groups"] = float(shared.batch.groups is None)
+    check_attention(shared, 8, 2, errors, "shared prefix: gqa")
+    check_attention(shared, 8, 1, errors, "shared prefix: mqa, window + softcap", window_size=(9, 0), softcap=3.0)
+    check_losses(shared, errors, "shared prefix: ")
     check_bad_inputs(shard, errors)
     if dist.get_rank() == 0:
         print(json.dumps(dict(world=P, pad=shard.pad, total=shard.batch.total, errors=errors)))

@@ -66,9 +66,7 @@ def references(tmp_path_factory):
     def get(objective, world_size):
         if (objective, world_size) not in cache:
             out = str(tmp_path_factory.mktemp(f"ref-{objective}-{world_size}"))
-            # the one-process reference of an SP row lays rows out as SP does: without shared prefixes
-            unshared = ["--no-shared-prefix"] if objective != "sft" and world_size == 1 else []
-            run(COMMON + ["--objective", objective, "--world-size", str(world_size), "--out", out] + unshared)
+            run(COMMON + ["--objective", objective, "--world-size", str(world_size), "--out", out])
             cache[objective, world_size] = rank_file(out)
         return cache[objective, world_size]
 

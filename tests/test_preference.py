@@ -207,7 +207,7 @@ def test_dpo_under_sequence_parallelism_equals_one_process(folder, tmp_path, tor
     args = ["--model", folder["model"], "--tokenizer", folder["tokenizer"], "--data", folder["prefs"],
             "--objective", "dpo", "--max-steps", "3", "--window", "256", "--lr", "3e-3", "--no-plot"]
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
-    single = train.main(args + ["--out", str(tmp_path / "one"), "--no-shared-prefix"])["history"]  # SP's layout
+    single = train.main(args + ["--out", str(tmp_path / "one")])["history"]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           os.path.join(ROOT, "train", "train.py")] + args + ["--sp", "2", "--out", str(tmp_path / "sp")],
                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -250,6 +250,35 @@ def test_preference_loss_is_each_papers_loss():
 # ----------------------------------------------------------------------------- HF Trainer
 
 
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+def test_the_collator_stores_each_prompt_once_with_the_same_log_probs(path, monkeypatch):
+    """PreferenceCollator(shared_prefix=True): fewer tokens, the same per-answer log-probs from a
+    model (prompts of 1 and 0 tokens included), the same answer token counts."""
+    from longalign_ops.integrations.preference_trainer import _answer_logprobs
+    from longalign_ops.integrations.transformers import apply_longalign
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if path == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = apply_longalign(LlamaForCausalLM(cfg), fused_loss=False).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(0, 50, (n,), generator=g).tolist()  # noqa: E731
+    examples = [dict(prompt_ids=ids(37), answers=[ids(5), ids(1), ids(8)]),
+                dict(prompt_ids=ids(1), answers=[ids(3), ids(2), ids(4)]),
+                dict(prompt_ids=[], answers=[ids(2), ids(6), ids(3)])]
+    shared = PreferenceCollator("cpu", shared_prefix=True)(examples)
+    plain = PreferenceCollator("cpu")(examples)
+    assert shared["input_ids"].shape[1] == plain["input_ids"].shape[1] - 2 * 36 and "cu_seq_lens_q" not in shared
+    assert torch.equal(shared["answer_tokens"], plain["answer_tokens"])
+    with torch.no_grad():
+        torch.testing.assert_close(_answer_logprobs(model, shared), _answer_logprobs(model, plain), rtol=1e-5,
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="shared_prefix=True needs a device"):
+        PreferenceCollator(shared_prefix=True)
+
+
 def conversational_records(n, seed=0):
     return [dict(prompt=[dict(role="user", content=r["prompt"])], chosen=[dict(role="assistant", content=r["chosen"])],
                  rejected=[dict(role="assistant", content=r["rejected"])])
@@ -288,17 +317,20 @@ def test_preference_trainer_dpo_losses_equal_trl_dpo_trainer(folder, tok, tmp_pa
     theirs.train()
     ours = PreferenceTrainer(model(), TrainingArguments(output_dir=str(tmp_path / "ours"), **common),
                              train_dataset=records, processing_class=tok, objective="dpo", beta=0.1)
-    first = next(iter(ours.get_train_dataloader()))  # the sampler's first batch, as train() draws it
-    ours.train()
+    ours.train()  # on shared-prefix rows (the default)
     want = [h["loss"] for h in theirs.state.log_history if "loss" in h]
     got = [h["loss"] for h in ours.state.log_history if "loss" in h]
     assert len(got) == 4 and got[0] == pytest.approx(0.6931471805599453, rel=1e-6)  # reference = initial model
     assert got[:2] == pytest.approx(want[:2], rel=1e-4) and got == pytest.approx(want, rel=1e-3)
 
     # step 1's gradient against float64 eager transformers on the same batch
+    # (unshared rows here, whose cu_seq_lens split the sequences for the reference below)
     fresh = model()
-    PreferenceTrainer(fresh, TrainingArguments(output_dir=str(tmp_path / "g"), **common), train_dataset=records,
-                      processing_class=tok, objective="dpo", beta=0.1).compute_loss(fresh, first).backward()
+    unshared = PreferenceTrainer(fresh, TrainingArguments(output_dir=str(tmp_path / "g"), **common),
+                                 train_dataset=records, processing_class=tok, objective="dpo", beta=0.1,
+                                 shared_prefix=False)
+    first = next(iter(unshared.get_train_dataloader()))  # the sampler's first batch, as train() draws it
+    unshared.compute_loss(fresh, first).backward()
     exact = model(torch.float64, attn_implementation="eager")
     ids, labels, cu = first["input_ids"][0], first["shift_labels"][0], first["cu_seq_lens_q"].tolist()
     logps = []

@@ -86,7 +86,7 @@ def test_sequence_parallel_two_processes_match_single_process(tmp_path, objectiv
     spd, single = str(tmp_path / "sp"), str(tmp_path / "single")
     common = ["--max-steps", "8", "--no-plot", "--objective", objective, "--strategy", "bfd"]
     run(common + ["--out", spd, "--sp", "2"], torchrun=2)
-    run(common + ["--out", single] + (["--no-shared-prefix"] if objective != "sft" else []))  # as SP lays rows out
+    run(common + ["--out", single])
     r0, r1 = (json.load(open(os.path.join(spd, f"rank{r}.json"))) for r in (0, 1))
     ref = json.load(open(os.path.join(single, "rank0.json")))
     assert r0["param_checksum"] == r1["param_checksum"]  # DDP over both ranks: one set of weights
@@ -504,9 +504,3 @@ def test_shared_prefix_rows_give_the_unshared_loss_and_gradients(objective, cpu_
     torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_on, grads_off):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_shared_prefix_is_refused_with_sequence_parallelism(tmp_path):
-    with pytest.raises(SystemExit, match="--shared-prefix does not combine with --sp > 1"):
-        train.main(["--objective", "dpo", "--sp", "2", "--shared-prefix", "--out", str(tmp_path / "x")])
-    assert not train.parse_args(["--objective", "dpo", "--sp", "2"]).shared_prefix  # off by default there

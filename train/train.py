@@ -54,7 +54,7 @@ class Config:
     strategy: str = "bfd"               # naive | sorted | bfd (LongAlign packing; "packing" is an alias)
     loss_weighting: Optional[bool] = None  # LongAlign K/(N_i M); default: on with packing
     objective: str = "sft"              # sft | logo | simpo | dpo | longpo
-    shared_prefix: Optional[bool] = None  # preference rows: each prompt once for all its answers (default: on, SP 1)
+    shared_prefix: Optional[bool] = None  # preference rows: each prompt once for all its answers (default: on)
     ref_model: Optional[str] = None     # dpo / longpo reference (default: the initial policy)
     export: Optional[str] = None        # write a transformers model directory here at the end
     max_steps: int = 8
@@ -115,9 +115,8 @@ HELP = dict(
               "reference reads the record's short_prompt, plus the chosen answer's NLL)",
     shared_prefix="preference objectives: pack each prompt once, its answers after it as branches that all "
                   "attend to it (PackedBatch.from_prefix_groups), so the prompt is embedded, attended and "
-                  "back-propagated once per prompt instead of once per answer (default: on, except with --sp > 1, "
-                  "which does not split shared prefixes yet); LOGO then synthesises each prompt's positions once "
-                  "and every answer follows them",
+                  "back-propagated once per prompt instead of once per answer (default: on); LOGO then synthesises "
+                  "each prompt's positions once and every answer follows them",
     ref_model="dpo / longpo: local model directory of the reference (default: the initial policy); its log-probs "
               "are computed once before training and cached in --out",
     export="write the trained model here at the end as a transformers directory (safetensors, config, tokenizer)",
@@ -183,12 +182,7 @@ def parse_args(argv=None) -> Config:
     cfg.num_samples = cfg.num_samples or preset["num_samples"]
     if cfg.loss_weighting is None:
         cfg.loss_weighting = cfg.strategy == "bfd" and cfg.objective == "sft"
-    if cfg.shared_prefix is None:
-        cfg.shared_prefix = cfg.objective != "sft" and cfg.sp == 1
-    cfg.shared_prefix = cfg.shared_prefix and cfg.objective != "sft"
-    if cfg.shared_prefix and cfg.sp > 1:
-        raise SystemExit("--shared-prefix does not combine with --sp > 1 yet (Ulysses does not split shared "
-                         "prefixes): drop it, it is off by default with --sp")
+    cfg.shared_prefix = cfg.objective != "sft" and cfg.shared_prefix is not False
     if cfg.objective != "sft":
         for name, value in zip(("beta", "gamma", "sft_weight"), OBJECTIVE_DEFAULTS[cfg.objective]):
             if getattr(cfg, name) is None:

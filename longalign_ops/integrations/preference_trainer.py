@@ -8,7 +8,9 @@ format, each prompt packed with all of its answers in one row, log-probs from th
 
 ``train_dataset``: TRL-format records (a list of dicts or a ``datasets.Dataset``: ``prompt``,
 ``chosen``, ``rejected``, strings or message lists, or the ``*_input_ids`` columns; LongPO adds
-``short_prompt``). The reference log-probs (dpo, longpo) are computed once, before training, with
+``short_prompt``). Each prompt is stored once per row with its answers branching off it
+(``shared_prefix=True``, the default; with ``dataloader_num_workers`` the rows are unshared). The
+reference log-probs (dpo, longpo) are computed once, before training, with
 ``ref_model`` or the initial model, as TRL's ``precompute_ref_log_probs=True`` does: no second
 model in device memory while training. The step's loss is the objective's mean over its prompts.
 """
@@ -41,7 +43,7 @@ def _answer_logprobs(model, inputs) -> torch.Tensor:
 class PreferenceTrainer(Trainer):
     def __init__(self, model, args=None, train_dataset=None, processing_class=None, *, objective: str = "dpo",
                  beta: float = 0.1, gamma: float = 0.0, sft_weight: float = 0.0, dpo_lambda: float = 1.0,
-                 ref_model=None, **kwargs):
+                 ref_model=None, shared_prefix: bool = True, **kwargs):
         if objective not in losses.OBJECTIVES:
             raise ValueError(f"objective must be one of {losses.OBJECTIVES}, got {objective!r}")
         if train_dataset is None:
@@ -61,8 +63,10 @@ class PreferenceTrainer(Trainer):
                          data_collator=PreferenceCollator(), **kwargs)
         # the batch description built once per step on the training device (the loader runs in
         # this process unless dataloader_num_workers is set, when the attention derives it)
+        # (and then each prompt once per row, its answers branching off it: the same log-probs)
+        self.shared_prefix = shared_prefix and not self.args.dataloader_num_workers
         if not self.args.dataloader_num_workers:
-            self.data_collator = PreferenceCollator(self.args.device)
+            self.data_collator = PreferenceCollator(self.args.device, shared_prefix=self.shared_prefix)
         if objective in losses.NEEDS_REFERENCE:
             self._add_reference_logprobs(examples, ref_model)
 
@@ -72,7 +76,8 @@ class PreferenceTrainer(Trainer):
         was_training = model.training
         model.eval()
         model.to(self.args.device)
-        collate = PreferenceCollator(self.args.device, reference=self.objective == "longpo")
+        collate = PreferenceCollator(self.args.device, reference=self.objective == "longpo",
+                                     shared_prefix=self.shared_prefix)
         size = self.args.per_device_train_batch_size
         for start in range(0, len(examples), size):
             chunk = examples[start:start + size]
