@@ -99,11 +99,11 @@ def synthesize_positions(cu_seqlens: torch.Tensor, target_len: Union[int, torch.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    if isinstance(cu_seqlens, PackedBatch) and cu_seqlens.groups is not None:
+        return _shared_prefix_positions(cu_seqlens, target_len, method=method, chunk_size=chunk_size,
+                                        num_chunks=num_chunks, prefix_lens=prefix_lens, suffix_lens=suffix_lens,
+                                        seed=seed)
     if isinstance(cu_seqlens, PackedBatch):  # host lengths known: nothing is read back
-        if cu_seqlens.groups is not None:
-            raise ValueError("cu_seqlens: a PackedBatch with shared prefixes has one position per shared token; "
-                             "synthesise the prefixes' positions (a batch of their lengths) and continue each "
-                             "branch after its prefix")
         lengths, cu_seqlens = cu_seqlens.lengths, cu_seqlens.cu_seqlens
     elif isinstance(cu_seqlens, torch.Tensor):
         lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, None, device=cu_seqlens.device, force=True)
@@ -153,6 +153,31 @@ def synthesize_positions(cu_seqlens: torch.Tensor, target_len: Union[int, torch.
                       RuntimeWarning, stacklevel=2)
     out = _C.synthesize_positions(cu_host, target, prefix, suffix, code, chunk_size, num_chunks, seed)
     return torch.from_numpy(out).to(cu_seqlens.device)
+
+
+def _shared_prefix_positions(batch: PackedBatch, target_len, **options) -> torch.Tensor:
+    """Positions of a shared-prefix batch: a shared token has one position, so each group's prefix
+    is synthesised once, over its window less its longest branch (target_len, prefix_lens and
+    suffix_lens are per group and apply to the prefix), and every branch follows its prefix's
+    last position contiguously: a group's longest branch ends at most at target_len - 1."""
+    groups = batch.groups
+    prefixes = np.array([p for p, _ in groups], dtype=np.int64)
+    longest = np.array([max(branches, default=0) for _, branches in groups], dtype=np.int64)
+    target = _per_sequence("target_len", target_len, len(groups), allow_none=False)
+    short = np.flatnonzero(target < prefixes + longest)
+    if short.size:
+        i = int(short[0])
+        raise ValueError(f"target_len shorter than a group's prefix and longest branch for {short.size} of "
+                         f"{len(groups)} groups (first: group {i}, target_len {int(target[i])} < "
+                         f"{int(prefixes[i] + longest[i])})")
+    synthesized = synthesize_positions(PackedBatch.from_lengths(prefixes), target - longest, **options).numpy()
+    out, at = [], 0
+    for p, branches in groups:
+        mine = synthesized[at:at + p]
+        at += p
+        start = int(mine[-1]) + 1 if p else 0
+        out += [mine] + [start + np.arange(b, dtype=np.int64) for b in branches]
+    return torch.from_numpy(np.concatenate(out) if out else np.zeros(0, np.int64)).to(batch.device)
 
 
 def _synthesize_cuda(lib, cu_seqlens, cu_host, target, prefix, suffix, method, chunk_size, num_chunks, seed, total):

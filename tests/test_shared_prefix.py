@@ -173,3 +173,28 @@ def test_the_benchmark_counts_tokens_and_attention_pairs_of_both_layouts():
     keep, _ = group_mask(groups)
     assert tokens_s == keep.shape[0] == prompt - 1 + sum(1 + a for a in answers) and pairs_s == int(keep.sum())
     assert tokens_u == sum(lengths) and pairs_u == sum(int(torch.ones(n, n).tril().sum()) for n in lengths)
+
+
+@pytest.mark.parametrize("method", ["logo", "pose"])
+def test_positions_of_a_shared_prefix_batch(method):
+    """One position per shared token: each prefix synthesised once (as a plain batch of the
+    prefixes would be) within its window less its longest branch, each branch contiguous after
+    it, so a group's longest branch ends inside target_len."""
+    groups = [(40, [9, 33]), (0, [3]), (5, []), (1, [1, 2])]
+    batch = la.PackedBatch.from_prefix_groups(groups)
+    target = [400, 50, 20, 30]
+    pos = la.synthesize_positions(batch, target, method=method, chunk_size=8, seed=3)
+    alone = la.synthesize_positions(la.PackedBatch.from_lengths([40, 0, 5, 1]),
+                                    [400 - 33, 50 - 3, 20, 30 - 2], method=method, chunk_size=8, seed=3)
+    at, pre_at = 0, 0
+    for (p, branches), t in zip(groups, target):
+        prefix = pos[at:at + p]
+        assert torch.equal(prefix, alone[pre_at:pre_at + p])
+        at, pre_at = at + p, pre_at + p
+        start = int(prefix[-1]) + 1 if p else 0
+        for b in branches:
+            assert pos[at:at + b].tolist() == list(range(start, start + b))
+            at += b
+        assert start + max(branches, default=0) <= t
+    with pytest.raises(ValueError, match="target_len shorter than a group's prefix and longest branch"):
+        la.synthesize_positions(batch, 45, method=method)

@@ -425,20 +425,13 @@ def shard_micro_batch(mb, group):
 
 def logo_positions(cfg: Config, mb):
     """Synthesised ids over window * target_window; the answer stays contiguous (suffix). With
-    shared prefixes, each prompt's ids are synthesised once (over its own length times
-    target_window) and every answer continues from its last one."""
+    shared prefixes, each prompt's ids are synthesised once and every answer continues from its
+    last one (the group's window: its prompt and longest answer, times target_window)."""
     batch = mb["batch"]
-    if batch.groups is not None:
-        prefixes = la.PackedBatch.from_lengths([p for p, _ in batch.groups])
-        pos = la.synthesize_positions(prefixes, prefixes.lengths * max(1, cfg.target_window), method="logo",
-                                      chunk_size=64, seed=cfg.seed).numpy()
-        out, at = [], 0
-        for p, branches in batch.groups:
-            mine = pos[at:at + p]
-            at += p
-            start = int(mine[-1]) + 1 if p else 0
-            out += [mine] + [start + np.arange(b) for b in branches]
-        return torch.from_numpy(np.concatenate(out)).to(batch.device)
+    if batch.groups is not None:  # each prompt's ids once, its answers after them (synthesize_positions)
+        spans = np.array([p + max(branches, default=0) for p, branches in batch.groups])
+        return la.synthesize_positions(batch, spans * max(1, cfg.target_window), method="logo", chunk_size=64,
+                                       seed=cfg.seed)
     suffix = np.minimum([s["answer_len"] + 2 if "answer_len" in s else 0 for s in mb["seqs"]], batch.lengths)
     target = batch.lengths * max(1, cfg.target_window)
     return la.synthesize_positions(batch, target, method="logo", chunk_size=64, suffix_lens=suffix, seed=cfg.seed)
@@ -884,3 +877,10 @@ def main(argv=None, step_hook=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # everything is written and the process group destroyed; leave without the interpreter's
+        # teardown, where gloo's worker threads can still hold tensors and abort the process
+        # ("terminate called without an active exception", SIGABRT: pytorch/pytorch#179291)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
