@@ -386,26 +386,27 @@ def micro_batch(cfg: Config, units, idx, device):
     seqs = sequences_of(units, idx)
     if not seqs:
         seqs = [dict(input_ids=np.array([PAD]), labels=np.array([-100]))]
-    padded = cfg.strategy != "bfd"
-    L = max(len(s["input_ids"]) for s in seqs)
-    ids, labels, lens = [], [], []
-    for s in seqs:
-        n = len(s["input_ids"])
-        pad = L - n if padded else 0
-        ids.append(np.concatenate([s["input_ids"], np.full(pad, PAD)]))
-        labels.append(np.concatenate([s["labels"], np.full(pad, -100)]))
-        lens.append(n + pad)
-    real = sum(len(s["input_ids"]) for s in seqs) if idx else 0
-    t = lambda a, dt=torch.int64: torch.from_numpy(np.concatenate(a)).to(device=device, dtype=dt)  # noqa: E731
     if cfg.shared_prefix and idx:  # each prompt once, its answers branching off it
         groups, ids, labels = shared_prefix_row(units, idx)
         batch = la.PackedBatch.from_prefix_groups(groups, device=device)
-        real = lens = batch.total
+        real = slots = batch.total
     else:
+        padded = cfg.strategy != "bfd"
+        L = max(len(s["input_ids"]) for s in seqs)
+        ids, labels, lens = [], [], []
+        for s in seqs:
+            n = len(s["input_ids"])
+            pad = L - n if padded else 0
+            ids.append(np.concatenate([s["input_ids"], np.full(pad, PAD)]))
+            labels.append(np.concatenate([s["labels"], np.full(pad, -100)]))
+            lens.append(n + pad)
         batch = la.PackedBatch.from_lengths(lens, device=device)  # from host lengths: no device sync
+        real = sum(len(s["input_ids"]) for s in seqs) if idx else 0
+        slots = int(sum(lens)) if idx else 0
+    t = lambda a: torch.from_numpy(np.concatenate(a)).to(device=device, dtype=torch.int64)  # noqa: E731
     answer_tokens = torch.tensor([int((s["labels"] != -100).sum()) for s in seqs], dtype=torch.float32, device=device)
     return dict(input_ids=t(ids), labels=t(labels), batch=batch, real_tokens=real, answer_tokens=answer_tokens,
-                slots=int(np.sum(lens)) if idx else 0, seqs=seqs, num_units=len(idx))
+                slots=slots, seqs=seqs, num_units=len(idx))
 
 
 def shard_micro_batch(mb, group):
