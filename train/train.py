@@ -877,11 +877,12 @@ def main(argv=None, step_hook=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    result = main()  # held: dropping it frees the model, whose DDP reducer owns a gloo process group
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # everything is written and the process group destroyed; leave without the interpreter's
-        # teardown, where gloo's worker threads can still hold tensors and abort the process
-        # ("terminate called without an active exception", SIGABRT: pytorch/pytorch#179291)
+        # everything is written and the process group destroyed; leave without destructors: a
+        # ProcessGroupGloo freed after destroy_process_group can hang joining its worker threads
+        # (seen: the DDP reducer's, when main()'s result was dropped) or abort in the interpreter's
+        # teardown ("terminate called without an active exception", pytorch/pytorch#179291)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
