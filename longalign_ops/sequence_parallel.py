@@ -1,4 +1,5 @@
-"""Ulysses sequence parallelism for packed varlen batches, over a torch.distributed process group.
+"""Sequence parallelism for packed varlen batches over torch.distributed process groups: Ulysses
+(heads), context parallelism (the row), or both on a 2-D mesh.
 
 Each of the P ranks of a sequence-parallel (SP) group holds a contiguous 1/P slice of one packed
 row. Attention swaps the split: an all-to-all turns the local slices of all heads into the whole
@@ -17,6 +18,19 @@ Per layer and token, a rank sends and receives (P-1)/P of its q, k, v and output
 Hq query heads, Hk kv heads (after replication to at least P) and head dim D, that is
 ``2 * (2*Hq + 2*Hk) * D * (P-1)/P`` bytes per token in bf16 for forward, and as much again
 for backward (the all-to-alls are each other's adjoints).
+
+Context parallelism (``shard(batch, group, cp_group=cp)``) has no head constraint: the C ranks of
+the CP group each hold part of every sequence, split head-and-tail for causal balance (sequence
+i is cut into 2C near-equal chunks; CP rank c holds chunks c and 2C-1-c, so every rank gets one
+early, cheap chunk and one late, expensive one; no divisibility is asked of any length, the
+ranks are evened out with one ignored pad sequence). Attention all-gathers K and V over the CP
+group (Llama 3's approach; its backward reduce-scatters dK and dV) and runs the varlen kernel on
+this rank's query chunks, each against its sequence's keys up to the chunk's end (bottom-right
+causal alignment gives the right mask; a sliding window trims the keys to it). Per layer and
+token a rank receives (C-1)/C of the row's k and v at its heads: ``2 * 2*Hk' * D * (C-1)``
+bytes per local token in bf16 forward (C times Ulysses' volume per kv head; the price of having
+no head limit), and the reduce-scatter sends as much back. With Ulysses as well (``group`` of
+size U), each CP piece is split U ways; the all-to-all gathers the piece for Hq/U heads first.
 
 The collectives are torch's functional ones (``torch.distributed._functional_collectives``):
 differentiable, and traceable by torch.compile.
@@ -42,45 +56,66 @@ _active = {"shard": None}
 
 
 class Shard:
-    """One SP rank's view of a packed row: the global description ``batch`` (padded with one
-    ignored sequence to a multiple of P), the ``group``, and this rank's token range
-    ``[start, end)``. Built by :func:`shard` the same way on every rank."""
+    """One rank's view of a packed row split over U Ulysses ranks (``group``) and C context-
+    parallel ranks (``cp_group``): the global description ``batch`` (padded with one ignored
+    sequence), and this rank's tokens of it. Built by :func:`shard` the same way on every rank.
 
-    __slots__ = ("batch", "group", "size", "rank", "start", "end", "pad", "_local_sequence_ids")
+    ``size`` is the number of ranks sharing the row (U x C), ``rank`` this rank's place among
+    them (cp_rank x U + ulysses_rank). Without CP the local tokens are the contiguous range
+    ``[start, end)``; with CP they are ``order`` (global indices, head-and-tail chunks)."""
 
-    def __init__(self, batch: PackedBatch, group, pad: int):
-        self.batch, self.group, self.pad = batch, group, pad
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        per_rank = batch.total // self.size
-        self.start, self.end = self.rank * per_rank, (self.rank + 1) * per_rank
-        self._local_sequence_ids = None
+    __slots__ = ("batch", "group", "cp_group", "size", "rank", "ulysses_size", "cp_size", "cp_rank", "start", "end",
+                 "pad", "order", "_layout", "_attention", "_local_sequence_ids")
+
+    def __init__(self, batch: PackedBatch, group, pad: int, cp_group=None, layout=None):
+        self.batch, self.group, self.cp_group, self.pad = batch, group, cp_group, pad
+        self.ulysses_size = dist.get_world_size(group) if group is not None else 1
+        self.cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
+        self.cp_rank = dist.get_rank(cp_group) if cp_group is not None else 0
+        u = dist.get_rank(group) if group is not None else 0
+        self.size, self.rank = self.ulysses_size * self.cp_size, self.cp_rank * self.ulysses_size + u
+        self._layout, self._attention, self._local_sequence_ids = layout, {}, None
+        if layout is None:
+            per_rank = batch.total // self.size
+            self.start, self.end, self.order = u * per_rank, (u + 1) * per_rank, None
+        else:
+            piece = layout.orders[self.cp_rank]
+            n = len(piece) // self.ulysses_size
+            self.start = self.end = None
+            self.order = torch.from_numpy(piece[u * n:(u + 1) * n]).to(batch.device)
 
     @property
     def local_tokens(self) -> int:
-        return self.end - self.start
+        return self.end - self.start if self.order is None else len(self.order)
 
     def local(self, t: Tensor, dim: int = 0) -> Tensor:
-        """This rank's slice of a tensor over the (padded) row's tokens."""
+        """This rank's tokens of a tensor over the (padded) row's tokens."""
         if t.shape[dim] != self.batch.total:
             raise ValueError(f"a tensor over the row must have {self.batch.total} tokens along dim {dim} (the padded "
                              f"row), got {t.shape[dim]}")
-        return t.narrow(dim, self.start, self.local_tokens)
+        if self.order is None:
+            return t.narrow(dim, self.start, self.local_tokens)
+        return t.index_select(dim, self.order.to(t.device))
 
     @property
     def local_sequence_ids(self) -> Tensor:
         """(local_tokens,) int64: the global sequence of each local token."""
         if self._local_sequence_ids is None:
-            self._local_sequence_ids = self.batch.sequence_ids.narrow(0, self.start, self.local_tokens)
+            self._local_sequence_ids = self.local(self.batch.sequence_ids)
         return self._local_sequence_ids
 
     def all_reduce(self, t: Tensor) -> Tensor:
-        """The sum of `t` over the group, differentiable (its backward sums the gradients too)."""
-        return _all_reduce_sum(t, self.group)
+        """The sum of `t` over every rank of the row, differentiable (its backward sums the
+        gradients too)."""
+        for group in (self.group, self.cp_group):
+            if group is not None and dist.get_world_size(group) > 1:
+                t = _all_reduce_sum(t, group)
+        return t
 
     def __repr__(self) -> str:
-        return (f"Shard(rank={self.rank}/{self.size}, tokens=[{self.start}, {self.end}) of {self.batch.total}, "
-                f"pad={self.pad})")
+        where = f"tokens=[{self.start}, {self.end})" if self.order is None else f"{self.local_tokens} tokens"
+        return (f"Shard(rank={self.rank}/{self.size}, ulysses={self.ulysses_size}, cp={self.cp_size}, {where} of "
+                f"{self.batch.total}, pad={self.pad})")
 
 
 def pad_lengths(lengths, size: int) -> np.ndarray:
@@ -91,23 +126,103 @@ def pad_lengths(lengths, size: int) -> np.ndarray:
     return np.concatenate([lengths, [pad]]) if pad else lengths
 
 
-def shard(batch: PackedBatch, group=None) -> Shard:
-    """The SP view of `batch` on this rank of `group` (default: the whole world). Pads the row
-    to a multiple of the group size (see :func:`pad_lengths`): build inputs, labels and
+class ContextParallelLayout:
+    """How a row of sequences is split over C context-parallel ranks (host arrays, the same on
+    every rank). Sequence i of length L is cut at ``floor(j L / 2C)``, j = 0..2C, into 2C chunks;
+    CP rank c holds chunks c and 2C-1-c of every sequence, in row order, then its share of one
+    pad sequence that evens the ranks out at ``piece`` tokens (a multiple of `multiple`, the
+    Ulysses size). ``orders[c]``: the global token indices rank c holds; ``chunks[c]``: its
+    ``(sequence, start, end)`` chunks (within-sequence offsets); ``lengths``: the padded row."""
+
+    def __init__(self, lengths, cp_size: int, multiple: int = 1):
+        lengths = np.asarray(lengths, dtype=np.int64)
+        C = int(cp_size)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        cuts = (np.arange(2 * C + 1)[None, :] * lengths[:, None]) // (2 * C)  # (B, 2C+1)
+        self.chunks = [[(i, int(cuts[i, j]), int(cuts[i, j + 1])) for i in range(len(lengths))
+                        for j in (c, 2 * C - 1 - c) if cuts[i, j + 1] > cuts[i, j]] for c in range(C)]
+        held = [sum(e - s for _, s, e in ch) for ch in self.chunks]
+        piece = -(-max(held, default=0) // multiple) * multiple
+        total = int(starts[-1])
+        self.pad = C * piece - total
+        self.lengths = np.concatenate([lengths, [self.pad]]) if self.pad else lengths
+        self.piece, self.cp_size, self.sequence_starts = piece, C, starts
+        self.orders, at = [], total
+        for c, ch in enumerate(self.chunks):
+            idx = [np.arange(starts[i] + s, starts[i] + e) for i, s, e in ch]
+            mine = piece - held[c]
+            idx.append(np.arange(at, at + mine))
+            at += mine
+            self.orders.append(np.concatenate(idx).astype(np.int64) if idx else np.zeros(0, np.int64))
+
+    def work(self) -> np.ndarray:
+        """(C,) causal attention pairs (query-key) per rank: sum over its chunks [s, e) of
+        sum_{t=s}^{e-1} (t + 1). The pad is not counted (it costs a rank at most its own
+        diagonal block)."""
+        pairs = lambda s, e: (e * (e + 1) - s * (s + 1)) // 2  # noqa: E731
+        return np.array([sum(pairs(s, e) for _, s, e in ch) for ch in self.chunks], dtype=np.int64)
+
+    def attention(self, cp_rank: int, causal: bool, left: int):
+        """Rank `cp_rank`'s attention problem: query lengths (its chunks, then its pad share),
+        key lengths and the key indices into the all-gathered (rank-major) k/v. A chunk
+        [s, e) of sequence i sees that sequence's keys [s', e) (s' = 0, or s - left with a
+        window; the whole sequence when not causal); bottom-right alignment lines query t of the
+        chunk up with key s + t."""
+        inverse = np.empty(self.C_total, dtype=np.int64)
+        inverse[np.concatenate(self.orders)] = np.arange(self.C_total)
+        q_lens, k_lens, keys = [], [], []
+        for i, s, e in self.chunks[cp_rank]:
+            L, g = int(self.lengths[i]), int(self.sequence_starts[i])
+            lo = 0 if not causal or left < 0 else max(0, s - left)
+            hi = e if causal else L
+            q_lens.append(e - s)
+            k_lens.append(hi - lo)
+            keys.append(inverse[g + lo:g + hi])
+        held = sum(q_lens)
+        if self.piece > held:  # the pad share attends to itself
+            q_lens.append(self.piece - held)
+            k_lens.append(self.piece - held)
+            keys.append(inverse[self.orders[cp_rank][held:]])
+        keys = np.concatenate(keys).astype(np.int64) if keys else np.zeros(0, np.int64)
+        return q_lens, k_lens, keys
+
+    @property
+    def C_total(self) -> int:
+        return self.cp_size * self.piece
+
+
+def shard(batch: PackedBatch, group=None, *, cp_group=None) -> Shard:
+    """This rank's view of `batch` (the whole row's description, the same on every rank).
+
+    ``group``: the Ulysses group (heads split over it; default the whole world, or no Ulysses
+    split when ``cp_group`` is given). ``cp_group``: the context-parallel group (the row split
+    over it, no head constraint; see :class:`ContextParallelLayout`). Pads the row with one
+    ignored sequence so every rank holds the same number of tokens: build inputs, labels and
     positions over ``shard.batch.total`` tokens (pad labels = ignore index) and give each rank
     ``shard.local(...)`` of them."""
     if not isinstance(batch, PackedBatch):
         raise TypeError(f"batch must be a longalign_ops.PackedBatch, got {type(batch).__name__}")
-    group = _check_group(group)
-    size = dist.get_world_size(group)
-    pad = (-batch.total) % size
-    if not pad:
-        padded = batch
-    elif batch.groups is not None:  # shared prefixes: the pad is one more group, without branches
-        padded = PackedBatch.from_prefix_groups(batch.groups + [(pad, [])], device=batch.device)
-    else:
-        padded = PackedBatch.from_lengths(pad_lengths(batch.lengths, size), device=batch.device)
-    return Shard(padded, group, int(padded.total - batch.total))
+    if cp_group is None:
+        group = _check_group(group)
+        size = dist.get_world_size(group)
+        pad = (-batch.total) % size
+        if not pad:
+            padded = batch
+        elif batch.groups is not None:  # shared prefixes: the pad is one more group, without branches
+            padded = PackedBatch.from_prefix_groups(batch.groups + [(pad, [])], device=batch.device)
+        else:
+            padded = PackedBatch.from_lengths(pad_lengths(batch.lengths, size), device=batch.device)
+        return Shard(padded, group, int(padded.total - batch.total))
+    cp_group = _check_group(cp_group)
+    if group is not None:
+        group = _check_group(group)
+    if batch.groups is not None:
+        raise ValueError("context parallelism does not split shared-prefix rows (PackedBatch.from_prefix_groups); "
+                         "pack the answers unshared (--no-shared-prefix) or use Ulysses alone")
+    U = dist.get_world_size(group) if group is not None else 1
+    layout = ContextParallelLayout(batch.lengths, dist.get_world_size(cp_group), U)
+    padded = PackedBatch.from_lengths(layout.lengths, device=batch.device) if layout.pad else batch
+    return Shard(padded, group, layout.pad, cp_group, layout)
 
 
 def _check_group(group):
@@ -146,29 +261,58 @@ def _heads_to_seq(x: Tensor, P: int, group) -> Tensor:
     return got.reshape(P, T // P, h, D).transpose(0, 1).reshape(T // P, P * h, D)
 
 
-def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, shard: Shard, *, causal: bool = True,
-                      softmax_scale: Optional[float] = None, window_size=(-1, -1),
-                      softcap: Optional[float] = None) -> Tensor:
-    """Attention of this rank's slice of a packed row: q ``(local_tokens, Hq, D)``, k/v
+def attention(q: Tensor, k: Tensor, v: Tensor, shard: Shard, *, causal: bool = True,
+              softmax_scale: Optional[float] = None, window_size=(-1, -1), softcap: Optional[float] = None) -> Tensor:
+    """Attention of this rank's tokens of a packed row: q ``(local_tokens, Hq, D)``, k/v
     ``(local_tokens, Hk, D)``; returns ``(local_tokens, Hq, D)``, differentiable in q, k, v.
-    Equal to ``shard.local(varlen_attention(q_full, k_full, v_full, shard.batch))``. Hq must be
-    a multiple of P; Hk a multiple of P or a divisor of it (kv heads are then replicated)."""
+    Equal to ``shard.local(varlen_attention(q_full, k_full, v_full, shard.batch))``. With a
+    Ulysses group of size U, Hq must be a multiple of U and Hk a multiple of U or a divisor of
+    it (kv heads are then replicated); context parallelism asks nothing of the heads."""
     if not isinstance(shard, Shard):
         raise TypeError(f"shard must be a longalign_ops.sequence_parallel.Shard, got {type(shard).__name__}")
-    P = shard.size
+    U = shard.ulysses_size
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor (local_tokens, heads, head_dim)")
         if t.shape[0] != shard.local_tokens:
             raise ValueError(f"{name} holds {t.shape[0]} tokens but this rank's shard of the row has "
                              f"{shard.local_tokens} ({shard})")
-    repeat = _check_heads(q.shape[1], k.shape[1], P)
+    repeat = _check_heads(q.shape[1], k.shape[1], U)
+    if shard.cp_size > 1 and not causal and tuple(window_size) != (-1, -1):
+        raise ValueError("context parallelism supports a sliding window_size only with causal=True")
     if repeat > 1:
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    qh, kh, vh = (_seq_to_heads(t, P, shard.group) for t in (q, k, v))
-    out = varlen_attention(qh, kh, vh, shard.batch, causal=causal, softmax_scale=softmax_scale,
-                           window_size=window_size, softcap=softcap)
-    return _heads_to_seq(out, P, shard.group)
+    if U > 1:
+        q, k, v = (_seq_to_heads(t, U, shard.group) for t in (q, k, v))
+    options = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap)
+    if shard.cp_size == 1:
+        out = varlen_attention(q, k, v, shard.batch, **options)
+    else:
+        batch_q, batch_k, keys = _cp_attention_problem(shard, causal, int(window_size[0]), q.device)
+        k_all, v_all = (_all_gather(t, shard.cp_group) for t in (k, v))  # backward: reduce-scatter
+        out = varlen_attention(q, k_all.index_select(0, keys), v_all.index_select(0, keys), batch_q, batch_k, **options)
+    return _heads_to_seq(out, U, shard.group) if U > 1 else out
+
+
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, shard: Shard, **options) -> Tensor:
+    """The same as :func:`attention` (its first name, from before context parallelism)."""
+    return attention(q, k, v, shard, **options)
+
+
+def _cp_attention_problem(shard: Shard, causal: bool, left: int, device):
+    """(batch_q, batch_k, key indices) of this CP rank, built on the host once per shard and mask."""
+    key = (causal, left, device)
+    if key not in shard._attention:
+        q_lens, k_lens, keys = shard._layout.attention(shard.cp_rank, causal, left)
+        shard._attention[key] = (PackedBatch.from_lengths(q_lens, device=device),
+                                 PackedBatch.from_lengths(k_lens, device=device), torch.from_numpy(keys).to(device))
+    return shard._attention[key]
+
+
+def _all_gather(x: Tensor, group) -> Tensor:
+    """(n, H, D) on each of the C ranks -> (C n, H, D), rank-major; differentiable."""
+    got = fc.all_gather_single_autograd(x.contiguous(), 0, group)
+    return fc.wait_tensor(got) if isinstance(got, fc.AsyncCollectiveTensor) else got
 
 
 def _all_reduce_sum(t: Tensor, group) -> Tensor:
@@ -234,5 +378,5 @@ def current() -> Optional[Shard]:
     return _active["shard"]
 
 
-__all__ = ["Shard", "current", "longalign_loss_weights", "pad_lengths", "reduce_loss", "sequence_logprobs", "shard",
-           "ulysses_attention", "use"]
+__all__ = ["ContextParallelLayout", "Shard", "attention", "current", "longalign_loss_weights", "pad_lengths",
+           "reduce_loss", "sequence_logprobs", "shard", "ulysses_attention", "use"]

@@ -1,6 +1,10 @@
-"""One rank of tests/test_sequence_parallel.py, started by torchrun (gloo, CPU): Ulysses attention,
-the SP losses and a transformers model under SP, each against the single-process computation
-that every rank also runs on the whole row. Prints one JSON line of named maximum errors (rank 0)."""
+"""One rank of tests/test_sequence_parallel.py, started by torchrun (gloo, CPU): Ulysses and/or
+context-parallel attention, the SP losses and a transformers model under SP, each against the
+single-process computation that every rank also runs on the whole row. Prints one JSON line of
+named maximum errors (rank 0).
+
+    sp_worker.py LENGTHS            Ulysses over the world
+    sp_worker.py LENGTHS CP         context parallelism CP x Ulysses world / CP (a 2-D mesh)"""
 import json
 import os
 import sys
@@ -108,10 +112,63 @@ def check_bad_inputs(shard, errors):
     dist.barrier()
 
 
+def check_context_parallel_refusals(shard, errors):
+    """CP-only refusals, on every rank before any collective."""
+    n = shard.local_tokens
+    cases = {
+        "shared-prefix row under CP": lambda: sp.shard(la.PackedBatch.from_prefix_groups([(4, [2, 3])]), shard.group,
+                                                       cp_group=shard.cp_group),
+        "non-causal window under CP": lambda: sp.attention(torch.randn(n, 4, 8), torch.randn(n, 4, 8),
+                                                           torch.randn(n, 4, 8), shard, causal=False,
+                                                           window_size=(3, 3)),
+        "shard disagrees with the tensors": lambda: sp.attention(
+            torch.randn(n + 1, 4, 8), torch.randn(n + 1, 4, 8), torch.randn(n + 1, 4, 8), shard),
+        "labels of another length": lambda: sp.sequence_logprobs(torch.randn(n, 4), torch.randn(9, 4),
+                                                                   torch.zeros(n - 1, dtype=torch.long), shard),
+        "a tensor that is not the padded row": lambda: shard.local(torch.zeros(shard.batch.total - 1)),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            errors[f"refused: {name}"] = "not raised"
+        except ValueError as e:
+            errors[f"refused: {name}"] = str(e)
+    dist.barrier()
+
+
+def main_context_parallel(lengths, C):
+    """CP over C ranks, Ulysses over world / C: the mesh (cp, sp), Ulysses innermost."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    U = world // C
+    mesh = init_device_mesh("cpu", (C, U), mesh_dim_names=("cp", "sp"))
+    shard = sp.shard(la.PackedBatch.from_lengths(lengths), mesh["sp"].get_group() if U > 1 else None,
+                     cp_group=mesh["cp"].get_group())
+    errors = {}
+    check_attention(shard, 4 * U, 4 * U, errors, "mha")
+    check_attention(shard, 4 * U, U, errors, f"gqa Hk={U}")
+    check_attention(shard, 2 * U, 1, errors, "mqa, window + softcap", window_size=(9, 0), softcap=3.0)
+    check_attention(shard, 2 * U, 2, errors, "non-causal", causal=False)
+    check_losses(shard, errors)
+    check_model(shard, errors)
+    check_context_parallel_refusals(shard, errors)
+    layout = sp.ContextParallelLayout(lengths, C, U)
+    out = dict(world=world, cp=C, ulysses=U, pad=shard.pad, total=shard.batch.total, local=shard.local_tokens,
+               work=layout.work().tolist(), errors=errors)
+    return out
+
+
 def main():
     dist.init_process_group("gloo")
     P = dist.get_world_size()
     lengths = [int(x) for x in sys.argv[1].split(",")]
+    if len(sys.argv) > 2:
+        out = main_context_parallel(lengths, int(sys.argv[2]))
+        if dist.get_rank() == 0:
+            print(json.dumps(out))
+        dist.destroy_process_group()
+        return
     shard = sp.shard(la.PackedBatch.from_lengths(lengths), None)
     errors = {}
     check_attention(shard, 8, 8 if P <= 8 else P, errors, "mha")

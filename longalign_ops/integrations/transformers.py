@@ -105,13 +105,13 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     # set around the forward (sequence_parallel.use) cannot reach
     shard = batch if isinstance(batch, sequence_parallel.Shard) else sequence_parallel.current()
     if shard is not None:
-        # Ulysses: this rank holds its slice of one packed row; the shard carries the row's
+        # Ulysses and/or CP: this rank holds its tokens of one packed row; the shard carries the row's
         # global description, so nothing is derived from the (local) positions or masks
         if B != 1 or Sk != S:
             raise ValueError(f"under sequence parallelism the model takes this rank's slice of one packed row "
                              f"(batch 1), got batch {B} with {S} query and {Sk} key positions")
-        out = sequence_parallel.ulysses_attention(query[0].transpose(0, 1), key[0].transpose(0, 1).to(query.dtype),
-                                                  value[0].transpose(0, 1).to(query.dtype), shard, **options)
+        out = sequence_parallel.attention(query[0].transpose(0, 1), key[0].transpose(0, 1).to(query.dtype),
+                                          value[0].transpose(0, 1).to(query.dtype), shard, **options)
         return out[None], None
     q = query.transpose(1, 2).reshape(B * S, Hq, D)
     k = key.transpose(1, 2).reshape(B * Sk, key.shape[1], D)
