@@ -111,9 +111,11 @@ def documented_torchrun_commands():
 
 
 def shrink(command: str, out: str, folder: str):
-    """The command on this machine: 2 processes (1 stays 1), SP sizes 2, the tiny preset, tiles of
-    64 tokens, a tiny local model, tokenizer and data for DIR / *.jsonl, 2 steps into `out`."""
+    """The command on this machine: 2 processes (1 stays 1; 4 for --sp with --cp), SP and CP sizes
+    2, the tiny preset, tiles of 64 tokens, a tiny local model, tokenizer and data for DIR /
+    *.jsonl, 2 steps into `out`. torchrun's other options (--nnodes, ...) are a cluster's."""
     words = shlex.split(command)
+    script = next(j for j, w in enumerate(words) if w.endswith("train.py"))
     nproc, args, i = 2, [], 1
     local = assets(folder)
     objective = words[words.index("--objective") + 1] if "--objective" in words else "sft"
@@ -125,11 +127,11 @@ def shrink(command: str, out: str, folder: str):
         value = words[i + 1] if i + 1 < len(words) else None
         if w.startswith("--nproc_per_node"):
             n = int(w.split("=")[1]) if "=" in w else int(value)
-            nproc = min(n, 2)
+            nproc = min(n, 4 if "--sp" in words and "--cp" in words else 2)
             i += 1 if "=" in w else 2
             continue
-        if w.endswith("train.py"):
-            i += 1
+        if i <= script:  # train.py itself, or a torchrun option of a multi-node job
+            i += 1 if i == script or "=" in w or not w.startswith("--") else 2
             continue
         replaced = {"--preset": "tiny", "--window": "512", "--tiled-mlp": "64", "--tiled-norms": "64",
                     "--sp": "2", "--cp": "2", "--model": local["model"], "--tokenizer": local["tokenizer"],

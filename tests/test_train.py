@@ -95,6 +95,27 @@ def test_sequence_parallel_two_processes_match_single_process(tmp_path, objectiv
     assert [m["sequences"] for m in metrics(spd)] == [m["sequences"] for m in metrics(single)]
 
 
+@pytest.mark.parametrize("layout, objective", [(["--cp", "4"], "sft"),
+                                               (["--sp", "2", "--cp", "2", "--grad-checkpointing"], "logo")],
+                         ids=["cp4-sft", "sp2xcp2-checkpointing-logo"])
+def test_context_parallel_four_processes_match_single_process(tmp_path, layout, objective):
+    """torchrun --nproc_per_node 4 train.py --preset tiny --cp 4: every packed row is split over
+    four ranks, which Ulysses cannot do with the tiny preset's 6 heads; --sp 2 --cp 2 is the 2-D
+    mesh, here with activation checkpointing (the recompute runs the same CP attention) and LOGO's
+    synthesised positions. Both log the single process's losses and reach its weights."""
+    cp, single = str(tmp_path / "cp"), str(tmp_path / "single")
+    common = ["--preset", "tiny", "--max-steps", "4", "--no-plot", "--objective", objective, "--strategy", "bfd"]
+    res = run(common + ["--out", cp] + layout, torchrun=4, timeout=900)
+    run(common + ["--out", single] + (["--no-shared-prefix"] if objective != "sft" else []))
+    ranks = [json.load(open(os.path.join(cp, f"rank{r}.json"))) for r in range(4)]
+    ref = json.load(open(os.path.join(single, "rank0.json")))
+    assert len({r["param_checksum"] for r in ranks}) == 1  # DDP over the four ranks: one set of weights
+    assert ranks[0]["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    assert ranks[0]["param_checksum"] == pytest.approx(ref["param_checksum"], rel=1e-5)
+    assert [m["sequences"] for m in metrics(cp)] == [m["sequences"] for m in metrics(single)]
+    assert [m["real_tokens"] for m in metrics(cp)] == [m["real_tokens"] for m in metrics(single)]
+
+
 @pytest.mark.parametrize("objective", ["sft", "logo"])
 def test_fsdp_two_processes_match_the_emulated_two_ranks(tmp_path, objective):
     """torchrun --nproc_per_node 2 train.py --fsdp logs the losses of --world-size 2 in one process
@@ -179,6 +200,17 @@ def test_sequence_parallel_size_must_divide_the_world(tmp_path):
                           "--out", str(tmp_path / "z"), "--max-steps", "1"], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode != 0 and "--sp 4 must be >= 1 and divide the world size 2" in res.stdout + res.stderr
+
+
+def test_context_parallel_size_must_divide_the_world_and_excludes_shared_prefixes(tmp_path):
+    with pytest.raises(SystemExit, match=r"--cp 3 must be >= 1 and --sp x --cp \(1 x 3\) must divide the world size 1"):
+        train.main(["--cp", "3", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match=r"--cp 0 must be >= 1"):
+        train.main(["--cp", "0", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="with --cp the answers are packed unshared"):
+        train.main(["--cp", "2", "--objective", "logo", "--shared-prefix", "--out", str(tmp_path / "x")])
+    assert train.parse_args(["--cp", "2", "--objective", "dpo"]).shared_prefix is False
+    assert train.parse_args(["--objective", "dpo"]).shared_prefix is True
 
 
 def initial_eager_model(cfg):

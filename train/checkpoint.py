@@ -33,7 +33,8 @@ MAGIC = b"LONGALIGN-CKPT-1\n"
 # the settings that decide which data a step sees: a resume under other values would train on
 # other batches while its metrics look continuous
 DATA_ORDER_KEYS = ("preset", "data", "seed", "strategy", "objective", "world_size", "grad_accum", "batch_size",
-                   "window", "num_samples", "num_rejected", "loss_weighting", "sp", "processes", "shared_prefix")
+                   "window", "num_samples", "num_rejected", "loss_weighting", "sp", "cp", "processes",
+                   "shared_prefix")
 
 
 class CheckpointError(RuntimeError):

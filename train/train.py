@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ class Config:
     grad_accum: int = 1
     world_size: int = 1                 # ranks emulated in one process (torchrun sets real ranks)
     sp: int = 1                         # Ulysses sequence-parallel group size (torchrun ranks per packed row)
+    cp: int = 1                         # context-parallel group size (the row split further, no head limit)
     fsdp: bool = False                  # FSDP2: parameters, gradients and optimizer state sharded over the world
     batch_size: int = 4                 # sequences per rank per step (naive, sorted)
     window: Optional[int] = None        # max tokens per pack / sequence (preset default)
@@ -126,6 +127,9 @@ HELP = dict(
     world_size="data-parallel ranks emulated in one process (under torchrun the real world size is used)",
     sp="Ulysses sequence parallelism under torchrun: this many ranks share each packed row (data-parallel size = "
        "world size / sp)",
+    cp="context parallelism under torchrun: each packed row is split over this many ranks (head-and-tail, K/V "
+       "all-gathered; no head-count limit); with --sp U, U x cp ranks share a row (data-parallel size = world size "
+       "/ (sp x cp))",
     fsdp="FSDP2 under torchrun: fully_shard per decoder layer and the root, over every rank (bf16 parameters, fp32 "
          "gradient reduction on GPU); checkpoints are sharded torch.distributed.checkpoint directories",
     batch_size="sequences per rank per step for naive and sorted", window="tokens per pack / longest sequence "
@@ -182,7 +186,11 @@ def parse_args(argv=None) -> Config:
     cfg.num_samples = cfg.num_samples or preset["num_samples"]
     if cfg.loss_weighting is None:
         cfg.loss_weighting = cfg.strategy == "bfd" and cfg.objective == "sft"
-    cfg.shared_prefix = cfg.objective != "sft" and cfg.shared_prefix is not False
+    if cfg.cp > 1 and cfg.shared_prefix:
+        raise SystemExit("--shared-prefix rows are split by Ulysses (--sp) only; with --cp the answers are packed "
+                         "unshared (drop --shared-prefix)")
+    # context parallelism cuts every sequence head-and-tail, which a branch sharing its prompt's keys cannot follow
+    cfg.shared_prefix = cfg.objective != "sft" and cfg.shared_prefix is not False and cfg.cp == 1
     if cfg.objective != "sft":
         for name, value in zip(("beta", "gamma", "sft_weight"), OBJECTIVE_DEFAULTS[cfg.objective]):
             if getattr(cfg, name) is None:
@@ -409,10 +417,22 @@ def micro_batch(cfg: Config, units, idx, device):
                 slots=slots, seqs=seqs, num_units=len(idx))
 
 
-def shard_micro_batch(mb, group):
-    """Sequence parallel: the row padded to a multiple of the group size (one ignored pad
-    sequence), and this rank's slice of its ids, labels and positions."""
-    shard = sp.shard(mb["batch"], group)
+class RowGroups(NamedTuple):
+    """The process groups of the ranks that share one packed row: Ulysses (None: no head split)
+    and context parallel (None: no CP)."""
+    ulysses: Optional[object]
+    cp: Optional[object]
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 of the row: the one that counts the row's tokens."""
+        return all(g is None or dist.get_rank(g) == 0 for g in (self.ulysses, self.cp))
+
+
+def shard_micro_batch(mb, row: RowGroups):
+    """Sequence parallel: the row padded so that every rank of it holds as many tokens (one
+    ignored pad sequence), and this rank's tokens of its ids, labels and positions."""
+    shard = sp.shard(mb["batch"], row.ulysses, cp_group=row.cp)
     pad = shard.pad
     full = dict(input_ids=mb["input_ids"], labels=mb["labels"], position_ids=mb["batch"].position_ids)
     if pad:
@@ -549,7 +569,7 @@ def reference_key(cfg: Config, ref_units) -> str:
 
 @torch.no_grad()
 def reference_logprobs(cfg: Config, model, ref_units, lengths, ranks: int, dp_rank: int, emulated: int,
-                       world: int, sp_group, device, log) -> torch.Tensor:
+                       world: int, row_groups, device, log) -> torch.Tensor:
     """(units, 1 + num_rejected) summed reference log-probs of every answer, computed once before
     training and cached in --out (ref_logps-<key>.pt, keyed by reference model and tokens). The
     packs are those of the first epoch's plan, each data-parallel rank its own; the table is
@@ -589,11 +609,11 @@ def reference_logprobs(cfg: Config, model, ref_units, lengths, ranks: int, dp_ra
             if not idx:
                 continue
             mb = micro_batch(cfg, ref_units, idx, device)
-            if sp_group is not None:
-                mb = shard_micro_batch(mb, sp_group)
+            if row_groups is not None:
+                mb = shard_micro_batch(mb, row_groups)
             with autocast:
                 logps = wrapped(mb, answer_logprobs)
-            if sp_group is None or dist.get_rank(sp_group) == 0:
+            if row_groups is None or row_groups.leader:
                 table[torch.as_tensor(idx, device=device)] = logps.double().view(len(idx), -1)
     model.train(was_training)
     if world > 1:
@@ -630,25 +650,32 @@ def shard_model(wrapped, model, world: int, device, offload_params: bool = False
 
 
 def setup_distributed(cfg: Config):
-    """(rank, world size, data-parallel rank, data-parallel size, sequence-parallel group).
-    With --sp N the torchrun world is a (world / N) x N device mesh: ranks of one "sp" row share
-    a packed row, the "dp" dimension splits the data."""
+    """(rank, world size, data-parallel rank, data-parallel size, RowGroups or None). With --sp U
+    and --cp C the torchrun world is a (world / (C U)) x C x U device mesh (dimensions dp, cp,
+    sp; Ulysses innermost, its all-to-alls the heaviest traffic): the C x U ranks of one dp index
+    share a packed row, the "dp" dimension splits the data."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.sp < 1 or world % cfg.sp:  # checked on every rank before any collective
         raise SystemExit(f"--sp {cfg.sp} must be >= 1 and divide the world size {world} (run --sp N under "
                          f"torchrun --nproc_per_node M, M a multiple of N)")
+    if cfg.cp < 1 or world % (cfg.sp * cfg.cp):
+        raise SystemExit(f"--cp {cfg.cp} must be >= 1 and --sp x --cp ({cfg.sp} x {cfg.cp}) must divide the world "
+                         f"size {world} (run under torchrun --nproc_per_node M, M a multiple of sp x cp)")
     if world > 1 or (cfg.fsdp and "LOCAL_RANK" in os.environ):  # FSDP on one GPU (offload) needs a group too
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
         rank = dist.get_rank()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        if cfg.sp > 1:
+        if cfg.sp > 1 or cfg.cp > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world // cfg.sp, cfg.sp),
-                                    mesh_dim_names=("dp", "sp"))
-            return rank, world, mesh["dp"].get_local_rank(), world // cfg.sp, mesh["sp"].get_group()
+            dp = world // (cfg.sp * cfg.cp)
+            mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dp, cfg.cp, cfg.sp),
+                                    mesh_dim_names=("dp", "cp", "sp"))
+            row_groups = RowGroups(mesh["sp"].get_group() if cfg.sp > 1 else None,
+                                   mesh["cp"].get_group() if cfg.cp > 1 else None)
+            return rank, world, mesh["dp"].get_local_rank(), dp, row_groups
         return rank, world, rank, world, None
     return 0, 1, 0, 1, None
 
@@ -719,7 +746,7 @@ def load_units(cfg: Config, log):
 
 def main(argv=None, step_hook=None) -> dict:
     cfg = parse_args(argv)
-    rank, world, dp_rank, dp_size, sp_group = setup_distributed(cfg)
+    rank, world, dp_rank, dp_size, row_groups = setup_distributed(cfg)
     # refusals of the flag combination, on every rank, before any data is read or model built
     if cfg.fsdp and not dist.is_initialized():
         raise SystemExit("--fsdp needs a torchrun job (torchrun --nproc_per_node N train/train.py --fsdp ...)")
@@ -742,7 +769,7 @@ def main(argv=None, step_hook=None) -> dict:
     lengths = unit_lengths(units, cfg.shared_prefix)
     model = build_model(cfg, device)
     # before wrapping and resuming: the default reference is the initial policy
-    ref_table = reference_logprobs(cfg, model, ref_units, lengths, ranks, dp_rank, emulated, world, sp_group, device,
+    ref_table = reference_logprobs(cfg, model, ref_units, lengths, ranks, dp_rank, emulated, world, row_groups, device,
                                    log) if ref_units is not None else None
     wrapped = CausalLMWithLoss(model)
     if world > 1 or cfg.fsdp:
@@ -797,8 +824,8 @@ def main(argv=None, step_hook=None) -> dict:
                     mb["ref_logps"] = ref_table[torch.as_tensor(ps[r], device=device)]
                 if cfg.objective == "logo":
                     mb["batch"] = mb["batch"].with_positions(logo_positions(cfg, mb))
-                if sp_group is not None:
-                    mb = shard_micro_batch(mb, sp_group)
+                if row_groups is not None:
+                    mb = shard_micro_batch(mb, row_groups)
                 prepare_ms = (time.perf_counter() - t_rank) * 1e3
                 defer_sync = world > 1 and a < len(plan_steps) - 1  # gradients reduced once per optimizer step
                 if cfg.fsdp:
@@ -820,7 +847,7 @@ def main(argv=None, step_hook=None) -> dict:
                 rank_min[e] += prepare_ms + min(timings)
                 rank_max[e] += prepare_ms + max(timings)
                 total_loss += loss.item()
-                counted = sp_group is None or dist.get_rank(sp_group) == 0  # a row's tokens once per group
+                counted = row_groups is None or row_groups.leader  # a row's tokens once per group
                 real += mb["real_tokens"] if counted else 0
                 slots += mb["slots"] if counted else 0
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
