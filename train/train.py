@@ -53,7 +53,7 @@ class Config:
     skip_bad_records: bool = False      # skip (and count) bad records instead of stopping
     strategy: str = "bfd"               # naive | sorted | bfd (LongAlign packing; "packing" is an alias)
     loss_weighting: Optional[bool] = None  # LongAlign K/(N_i M); default: on with packing
-    objective: str = "sft"              # sft | logo | simpo | dpo | longpo
+    objective: str = "sft"              # sft | pretrain | logo | simpo | dpo | longpo
     shared_prefix: Optional[bool] = None  # preference rows: each prompt once for all its answers (default: on)
     ref_model: Optional[str] = None     # dpo / longpo reference (default: the initial policy)
     export: Optional[str] = None        # write a transformers model directory here at the end
@@ -95,16 +95,19 @@ class Config:
 # The library's names (la.pack, longalign-pack); old spellings kept as aliases
 STRATEGY_ALIASES = {"packing": "bfd"}
 CHOICES = dict(preset=tuple(PRESETS), strategy=("naive", "sorted", "bfd"),
-               objective=("sft", "logo", "simpo", "dpo", "longpo"))
+               objective=("sft", "pretrain", "logo", "simpo", "dpo", "longpo"))
 # (beta, gamma, sft_weight) per preference objective: LOGO's paper (beta 3, gamma 0.3, lambda 0.1
 # on the tiny task), SimPO's Llama-3 recipe (beta 2, gamma 1), DPO's and LongPO's beta 0.1
 OBJECTIVE_DEFAULTS = dict(logo=(3.0, 0.3, 0.1), simpo=(2.0, 1.0, 0.0), dpo=(0.1, 0.0, 0.0), longpo=(0.1, 0.0, 1.0))
+PREFERENCE_OBJECTIVES = tuple(OBJECTIVE_DEFAULTS)
 HELP = dict(
     preset="model and data size: tiny (a few M parameters, seconds per step on a CPU) or small (~0.45B, 64K "
            "window, one H100)",
     model="local transformers model directory to train instead of the preset's (nothing is downloaded)",
     data="JSONL of chat records {\"messages\": [...]} (sft) or TRL-format preference records {\"prompt\", "
-         "\"chosen\", \"rejected\"} (preference objectives); default: the embedded long-context retrieval task",
+         "\"chosen\", \"rejected\"} (preference objectives); default: the embedded long-context retrieval task. "
+         "pretrain: documents {\"text\"} or {\"input_ids\"}, repeatable as PATH:WEIGHT to mix sources at those "
+         "token proportions",
     tokenizer="local tokenizer directory for --data (default: the --model directory's)",
     skip_bad_records="skip bad records, counting them in the log (default: stop at the first, naming its line "
                      "and field)",
@@ -159,6 +162,25 @@ HELP = dict(
 )
 
 
+def data_sources(entries) -> List[tuple]:
+    """[(path, weight)] from --data PATH[:WEIGHT] entries: weights normalised to sum 1, equal when
+    none is given; a weight on some sources but not others, or one <= 0, is refused."""
+    out = []
+    for e in entries:
+        head, _, tail = e.rpartition(":")
+        try:
+            out.append((head, float(tail)) if head else (e, None))
+        except ValueError:
+            out.append((e, None))
+    given = [w for _, w in out if w is not None]
+    if given and len(given) != len(out):
+        raise SystemExit(f"--data: give every source a weight (PATH:WEIGHT) or none, got {list(entries)}")
+    if any(not (w > 0 and math.isfinite(w)) for w in given):
+        raise SystemExit(f"--data: weights must be positive numbers, got {list(entries)}")
+    total = sum(given) if given else len(out)
+    return [(p, (w if w is not None else 1.0) / total) for p, w in out]
+
+
 def parse_args(argv=None) -> Config:
     cfg = Config()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,6 +189,8 @@ def parse_args(argv=None) -> Config:
         text = HELP[name] + (f" (default: {value})" if value is not None and not isinstance(value, bool) else "")
         if isinstance(value, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=HELP[name])
+        elif name == "data":  # repeatable: --objective pretrain mixes sources (PATH:WEIGHT)
+            ap.add_argument(flag, action="append", default=None, metavar="PATH[:WEIGHT]", help=text)
         elif name in ("loss_weighting", "shared_prefix"):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif name in CHOICES:
@@ -181,17 +205,27 @@ def parse_args(argv=None) -> Config:
     args = ap.parse_args(argv)
     cfg = Config(**{k: v for k, v in vars(args).items()})
     cfg.strategy = STRATEGY_ALIASES.get(cfg.strategy, cfg.strategy)
+    if cfg.data is not None:
+        sources = data_sources(cfg.data)
+        if cfg.objective != "pretrain" and (len(sources) > 1 or sources[0][0] != cfg.data[0]):
+            raise SystemExit("several --data sources (PATH:WEIGHT) are mixed for --objective pretrain; the other "
+                             "objectives read one JSONL")
+        # one plain path stays a string: the checkpoints of earlier runs compare equal
+        cfg.data = cfg.data[0] if len(cfg.data) == 1 and sources[0][0] == cfg.data[0] else cfg.data
+    elif cfg.objective == "pretrain":
+        raise SystemExit("--objective pretrain trains on your documents: --data FILE.jsonl[:WEIGHT] (records "
+                         "{\"text\": ...} or {\"input_ids\": [...]}), repeatable to mix sources")
     preset = PRESETS[cfg.preset]
     cfg.window = cfg.window or preset["window"]
     cfg.num_samples = cfg.num_samples or preset["num_samples"]
     if cfg.loss_weighting is None:
-        cfg.loss_weighting = cfg.strategy == "bfd" and cfg.objective == "sft"
+        cfg.loss_weighting = cfg.strategy == "bfd" and cfg.objective == "sft"  # pretrain: ProLong's token mean
     if cfg.cp > 1 and cfg.shared_prefix:
         raise SystemExit("--shared-prefix rows are split by Ulysses (--sp) only; with --cp the answers are packed "
                          "unshared (drop --shared-prefix)")
     # context parallelism cuts every sequence head-and-tail, which a branch sharing its prompt's keys cannot follow
-    cfg.shared_prefix = cfg.objective != "sft" and cfg.shared_prefix is not False and cfg.cp == 1
-    if cfg.objective != "sft":
+    cfg.shared_prefix = cfg.objective in PREFERENCE_OBJECTIVES and cfg.shared_prefix is not False and cfg.cp == 1
+    if cfg.objective in PREFERENCE_OBJECTIVES:
         for name, value in zip(("beta", "gamma", "sft_weight"), OBJECTIVE_DEFAULTS[cfg.objective]):
             if getattr(cfg, name) is None:
                 setattr(cfg, name, value)
@@ -308,6 +342,27 @@ def jsonl_dataset(cfg: Config, log) -> List[dict]:
     return samples
 
 
+def document_pieces(cfg: Config, log) -> List[dict]:
+    """--objective pretrain: every source's documents, each cut into pieces of at most --window
+    tokens (each its own sequence: attention stays inside it), every token a target (labels
+    shifted within the piece); a unit's "source" is its --data entry's index."""
+    units = []
+    for i, (path, weight) in enumerate(data_sources(as_list(cfg.data))):
+        docs = records.read_document_jsonl(path, lambda: records.load_tokenizer(tokenizer_path(cfg)),
+                                           cfg.skip_bad_records, log)
+        long_docs, before = 0, len(units)
+        for ids in docs:
+            long_docs += len(ids) > cfg.window
+            for a in range(0, len(ids), cfg.window):
+                piece = ids[a:a + cfg.window]
+                labels = np.full(len(piece), -100, np.int64)
+                labels[:-1] = piece[1:]
+                units.append(dict(input_ids=piece, labels=labels, source=i))
+        log(f"data: {path}: {len(docs)} documents, {sum(map(len, docs))} tokens, weight {weight:.3f}; {long_docs} "
+            f"longer than --window {cfg.window} split into row-sized pieces ({len(units) - before} sequences)")
+    return units
+
+
 def sft_sequences(samples) -> List[dict]:
     """(input_ids, labels) per sequence; labels already shifted: label t is token t+1 when that
     token is a target, else -100."""
@@ -350,9 +405,56 @@ def preference_groups(samples, num_rejected: int, short: bool = False) -> List[L
 # ----------------------------------------------------------------------------- helpers: batches
 
 
-def make_plan(cfg: Config, units_lengths, ranks: int, epoch: int):
+def make_plan(cfg: Config, units_lengths, ranks: int, epoch: int, sources=None):
+    if sources is not None:
+        return MixturePlan(cfg, units_lengths, sources, ranks, epoch)
     return la.pack(units_lengths, cfg.window, strategy=cfg.strategy, world_size=ranks, batch_size=cfg.batch_size,
                    overlong="drop", seed=cfg.seed + epoch)
+
+
+class MixturePlan:
+    """An epoch of --objective pretrain over several sources, as ``steps[step][rank]`` unit
+    indices (the packer's plan shape). The pieces are drawn one at a time from the source
+    furthest behind its token share (each source in a seeded shuffled order, cycled when a
+    small source is upsampled) until the epoch holds as many tokens as the data; the stream is
+    cut into slices of one plan step's capacity (ranks x window tokens), each packed by the
+    packer's BFD and balanced over the ranks. A pure function of (seed, epoch): a resumed run
+    continues the same stream."""
+
+    def __init__(self, cfg: Config, lengths, sources, ranks: int, epoch: int):
+        lengths, sources = np.asarray(lengths, np.int64), np.asarray(sources)
+        weights = np.array([w for _, w in data_sources(as_list(cfg.data))])
+        rng = np.random.default_rng([cfg.seed, epoch])
+        members = [np.flatnonzero(sources == i) for i in range(len(weights))]
+        orders, at = [rng.permutation(m) for m in members], [0] * len(weights)
+        taken, drawn, stream = np.zeros(len(weights)), 0, []
+        while drawn < lengths.sum():
+            i = int(np.argmax(np.where([len(m) > 0 for m in members], weights * (drawn + 1) - taken, -np.inf)))
+            if at[i] == len(orders[i]):
+                orders[i], at[i] = rng.permutation(members[i]), 0
+            unit = int(orders[i][at[i]])
+            at[i] += 1
+            stream.append(unit)
+            taken[i] += lengths[unit]
+            drawn += int(lengths[unit])
+        self.steps, capacity, start, filled = [], ranks * cfg.window, 0, 0
+        for j, unit in enumerate(stream + [None]):
+            if unit is not None and (filled + lengths[unit] <= capacity or j == start):
+                filled += int(lengths[unit])
+                continue
+            piece = np.array(stream[start:j])
+            plan = la.pack(lengths[piece], cfg.window, strategy="bfd", world_size=ranks, overlong="drop",
+                           seed=cfg.seed + epoch)
+            self.steps += [[[int(piece[k]) for k in pack] for pack in step] for step in plan.steps]
+            start, filled = j, int(lengths[unit]) if unit is not None else 0
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+
+def as_list(data) -> List[str]:
+    return [data] if isinstance(data, str) else list(data)
 
 
 def sequences_of(units, idx) -> List[dict]:
@@ -500,7 +602,7 @@ def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float
         return loss * (step_packs / max(1, step_groups)) * scale
 
     preference.sums = torch.zeros(len(PREFERENCE_METRICS) + 1, dtype=torch.float64)
-    return sft if cfg.objective == "sft" else preference
+    return preference if cfg.objective in PREFERENCE_OBJECTIVES else sft
 
 
 def answer_logprobs(hidden, weight, mb):
@@ -511,7 +613,7 @@ def answer_logprobs(hidden, weight, mb):
     return la.sequence_logprobs(hidden, weight, mb["labels"], mb["batch"])
 
 
-def optimizer_step_batches(cfg: Config, plans: dict, lengths, ranks: int, step: int):
+def optimizer_step_batches(cfg: Config, plans: dict, lengths, ranks: int, step: int, sources=None):
     """The grad_accum plan steps (each a list of per-rank index lists) of optimisation step
     `step`. The data order is a pure function of (seed, step), so a resumed run sees exactly
     the batches it would have seen; epochs are re-planned with seed + epoch."""
@@ -520,7 +622,7 @@ def optimizer_step_batches(cfg: Config, plans: dict, lengths, ranks: int, step: 
         k, epoch = step * cfg.grad_accum + a, 0
         while True:
             if epoch not in plans:
-                plans[epoch] = make_plan(cfg, lengths, ranks, epoch)
+                plans[epoch] = make_plan(cfg, lengths, ranks, epoch, sources)
             if k < plans[epoch].num_steps:
                 break
             k -= plans[epoch].num_steps
@@ -728,6 +830,8 @@ def load_units(cfg: Config, log):
     """(units, reference units): SFT sequences, or one group of sequences per prompt; LongPO's
     reference reads other sequences (the short prompt with the same answers)."""
     rng = np.random.default_rng(cfg.seed)
+    if cfg.objective == "pretrain":
+        return document_pieces(cfg, log), None
     samples = jsonl_dataset(cfg, log) if cfg.data else embedded_dataset(cfg, rng)
     if cfg.objective == "sft":
         return sft_sequences(samples), None
@@ -767,6 +871,7 @@ def main(argv=None, step_hook=None) -> dict:
     log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
     units, ref_units = load_units(cfg, log)
     lengths = unit_lengths(units, cfg.shared_prefix)
+    sources = np.array([u["source"] for u in units]) if cfg.objective == "pretrain" else None
     model = build_model(cfg, device)
     # before wrapping and resuming: the default reference is the initial policy
     ref_table = reference_logprobs(cfg, model, ref_units, lengths, ranks, dp_rank, emulated, world, row_groups, device,
@@ -810,7 +915,7 @@ def main(argv=None, step_hook=None) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not is_main or not sys.stderr.isatty(), dynamic_ncols=True,
                leave=False)
     for step in range(start, cfg.max_steps):
-        plan_steps = optimizer_step_batches(cfg, plans, lengths, ranks, step)
+        plan_steps = optimizer_step_batches(cfg, plans, lengths, ranks, step, sources)
         loss_fn, step_sequences = step_loss_fn(cfg, units, plan_steps, ranks, emulated)
         t0 = time.perf_counter()
         total_loss, real, slots, repeat_ms = 0.0, 0, 0, 0.0
@@ -869,6 +974,11 @@ def main(argv=None, step_hook=None) -> dict:
             groups = max(1.0, stats[-1].item())
             row.update({name: stats[3 + i].item() / groups for i, name in enumerate(PREFERENCE_METRICS)
                         if ref_table is not None or not name.startswith("ref_")})
+        if sources is not None:  # --objective pretrain: the tokens each --data source gave this step
+            given = np.zeros(int(sources.max()) + 1, np.int64)
+            np.add.at(given, sources[[u for ps in plan_steps for pack in ps for u in pack]],
+                      [len(units[u]["input_ids"]) for ps in plan_steps for pack in ps for u in pack])
+            row["source_tokens"] = {path: int(n) for (path, _), n in zip(data_sources(as_list(cfg.data)), given)}
         history.append(row)
         if is_main:
             with open(metrics_path, "a") as f:
