@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tiny_assets import assets, preference_records, write_jsonl
+from tiny_assets import assets, chat_records, preference_records, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train", "train.py")
@@ -119,7 +119,10 @@ def shrink(command: str, out: str, folder: str):
     nproc, args, i = 2, [], 1
     local = assets(folder)
     objective = words[words.index("--objective") + 1] if "--objective" in words else "sft"
-    if objective != "sft":  # preference records (LongPO's with a short prompt) for --data
+    if objective == "pretrain":  # raw documents for every --data source, its weight kept
+        local["chats"] = write_jsonl(os.path.join(folder, "docs.jsonl"),
+                                     [{"text": r["messages"][-1]["content"]} for r in chat_records(24)])
+    elif objective != "sft":  # preference records (LongPO's with a short prompt) for --data
         local["chats"] = write_jsonl(os.path.join(folder, "prefs.jsonl"),
                                      preference_records(8, short_prompt=objective == "longpo"))
     while i < len(words):
@@ -137,6 +140,10 @@ def shrink(command: str, out: str, folder: str):
                     "--sp": "2", "--cp": "2", "--model": local["model"], "--tokenizer": local["tokenizer"],
                     "--data": local["chats"], "--max-steps": "2", "--out": out, "--ref-model": local["model"],
                     "--export": os.path.join(folder, "exported")}
+        if w == "--data" and ":" in value:  # a weighted source: the same document file, its weight kept
+            args += [w, local["chats"] + ":" + value.rpartition(":")[2]]
+            i += 2
+            continue
         if w in replaced:
             args += [w, replaced[w]]
             i += 2
