@@ -88,6 +88,18 @@ def check_model(shard, errors):
     errors["transformers model under sp.use"] = err(got, shard.local(want))
 
 
+def record_refusals(cases, errors):
+    """Each case's ValueError message (or "not raised") under "refused: name"; then a barrier,
+    which would hang if one rank had gone on into a collective."""
+    for name, call in cases.items():
+        try:
+            call()
+            errors[f"refused: {name}"] = "not raised"
+        except ValueError as e:
+            errors[f"refused: {name}"] = str(e)
+    dist.barrier()
+
+
 def check_bad_inputs(shard, errors):
     """Each refused on every rank, before any collective: the barrier after them would hang if
     one rank had gone on into an all-to-all."""
@@ -103,13 +115,7 @@ def check_bad_inputs(shard, errors):
                                                                    torch.zeros(n - 1, dtype=torch.long), shard),
         "a tensor that is not the padded row": lambda: shard.local(torch.zeros(shard.batch.total - 1)),
     }
-    for name, call in cases.items():
-        try:
-            call()
-            errors[f"refused: {name}"] = "not raised"
-        except ValueError as e:
-            errors[f"refused: {name}"] = str(e)
-    dist.barrier()
+    record_refusals(cases, errors)
 
 
 def check_context_parallel_refusals(shard, errors):
@@ -127,13 +133,7 @@ def check_context_parallel_refusals(shard, errors):
                                                                    torch.zeros(n - 1, dtype=torch.long), shard),
         "a tensor that is not the padded row": lambda: shard.local(torch.zeros(shard.batch.total - 1)),
     }
-    for name, call in cases.items():
-        try:
-            call()
-            errors[f"refused: {name}"] = "not raised"
-        except ValueError as e:
-            errors[f"refused: {name}"] = str(e)
-    dist.barrier()
+    record_refusals(cases, errors)
 
 
 def main_context_parallel(lengths, C):

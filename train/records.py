@@ -30,6 +30,15 @@ def _lines(path: str):
                 yield lineno, line
 
 
+def _records(path: str, bad):
+    """(line number, parsed record) of each non-empty line; a line that is not JSON goes to `bad`."""
+    for lineno, line in _lines(path):
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            bad(lineno, "<record>", f"not JSON ({e.msg})")
+
+
 class BadRecords:
     """Collects bad records: raises at the first one (the default) or counts and logs them."""
 
@@ -84,12 +93,7 @@ def read_chat_jsonl(path: str, tok, window: int, skip_bad: bool, log) -> List[di
     if not templated:
         log("data: the tokenizer has no chat template; turns are written as '<|role|>\\ncontent\\n'")
     bad, samples = BadRecords(path, skip_bad, log), []
-    for lineno, line in _lines(path):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad(lineno, "<record>", f"not JSON ({e.msg})")
-            continue
+    for lineno, rec in _records(path, bad):
         msgs = rec.get("messages") if isinstance(rec, dict) else None
         if not isinstance(msgs, list) or not msgs:
             bad(lineno, "messages", "missing or empty (a list of {role, content})")
@@ -153,12 +157,7 @@ def read_document_jsonl(path: str, tokenizer: Callable[[], object], skip_bad: bo
     not add it, or pre-tokenised ``{"input_ids": [int, ...]}`` used as they are. `tokenizer` is
     called (once) only when a text record is met, so pre-tokenised data needs none."""
     bad, docs, tok = BadRecords(path, skip_bad, log), [], None
-    for lineno, line in _lines(path):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad(lineno, "<record>", f"not JSON ({e.msg})")
-            continue
+    for lineno, rec in _records(path, bad):
         if not isinstance(rec, dict) or not ("text" in rec or "input_ids" in rec):
             bad(lineno, "text", "missing: a document is {\"text\": str} or {\"input_ids\": [int, ...]}")
             continue
