@@ -97,6 +97,22 @@ def _model(cfg, mode: str, checkpointing: bool, offload_activations: bool = Fals
     return model
 
 
+def _fake_row_groups(ulysses: int, cp: int):
+    """(Ulysses group or None, CP group or None) of a row split `ulysses` x `cp` ways, on torch's
+    fake process group (this process is rank 0 of ulysses x cp; collectives only shape their
+    outputs). The mesh is (cp, sp) as train.py builds it."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():  # a real job's group is not ours to replace
+        raise SystemExit("bench_memory counts Ulysses x CP on torch's fake process group: run it outside a "
+                         "torch.distributed job")
+    dist.init_process_group("fake", rank=0, world_size=ulysses * cp, store=FakeStore())
+    mesh = init_device_mesh("cpu", (cp, ulysses), mesh_dim_names=("cp", "sp"))
+    return (mesh["sp"].get_group() if ulysses > 1 else None, mesh["cp"].get_group() if cp > 1 else None)
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -104,24 +120,31 @@ def _rss_kib(field: str) -> int:
 
 def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False, layers=None,
               device: str = "cpu", fake: bool = True, sequence_length=None, tiled_mlp: int = 0,
-              tiled_norms: int = 0, offload_activations: bool = False, groups=None) -> dict:
+              tiled_norms: int = 0, offload_activations: bool = False, groups=None, row_split=None) -> dict:
     """Peak bytes per category of one training step of `tokens` tokens (one packed row; with
     `sequence_length`, sequences of that length packed in it; with `groups`, a shared-prefix row
     of PackedBatch.from_prefix_groups, `tokens` its total) on one device. `model_name`: a
     name of MODELS or a transformers config. With ``fake=False`` the step runs on real tensors
     and also reports the process's resident-memory rise over the step (VmHWM after the step
     minus VmRSS before it, peak reset first): the check of the fake count. Returns
-    {category: bytes, "peak": bytes, "params": count, ...}."""
+    {category: bytes, "peak": bytes, "params": count, ...}.
+
+    With ``row_split=(U, C)`` (longalign mode), `tokens` is the whole row, split over U Ulysses x C
+    context-parallel ranks by the library's own code (``sequence_parallel.shard``, its
+    all-to-alls and K/V all-gathers) on torch's fake process group: the collectives run on
+    shapes, and the peak is rank 0's, its gathered K/V and their gradients included."""
     import contextlib
     import gc
 
     import longalign_ops as la
+    from longalign_ops import sequence_parallel as sp
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cfg = model_config(model_name, layers) if isinstance(model_name, str) else model_name
     model = _model(cfg, mode, checkpointing, offload_activations)
+    split = _fake_row_groups(*row_split) if row_split and max(row_split) > 1 else None
     if mode == "longalign":
         from longalign_ops.memory import apply_tiled_mlp, apply_tiled_norms
 
@@ -144,13 +167,20 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
         for p in params:  # fp32 moments, as mixed-precision training keeps them
             opt.state[p] = dict(step=torch.zeros((), device=device), exp_avg=torch.zeros_like(p, dtype=torch.float32),
                                 exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
-        ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
         lengths = [tokens] if sequence_length is None else [sequence_length] * (tokens // sequence_length)
+        shard = sp.shard(la.PackedBatch.from_lengths(lengths, device=device), split[0], cp_group=split[1]) \
+            if split else None
+        ids = torch.zeros(1, shard.local_tokens if shard else tokens, dtype=torch.long, device=device)
         tracker = MemTracker()
         tracker.track_external(model, opt)
 
         def step():
-            if mode == "longalign":
+            if shard is not None:  # this rank's tokens of the row; Ulysses / CP attention inside the model
+                hidden = model.model(input_ids=ids, position_ids=shard.local(shard.batch.position_ids)[None],
+                                     packed_batch=shard).last_hidden_state.squeeze(0)
+                loss = sp.reduce_loss(la.fused_linear_cross_entropy(hidden, model.lm_head.weight, ids.squeeze(0),
+                                                                    reduction="sum"), shard)
+            elif mode == "longalign":
                 batch = la.PackedBatch.from_prefix_groups(groups, device=device) if groups \
                     else la.PackedBatch.from_lengths(lengths, device=device)
                 hidden = model.model(input_ids=ids, position_ids=batch.position_ids.unsqueeze(0),
@@ -188,19 +218,31 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
     out["layer_params"] = sum(p.numel() for p in model.model.layers[0].parameters())
     out["layers"] = len(model.model.layers)
     out["host"] = int(host.get("Total", 0))  # offloaded activations
+    if split:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     out["resident_rise"] = rss.get("rise")
     return out
 
 
 def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing: bool, tiled_mlp: int = 0,
-              offload: str = "none", tiled_norms: int = 0, sp: int = 0) -> dict:
+              offload: str = "none", tiled_norms: int = 0, sp: int = 0, cp: int = 1) -> dict:
     """One rank's peak for a row of `tokens` over `gpus` ranks (SP over all of them, FSDP state),
-    with `offload` none | activations | all (see the module's docstring)."""
+    with `offload` none | activations | all (see the module's docstring). With `cp` > 1 the row
+    is split over sp (Ulysses) x cp ranks, longalign through the library's context-parallel
+    code (see :func:`step_peak`); the baseline, which has no such split, is counted at its
+    idealised share of T / (sp x cp) tokens per rank (a lower bound on its memory)."""
     sp = sp or gpus  # the row is split over `sp` ranks; the state is sharded over all `gpus`
-    if tokens % sp:
-        tokens += sp - tokens % sp
-    r = step_peak(model_name, tokens // sp, mode, checkpointing=checkpointing or offload != "none",
-                  tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, offload_activations=offload != "none")
+    ranks = sp * cp
+    if tokens % ranks:
+        tokens += ranks - tokens % ranks
+    features = dict(checkpointing=checkpointing or offload != "none", tiled_mlp=tiled_mlp, tiled_norms=tiled_norms,
+                    offload_activations=offload != "none")
+    if cp > 1 and mode == "longalign":
+        r = step_peak(model_name, tokens, mode, row_split=(sp, cp), **features)
+    else:
+        r = step_peak(model_name, tokens // ranks, mode, **features)
     state = r["Parameter"] + r["Gradient"] + r["Optstate"]
     itemsize = r["Parameter"] // r["params"]  # bf16
     root = itemsize * (r["params"] - r["layers"] * r["layer_params"])  # embeddings, final norm, LM head
@@ -231,17 +273,17 @@ def dominant(r: dict) -> str:
 
 def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: int, progress,
             tiled_mlp: int = 0, offload: str = "none", tiled_norms: int = 0, resolution: int = 1024,
-            sp: int = 0) -> dict:
-    """The longest row (a multiple of `resolution` * sp tokens; sp defaults to gpus) whose per-rank
-    peak fits `budget`.
+            sp: int = 0, cp: int = 1) -> dict:
+    """The longest row (a multiple of `resolution` * sp * cp tokens; sp defaults to gpus) whose
+    per-rank peak fits `budget`.
     The peak grows almost linearly with the tokens: secant steps through the last two
     measurements, kept inside the bracket [longest that fits, shortest that does not], until
     the bracket is one unit wide."""
     sp = sp or gpus
-    unit = resolution * sp
+    unit = resolution * sp * cp
 
     def measure(units):
-        return rank_peak(model_name, units * unit, mode, gpus, checkpointing, tiled_mlp, offload, tiled_norms, sp)
+        return rank_peak(model_name, units * unit, mode, gpus, checkpointing, tiled_mlp, offload, tiled_norms, sp, cp)
 
     a = measure(4)
     state = a["Parameter"] + a["Optstate"] if offload != "all" else 0
@@ -253,7 +295,7 @@ def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: 
     prev, last = (4, a), (8, measure(8))
     while True:
         n, r = last
-        progress(f"  {model_name} {mode:9} gpus={gpus:<3} sp={sp:<3} ckpt={checkpointing!s:5} offload={offload:11} "
+        progress(f"  {model_name} {mode:9} gpus={gpus:<3} sp={sp:<3} cp={cp:<3} ckpt={checkpointing!s:5} offload={offload:11} "
                  f"{n * unit:>9} tokens: {r['peak'] / GIB:6.1f} GiB (host {r['host'] / GIB:.1f} GiB)")
         if r["peak"] <= budget:
             fits = max(fits, last, key=lambda x: x[0])
@@ -272,10 +314,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3-8b", help=f"one of {', '.join(MODELS)} (comma-separated for several)")
     ap.add_argument("--gpus", default="1,8,32", help="GPU counts: the row is split over all of them (SP + FSDP)")
-    ap.add_argument("--sp", default="gpus",
-                    help="sequence-parallel size: gpus (all of them, the default) or auto (the largest that divides the "
-                         "GPUs and the model's heads, e.g. 4 of 8 for Qwen2.5-7B's 28 heads; data parallel over the "
-                         "rest, FSDP over all)")
+    ap.add_argument("--sp", default="cp",
+                    help="how the row is split over the GPUs: cp (the default: Ulysses as far as the model's heads "
+                         "allow, context parallelism for the rest, e.g. Qwen2.5-7B's 28 heads on 32 GPUs: Ulysses 4 x "
+                         "CP 8), gpus (Ulysses over all of them) or auto (the largest Ulysses size that divides the "
+                         "GPUs and the heads, e.g. 4 of 8 for Qwen2.5-7B; data parallel over the rest); FSDP over all")
     ap.add_argument("--budget-gib", type=float, default=80.0, help="device memory per GPU")
     ap.add_argument("--checkpointing", default="off,on", help="activation checkpointing modes to run: off, on")
     ap.add_argument("--out", default="runs/bench/memory", help="directory for memory.csv and memory.png")
@@ -322,25 +365,25 @@ def main(argv=None):
         cfg = model_config(name)
         params = parameter_count(cfg)
         for gpus in (int(g) for g in args.gpus.split(",")):
-            sp_size(args.sp, name, cfg, gpus)
+            row_split(args.sp, name, cfg, gpus)
             state = params * 10 // gpus  # bf16 weights + fp32 AdamW moments, sharded
             if offloads != ["all"] and state > budget:
                 raise SystemExit(below_fixed_state(args.budget_gib, name, gpus, state))
     out_csv = os.path.join(args.out, "memory.csv")
     for name in args.model.split(","):
         for gpus in (int(g) for g in args.gpus.split(",")):
-            sp = sp_size(args.sp, name, model_config(name), gpus)
+            sp, cp = row_split(args.sp, name, model_config(name), gpus)
             settings = [(c == "on", "none") for c in args.checkpointing.split(",") if "none" in offloads]
             settings += [(True, o) for o in offloads if o != "none"]  # offload checkpoints: always on
             for ckpt, offload in settings:
                 for mode in args.modes.split(","):
-                    print(f"{name} {mode} gpus={gpus} sp={sp} checkpointing={ckpt} offload={offload} "
+                    print(f"{name} {mode} gpus={gpus} sp={sp} cp={cp} checkpointing={ckpt} offload={offload} "
                           f"({time.time() - started:.0f} s)", flush=True)
                     r = longest(name, mode, gpus, ckpt, budget, lambda m: print(m, flush=True), args.tiled_mlp,
-                                offload, args.tiled_norms, args.resolution, sp)
+                                offload, args.tiled_norms, args.resolution, sp, cp)
                     tiled = args.tiled_mlp if mode == "longalign" else 0
                     tiled_norms = args.tiled_norms if mode == "longalign" else 0
-                    rows.append(dict(model=name, gpus=gpus, sp=sp, fsdp=gpus > 1 or offload == "all",
+                    rows.append(dict(model=name, gpus=gpus, sp=sp, cp=cp, fsdp=gpus > 1 or offload == "all",
                                      mode=mode, checkpointing=ckpt, tiled_mlp=tiled, tiled_norms=tiled_norms,
                                      offload=offload,
                                      host_gib=round(r["host"] / GIB, 2),
@@ -366,6 +409,15 @@ def parameter_count(cfg) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def row_split(how: str, name: str, cfg, gpus: int):
+    """(Ulysses size, CP size) for `gpus` GPUs: with ``cp`` Ulysses as far as the heads allow and
+    CP over the rest (all GPUs share the row); otherwise :func:`sp_size` and no CP."""
+    if how == "cp":
+        ulysses = sp_size("auto", name, cfg, gpus)
+        return ulysses, gpus // ulysses
+    return sp_size(how, name, cfg, gpus), 1
+
+
 def sp_size(how: str, name: str, cfg, gpus: int) -> int:
     """The sequence-parallel size for `gpus` GPUs: all of them, or with ``auto`` the largest size
     that divides the GPUs and the query heads and divides or is a multiple of the kv heads."""
@@ -373,7 +425,7 @@ def sp_size(how: str, name: str, cfg, gpus: int) -> int:
         return gpus % p == 0 and cfg.num_attention_heads % p == 0 and (cfg.num_key_value_heads % p == 0 or
                                                                       p % cfg.num_key_value_heads == 0)
     if how not in ("gpus", "auto"):
-        raise SystemExit(f"bench_memory: --sp {how!r}: choose gpus or auto")
+        raise SystemExit(f"bench_memory: --sp {how!r}: choose cp, gpus or auto")
     if gpus < 1 or (how == "gpus" and not valid(gpus)):
         raise SystemExit(f"bench_memory: {gpus} GPUs (the sequence-parallel size) must divide {name}'s "
                          f"{cfg.num_attention_heads} query heads, and divide or be a multiple of its "

@@ -97,3 +97,28 @@ def test_sequence_parallel_size_auto():
                      ("qwen2.5-7b", 1): 1, ("qwen2.5-7b", 8): 4, ("qwen2.5-7b", 32): 4}  # 28 heads, 4 kv heads
     with pytest.raises(SystemExit, match="--sp 'some'"):
         bm.sp_size("some", "llama3-8b", bm.model_config("llama3-8b"), 8)
+
+
+def test_context_parallel_count_runs_the_library_split():
+    """step_peak(row_split=(1, C)) runs the library's own context-parallel attention on torch's
+    fake process group. Against the same model at T/C tokens split by nothing, the extra bytes
+    are what CP keeps for the backward: per layer, the gathered keys and values each local chunk
+    reads (T (2C+1)/(2C) tokens of K and of V, bf16) in place of the local ones (T/C), within
+    5% (the all-gathered K/V itself is not kept: its index_select keeps only the indices)."""
+    sys.path.insert(0, BENCH)
+    import bench_memory as bm
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1 << 16)
+    T, C = 8192, 4
+    alone = bm.step_peak(cfg, T // C, "longalign")
+    split = bm.step_peak(cfg, T, "longalign", row_split=(1, C))
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the fake group is gone again
+    kv_bytes = T * 2 * 64 * 2  # the whole row's K (or V) at 2 kv heads, head dim 64, bf16
+    expected = 2 * 2 * (T * (2 * C + 1) / (2 * C) - T / C) * 2 * 64 * 2  # layers x (K, V) x extra tokens
+    extra = split["peak"] - alone["peak"]
+    assert expected <= extra <= 1.05 * expected, (extra / kv_bytes, expected / kv_bytes)
+    assert split["Activation"] - alone["Activation"] == extra
