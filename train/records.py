@@ -150,34 +150,3 @@ def read_preference_jsonl(path: str, tok, skip_bad: bool, log, num_rejected: Opt
         raise SystemExit(f"data: no usable record in {path}")
     return samples
 
-
-def read_document_jsonl(path: str, tokenizer: Callable[[], object], skip_bad: bool, log) -> List[np.ndarray]:
-    """Raw documents for --objective pretrain: ``{"text": str}``, tokenised with the tokenizer's
-    own special tokens (its BOS, if it adds one) and its EOS appended when it has one and did
-    not add it, or pre-tokenised ``{"input_ids": [int, ...]}`` used as they are. `tokenizer` is
-    called (once) only when a text record is met, so pre-tokenised data needs none."""
-    bad, docs, tok = BadRecords(path, skip_bad, log), [], None
-    for lineno, rec in _records(path, bad):
-        if not isinstance(rec, dict) or not ("text" in rec or "input_ids" in rec):
-            bad(lineno, "text", "missing: a document is {\"text\": str} or {\"input_ids\": [int, ...]}")
-            continue
-        if "input_ids" in rec:
-            ids = rec["input_ids"]
-            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
-                bad(lineno, "input_ids", "must be a non-empty list of non-negative ints")
-                continue
-            docs.append(np.asarray(ids, np.int64))
-            continue
-        text = rec["text"]
-        if not isinstance(text, str) or not text:
-            bad(lineno, "text", "must be a non-empty string")
-            continue
-        tok = tok or tokenizer()
-        ids = list(tok(text)["input_ids"])
-        if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
-            ids.append(tok.eos_token_id)
-        docs.append(np.asarray(ids, np.int64))
-    bad.summary(len(docs))
-    if not docs:
-        raise SystemExit(f"data: no usable record in {path}")
-    return docs

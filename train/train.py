@@ -28,6 +28,7 @@ import checkpoint
 import export
 import longalign_ops as la
 import records
+import token_store
 import longalign_ops.integrations.transformers  # noqa: F401  registers attn_implementation="longalign"
 from longalign_ops import sequence_parallel as sp
 from longalign_ops.losses import NEEDS_REFERENCE, PREFERENCE_METRICS, packed_preference_loss, preference_metric_sums
@@ -50,6 +51,7 @@ class Config:
     model: Optional[str] = None         # local model dir (nothing is fetched from a hub)
     data: Optional[str] = None          # JSONL (chat or preference records); default: embedded retrieval task
     tokenizer: Optional[str] = None     # local tokenizer dir for --data (default: --model's)
+    token_cache: Optional[str] = None   # pretrain: where tokenised stores are kept and reused
     skip_bad_records: bool = False      # skip (and count) bad records instead of stopping
     strategy: str = "bfd"               # naive | sorted | bfd (LongAlign packing; "packing" is an alias)
     loss_weighting: Optional[bool] = None  # LongAlign K/(N_i M); default: on with packing
@@ -109,6 +111,9 @@ HELP = dict(
          "pretrain: documents {\"text\"} or {\"input_ids\"}, repeatable as PATH:WEIGHT to mix sources at those "
          "token proportions",
     tokenizer="local tokenizer directory for --data (default: the --model directory's)",
+    token_cache="--objective pretrain: directory of the memory-mapped token stores each --data file is tokenised "
+                "into once and reused from (default: $XDG_CACHE_HOME/longalign_ops/tokens or "
+                "~/.cache/longalign_ops/tokens)",
     skip_bad_records="skip bad records, counting them in the log (default: stop at the first, naming its line "
                      "and field)",
     strategy="batching: naive (random batches, padded), sorted (LongAlign sorted batching) or bfd (LongAlign "
@@ -342,25 +347,58 @@ def jsonl_dataset(cfg: Config, log) -> List[dict]:
     return samples
 
 
-def document_pieces(cfg: Config, log) -> List[dict]:
-    """--objective pretrain: every source's documents, each cut into pieces of at most --window
-    tokens (each its own sequence: attention stays inside it), every token a target (labels
-    shifted within the piece); a unit's "source" is its --data entry's index."""
-    units = []
-    for i, (path, weight) in enumerate(data_sources(as_list(cfg.data))):
-        docs = records.read_document_jsonl(path, lambda: records.load_tokenizer(tokenizer_path(cfg)),
-                                           cfg.skip_bad_records, log)
-        long_docs, before = 0, len(units)
-        for ids in docs:
-            long_docs += len(ids) > cfg.window
-            for a in range(0, len(ids), cfg.window):
-                piece = ids[a:a + cfg.window]
-                labels = np.full(len(piece), -100, np.int64)
-                labels[:-1] = piece[1:]
-                units.append(dict(input_ids=piece, labels=labels, source=i))
-        log(f"data: {path}: {len(docs)} documents, {sum(map(len, docs))} tokens, weight {weight:.3f}; {long_docs} "
-            f"longer than --window {cfg.window} split into row-sized pieces ({len(units) - before} sequences)")
-    return units
+class DocumentPieces:
+    """--objective pretrain's units without their tokens in memory: every source's documents (a
+    memory-mapped token store each), cut into pieces of at most --window tokens, each its own
+    sequence (attention stays inside it) with every token a target (labels shifted within the
+    piece). Arrays of (source, document, start, length) per piece; ``pieces[i]`` reads piece
+    i's tokens from its store, ``lengths`` and ``sources`` are what the packer and the mix need."""
+
+    def __init__(self, stores, window: int):
+        self.stores, parts = stores, []
+        for i, store in enumerate(stores):
+            L = store.lengths
+            n = -(-L // window)  # pieces per document (every document has a token)
+            doc = np.repeat(np.arange(len(L)), n)
+            start = (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)) * window
+            parts.append((np.full(len(doc), i), doc, start, np.minimum(window, L[doc] - start)))
+        self.sources, self.documents, self.starts, self.lengths = (np.concatenate(a).astype(np.int64)
+                                                                   for a in zip(*parts))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.stores[self.sources[i]].read(int(self.documents[i]), int(self.starts[i]), int(self.lengths[i]))
+        labels = np.full(len(ids), -100, np.int64)
+        labels[:-1] = ids[1:]
+        return dict(input_ids=ids, labels=labels, source=int(self.sources[i]))
+
+
+def document_pieces(cfg: Config, log) -> DocumentPieces:
+    """Every --data source's token store (token_store.py: built once, then reused from
+    --token-cache), cut into --window pieces; the counts logged per source."""
+    loaded = {}
+
+    def get_tok():  # only text records need one
+        if "tok" not in loaded:
+            loaded["tok"] = records.load_tokenizer(tokenizer_path(cfg))
+        return loaded["tok"]
+
+    cache = cfg.token_cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                            "longalign_ops", "tokens")
+    distributed = dist.is_available() and dist.is_initialized()
+    stores = [token_store.open_store(path, cache, get_tok, cfg.skip_bad_records, log,
+                                     is_builder=not distributed or dist.get_rank() == 0,
+                                     wait=dist.barrier if distributed else lambda: None)
+              for path, _ in data_sources(as_list(cfg.data))]
+    pieces = DocumentPieces(stores, cfg.window)
+    for i, ((path, weight), store) in enumerate(zip(data_sources(as_list(cfg.data)), stores)):
+        long_docs = int((store.lengths > cfg.window).sum())
+        log(f"data: {path}: {len(store)} documents, {int(store.lengths.sum())} tokens, weight {weight:.3f}; "
+            f"{long_docs} longer than --window {cfg.window} split into row-sized pieces "
+            f"({int((pieces.sources == i).sum())} sequences)")
+    return pieces
 
 
 def sft_sequences(samples) -> List[dict]:
@@ -465,6 +503,8 @@ def sequences_of(units, idx) -> List[dict]:
 def unit_lengths(units, shared_prefix: bool = False) -> List[int]:
     """Tokens per unit: what the packer packs (a prompt's answers stay in one pack). With shared
     prefixes a prompt is stored once: its len - 1 tokens plus each answer's branch."""
+    if isinstance(units, DocumentPieces):  # from the stores' offsets: no token is read
+        return units.lengths.tolist()
     if shared_prefix:
         return [int(sum(map(len, shared_prefix_row(units, [i])[1]))) for i in range(len(units))]
     return [sum(len(s["input_ids"]) for s in sequences_of(units, [i])) for i in range(len(units))]
@@ -871,7 +911,7 @@ def main(argv=None, step_hook=None) -> dict:
     log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
     units, ref_units = load_units(cfg, log)
     lengths = unit_lengths(units, cfg.shared_prefix)
-    sources = np.array([u["source"] for u in units]) if cfg.objective == "pretrain" else None
+    sources = units.sources if cfg.objective == "pretrain" else None
     model = build_model(cfg, device)
     # before wrapping and resuming: the default reference is the initial policy
     ref_table = reference_logprobs(cfg, model, ref_units, lengths, ranks, dp_rank, emulated, world, row_groups, device,
@@ -976,8 +1016,8 @@ def main(argv=None, step_hook=None) -> dict:
                         if ref_table is not None or not name.startswith("ref_")})
         if sources is not None:  # --objective pretrain: the tokens each --data source gave this step
             given = np.zeros(int(sources.max()) + 1, np.int64)
-            np.add.at(given, sources[[u for ps in plan_steps for pack in ps for u in pack]],
-                      [len(units[u]["input_ids"]) for ps in plan_steps for pack in ps for u in pack])
+            drawn = [u for ps in plan_steps for pack in ps for u in pack]
+            np.add.at(given, sources[drawn], units.lengths[drawn])
             row["source_tokens"] = {path: int(n) for (path, _), n in zip(data_sources(as_list(cfg.data)), given)}
         history.append(row)
         if is_main:
