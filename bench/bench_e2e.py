@@ -34,6 +34,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "train"))
 from common import device_name, write_csv  # noqa: E402
 
+import batches  # noqa: E402  (train/batches.py)
+import data  # noqa: E402  (train/data.py)
 import train  # noqa: E402
 import longalign_ops as la  # noqa: E402
 
@@ -49,7 +51,7 @@ def epoch_steps(common, strategy_args):
     cfg = train.parse_args(common + strategy_args)
     units, _ = train.load_units(cfg, print)
     lengths = train.unit_lengths(units)
-    return train.make_plan(cfg, lengths, cfg.world_size, 0).num_steps
+    return batches.make_plan(cfg, lengths, cfg.world_size, 0).num_steps
 
 
 def summarise(name, history, world):
@@ -71,7 +73,7 @@ def held_out_loss(model, cfg, device) -> float:
     """Mean over held-out sequences of their per-token loss: one metric for every strategy."""
     rng = np.random.default_rng(10_000 + cfg.seed)
     eval_cfg = train.parse_args(["--preset", cfg.preset, "--num-samples", "64", "--window", str(cfg.window)])
-    seqs = train.sft_sequences(train.embedded_dataset(eval_cfg, rng))
+    seqs = data.sft_sequences(data.embedded_dataset(eval_cfg, rng))
     model.eval()
     vals = []
     with torch.no_grad():

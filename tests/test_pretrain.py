@@ -11,6 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "train"))
+import data  # noqa: E402  (train/data.py)
 import train  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def test_two_sources_mix_at_their_weights_and_the_loss_falls(tmp_path, capsys):
 def test_a_long_document_trains_as_its_pieces(tmp_path):
     a, b = write_sources(str(tmp_path))
     cfg = train.parse_args(["--objective", "pretrain", "--data", a, "--out", str(tmp_path / "x")])
-    units = train.document_pieces(cfg, lambda m: None)
+    units = data.document_pieces(cfg, lambda m: None)
     first = json.loads(open(a).readline())["input_ids"]
     pieces = [units[i]["input_ids"] for i in range(3)]
     assert [len(p) for p in pieces] == [512, 512, 476] and units.lengths[:3].tolist() == [512, 512, 476]
@@ -117,7 +118,7 @@ def test_text_records_use_the_tokenizer(tmp_path):
     path.write_text("\n".join(json.dumps({"text": t}) for t in ["w1 w2 w3", "w4 w5 w6 w7 w8"]) + "\n")
     cfg = train.parse_args(["--objective", "pretrain", "--data", str(path), "--tokenizer", tok_dir,
                             "--out", str(tmp_path / "x")])
-    units = train.document_pieces(cfg, lambda m: None)
+    units = data.document_pieces(cfg, lambda m: None)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -127,16 +128,17 @@ def test_text_records_use_the_tokenizer(tmp_path):
     assert units[0]["input_ids"].tolist() == want and len(units) == 2
 
 
-def test_sequence_parallel_and_fsdp_log_the_single_process_losses(tmp_path):
-    """--objective pretrain under torchrun: --sp 2 (both ranks share each row) and --fsdp (two
-    data-parallel ranks) log the losses and per-source tokens of the same data in one process."""
+def test_sequence_context_parallel_and_fsdp_log_the_single_process_losses(tmp_path):
+    """--objective pretrain under torchrun: --sp 2 and --cp 2 (both ranks share each row, its
+    pieces split by heads or head-and-tail) and --fsdp (two data-parallel ranks) log the losses
+    and per-source tokens of the same data in one process."""
     import subprocess
 
     a, b = write_sources(str(tmp_path))
     common = ["--objective", "pretrain", "--data", f"{a}:0.7", "--data", f"{b}:0.3", "--max-steps", "3", "--no-plot"]
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
     script = os.path.join(ROOT, "train", "train.py")
-    for extra, emulated in ((["--sp", "2"], 1), (["--fsdp"], 2)):
+    for extra, emulated in ((["--sp", "2"], 1), (["--cp", "2"], 1), (["--fsdp"], 2)):
         out = str(tmp_path / extra[0].strip("-"))
         res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", script] + common +
                              extra + ["--out", out], env=env, capture_output=True, text=True, timeout=600)
@@ -156,10 +158,10 @@ def test_token_store_is_reused_checked_and_rebuilt(tmp_path):
     cache = str(tmp_path / "stores")
     cfg = train.parse_args(["--objective", "pretrain", "--data", a, "--token-cache", cache, "--out", str(tmp_path)])
     logs = []
-    first = train.document_pieces(cfg, logs.append)
+    first = data.document_pieces(cfg, logs.append)
     assert any("tokenising into" in m for m in logs)
     logs.clear()
-    again = train.document_pieces(cfg, logs.append)
+    again = data.document_pieces(cfg, logs.append)
     assert any("token store reused" in m for m in logs)
     assert again[5]["input_ids"].tolist() == first[5]["input_ids"].tolist()
     [folder] = [os.path.join(cache, f) for f in os.listdir(cache)]
@@ -169,7 +171,7 @@ def test_token_store_is_reused_checked_and_rebuilt(tmp_path):
         f.seek(40)
         f.write(bytes([byte[0] ^ 1]))
     logs.clear()
-    rebuilt = train.document_pieces(cfg, logs.append)
+    rebuilt = data.document_pieces(cfg, logs.append)
     assert any("fails its checksum; tokenised again" in m for m in logs)
     # (`first` still maps the flipped file; the rebuilt store reads the source's tokens again)
     assert rebuilt[0]["input_ids"].tolist() == json.loads(open(a).readline())["input_ids"][:512]
@@ -183,9 +185,9 @@ def test_token_store_is_reused_checked_and_rebuilt(tmp_path):
             tok.save_pretrained(str(tmp_path / name))
     cfg1, cfg2 = (train.parse_args(["--objective", "pretrain", "--data", str(docs), "--tokenizer", str(tmp_path / n),
                                     "--token-cache", cache, "--out", str(tmp_path)]) for n in ("tok1", "tok2"))
-    train.document_pieces(cfg1, logs.append)
+    data.document_pieces(cfg1, logs.append)
     logs.clear()
-    train.document_pieces(cfg2, logs.append)
+    data.document_pieces(cfg2, logs.append)
     assert any("made by another tokenizer; tokenised again" in m for m in logs)
 
 

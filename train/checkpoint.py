@@ -24,7 +24,7 @@ import json
 import os
 import pickle
 import shutil
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 import torch.distributed as dist

@@ -9,7 +9,6 @@ import os
 import shutil
 import tempfile
 
-import torch
 import torch.distributed as dist
 
 

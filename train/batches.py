@@ -1,0 +1,122 @@
+"""Which units each step and rank trains on (the packer's plans, or the pretrain mixture),
+and the packed micro-batch of one rank: tokens, labels and the PackedBatch that describes them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import longalign_ops as la
+from config import Config, as_list, data_sources
+from data import PAD, sequences_of, shared_prefix_row
+
+
+def make_plan(cfg: Config, units_lengths, ranks: int, epoch: int, sources=None):
+    if sources is not None:
+        return MixturePlan(cfg, units_lengths, sources, ranks, epoch)
+    return la.pack(units_lengths, cfg.window, strategy=cfg.strategy, world_size=ranks, batch_size=cfg.batch_size,
+                   overlong="drop", seed=cfg.seed + epoch)
+
+
+class MixturePlan:
+    """An epoch of --objective pretrain over several sources, as ``steps[step][rank]`` unit
+    indices (the packer's plan shape). The pieces are drawn one at a time from the source
+    furthest behind its token share (each source in a seeded shuffled order, cycled when a
+    small source is upsampled) until the epoch holds as many tokens as the data; the stream is
+    cut into slices of one plan step's capacity (ranks x window tokens), each packed by the
+    packer's BFD and balanced over the ranks. A pure function of (seed, epoch): a resumed run
+    continues the same stream."""
+
+    def __init__(self, cfg: Config, lengths, sources, ranks: int, epoch: int):
+        lengths, sources = np.asarray(lengths, np.int64), np.asarray(sources)
+        weights = np.array([w for _, w in data_sources(as_list(cfg.data))])
+        rng = np.random.default_rng([cfg.seed, epoch])
+        members = [np.flatnonzero(sources == i) for i in range(len(weights))]
+        orders, at = [rng.permutation(m) for m in members], [0] * len(weights)
+        taken, drawn, stream = np.zeros(len(weights)), 0, []
+        while drawn < lengths.sum():
+            i = int(np.argmax(np.where([len(m) > 0 for m in members], weights * (drawn + 1) - taken, -np.inf)))
+            if at[i] == len(orders[i]):
+                orders[i], at[i] = rng.permutation(members[i]), 0
+            unit = int(orders[i][at[i]])
+            at[i] += 1
+            stream.append(unit)
+            taken[i] += lengths[unit]
+            drawn += int(lengths[unit])
+        self.steps, capacity, start, filled = [], ranks * cfg.window, 0, 0
+        for j, unit in enumerate(stream + [None]):
+            if unit is not None and (filled + lengths[unit] <= capacity or j == start):
+                filled += int(lengths[unit])
+                continue
+            piece = np.array(stream[start:j])
+            plan = la.pack(lengths[piece], cfg.window, strategy="bfd", world_size=ranks, overlong="drop",
+                           seed=cfg.seed + epoch)
+            self.steps += [[[int(piece[k]) for k in pack] for pack in step] for step in plan.steps]
+            start, filled = j, int(lengths[unit]) if unit is not None else 0
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+
+def micro_batch(cfg: Config, units, idx, device):
+    """Flat tokens + cu_seqlens for one rank's micro-batch. Packed: sequences back to back.
+    Naive / sorted: each sequence right-padded to the batch's longest, one row per sequence, so
+    the padding costs what it costs in a padded batch. A rank with nothing gets one ignored
+    token (it still joins DDP's gradient averaging)."""
+    seqs = sequences_of(units, idx)
+    if not seqs:
+        seqs = [dict(input_ids=np.array([PAD]), labels=np.array([-100]))]
+    if cfg.shared_prefix and idx:  # each prompt once, its answers branching off it
+        groups, ids, labels = shared_prefix_row(units, idx)
+        batch = la.PackedBatch.from_prefix_groups(groups, device=device)
+        real = slots = batch.total
+    else:
+        padded = cfg.strategy != "bfd"
+        L = max(len(s["input_ids"]) for s in seqs)
+        ids, labels, lens = [], [], []
+        for s in seqs:
+            n = len(s["input_ids"])
+            pad = L - n if padded else 0
+            ids.append(np.concatenate([s["input_ids"], np.full(pad, PAD)]))
+            labels.append(np.concatenate([s["labels"], np.full(pad, -100)]))
+            lens.append(n + pad)
+        batch = la.PackedBatch.from_lengths(lens, device=device)  # from host lengths: no device sync
+        real = sum(len(s["input_ids"]) for s in seqs) if idx else 0
+        slots = int(sum(lens)) if idx else 0
+    t = lambda a: torch.from_numpy(np.concatenate(a)).to(device=device, dtype=torch.int64)  # noqa: E731
+    answer_tokens = torch.tensor([int((s["labels"] != -100).sum()) for s in seqs], dtype=torch.float32, device=device)
+    return dict(input_ids=t(ids), labels=t(labels), batch=batch, real_tokens=real, answer_tokens=answer_tokens,
+                slots=slots, seqs=seqs, num_units=len(idx))
+
+
+def logo_positions(cfg: Config, mb):
+    """Synthesised ids over window * target_window; the answer stays contiguous (suffix). With
+    shared prefixes, each prompt's ids are synthesised once and every answer continues from its
+    last one (the group's window: its prompt and longest answer, times target_window)."""
+    batch = mb["batch"]
+    if batch.groups is not None:  # each prompt's ids once, its answers after them (synthesize_positions)
+        spans = np.array([p + max(branches, default=0) for p, branches in batch.groups])
+        return la.synthesize_positions(batch, spans * max(1, cfg.target_window), method="logo", chunk_size=64,
+                                       seed=cfg.seed)
+    suffix = np.minimum([s["answer_len"] + 2 if "answer_len" in s else 0 for s in mb["seqs"]], batch.lengths)
+    target = batch.lengths * max(1, cfg.target_window)
+    return la.synthesize_positions(batch, target, method="logo", chunk_size=64, suffix_lens=suffix, seed=cfg.seed)
+
+
+def optimizer_step_batches(cfg: Config, plans: dict, lengths, ranks: int, step: int, sources=None):
+    """The grad_accum plan steps (each a list of per-rank index lists) of optimisation step
+    `step`. The data order is a pure function of (seed, step), so a resumed run sees exactly
+    the batches it would have seen; epochs are re-planned with seed + epoch."""
+    out = []
+    for a in range(cfg.grad_accum):
+        k, epoch = step * cfg.grad_accum + a, 0
+        while True:
+            if epoch not in plans:
+                plans[epoch] = make_plan(cfg, lengths, ranks, epoch, sources)
+            if k < plans[epoch].num_steps:
+                break
+            k -= plans[epoch].num_steps
+            epoch += 1
+        out.append(plans[epoch].steps[k])
+    return out

@@ -1,0 +1,57 @@
+"""The model: a preset Llama or a local transformers directory with longalign attention, the
+memory features applied; and the module DDP/FSDP wrap (the body plus our loss).
+"""
+from __future__ import annotations
+
+import torch
+
+import longalign_ops.integrations.transformers  # noqa: F401  registers attn_implementation="longalign"
+from config import Config, PRESETS
+
+
+def build_model(cfg: Config, device: torch.device):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if cfg.model:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, attn_implementation="longalign")
+    else:
+        p = PRESETS[cfg.preset]
+        mc = LlamaConfig(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"],
+                         intermediate_size=p["intermediate_size"], num_hidden_layers=p["num_hidden_layers"],
+                         num_attention_heads=p["num_attention_heads"], num_key_value_heads=p["num_key_value_heads"],
+                         max_position_embeddings=cfg.window * max(1, cfg.target_window), rope_theta=10000.0,
+                         tie_word_embeddings=False)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank and every strategy
+        model = LlamaForCausalLM._from_config(mc, attn_implementation="longalign")
+    from longalign_ops import memory
+
+    if cfg.offload_activations:
+        memory.apply_activation_offload(model)
+    elif cfg.grad_checkpointing:
+        memory.enable_checkpointing(model)
+    if cfg.tiled_mlp:
+        memory.apply_tiled_mlp(model, cfg.tiled_mlp)
+    if cfg.tiled_norms:
+        memory.apply_tiled_norms(model, cfg.tiled_norms)
+    return model.to(device)
+
+
+class CausalLMWithLoss(torch.nn.Module):
+    """The model body plus our loss: DDP wraps this, so its gradient hooks see every step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, mb, loss_fn):
+        batch = mb["batch"]  # one description for every layer, the loss and the backward
+        if "shard" in mb:  # sequence parallel: this rank's slice of the row, Ulysses attention (the shard
+            # travels in the call, so a checkpointed layer's recompute runs the same attention)
+            out = self.model.model(input_ids=mb["input_ids"][None], position_ids=mb["position_ids"][None],
+                                   packed_batch=mb["shard"])
+        else:
+            out = self.model.model(input_ids=mb["input_ids"][None], position_ids=batch.position_ids[None],
+                                   packed_batch=batch)
+        hidden = out.last_hidden_state[0]
+        weight = self.model.lm_head.weight
+        return loss_fn(hidden, weight.to(hidden.dtype), mb)
