@@ -53,7 +53,7 @@ def run_cli(*args):
 def test_bad_inputs_are_one_line_errors(tmp_path):
     res = run_cli("--model", "gpt-17", "--out", str(tmp_path))
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0 and "unknown model 'gpt-17'" in res.stderr
-    res = run_cli("--model", "qwen2.5-7b", "--gpus", "8", "--out", str(tmp_path))
+    res = run_cli("--model", "qwen2.5-7b", "--gpus", "8", "--sp", "gpus", "--out", str(tmp_path))
     assert res.returncode != 0 and "must divide qwen2.5-7b's 28 query heads" in res.stderr
     res = run_cli("--model", "llama3-8b", "--gpus", "1", "--budget-gib", "20", "--checkpointing", "off",
                   "--out", str(tmp_path))
@@ -97,6 +97,12 @@ def test_sequence_parallel_size_auto():
                      ("qwen2.5-7b", 1): 1, ("qwen2.5-7b", 8): 4, ("qwen2.5-7b", 32): 4}  # 28 heads, 4 kv heads
     with pytest.raises(SystemExit, match="--sp 'some'"):
         bm.sp_size("some", "llama3-8b", bm.model_config("llama3-8b"), 8)
+    # the default, --sp cp: Ulysses as far as the heads allow, context parallel for the rest of the GPUs
+    splits = {(name, g): bm.row_split("cp", name, bm.model_config(name), g)
+              for name in ("llama3-8b", "llama2-13b", "qwen2.5-7b") for g in (1, 8, 32)}
+    assert splits == {("llama3-8b", 1): (1, 1), ("llama3-8b", 8): (8, 1), ("llama3-8b", 32): (32, 1),
+                      ("llama2-13b", 1): (1, 1), ("llama2-13b", 8): (8, 1), ("llama2-13b", 32): (8, 4),
+                      ("qwen2.5-7b", 1): (1, 1), ("qwen2.5-7b", 8): (4, 2), ("qwen2.5-7b", 32): (4, 8)}
 
 
 def test_context_parallel_count_runs_the_library_split():

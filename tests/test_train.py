@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,24 +97,31 @@ def test_sequence_parallel_two_processes_match_single_process(tmp_path, objectiv
 
 
 @pytest.mark.parametrize("layout, objective", [(["--cp", "4"], "sft"),
-                                               (["--sp", "2", "--cp", "2", "--grad-checkpointing"], "logo")],
-                         ids=["cp4-sft", "sp2xcp2-checkpointing-logo"])
-def test_context_parallel_four_processes_match_single_process(tmp_path, layout, objective):
+                                               (["--sp", "2", "--cp", "2", "--grad-checkpointing"], "logo"),
+                                               (["--cp", "2"], "dpo")],
+                         ids=["cp4-sft", "sp2xcp2-checkpointing-logo", "cp2-dpo"])
+def test_context_parallel_matches_single_process(tmp_path, layout, objective):
     """torchrun --nproc_per_node 4 train.py --preset tiny --cp 4: every packed row is split over
     four ranks, which Ulysses cannot do with the tiny preset's 6 heads; --sp 2 --cp 2 is the 2-D
     mesh, here with activation checkpointing (the recompute runs the same CP attention) and LOGO's
-    synthesised positions. Both log the single process's losses and reach its weights."""
+    synthesised positions; DPO under --cp 2 also computes its reference log-probs through the CP
+    shard. Each logs the single process's losses and reaches its weights."""
+    nproc = int(np.prod([int(layout[i + 1]) for i, w in enumerate(layout) if w in ("--sp", "--cp")]))
     cp, single = str(tmp_path / "cp"), str(tmp_path / "single")
     common = ["--preset", "tiny", "--max-steps", "4", "--no-plot", "--objective", objective, "--strategy", "bfd"]
-    run(common + ["--out", cp] + layout, torchrun=4, timeout=900)
+    run(common + ["--out", cp] + layout, torchrun=nproc, timeout=900)
     run(common + ["--out", single] + (["--no-shared-prefix"] if objective != "sft" else []))
-    ranks = [json.load(open(os.path.join(cp, f"rank{r}.json"))) for r in range(4)]
+    ranks = [json.load(open(os.path.join(cp, f"rank{r}.json"))) for r in range(nproc)]
     ref = json.load(open(os.path.join(single, "rank0.json")))
-    assert len({r["param_checksum"] for r in ranks}) == 1  # DDP over the four ranks: one set of weights
+    assert len({r["param_checksum"] for r in ranks}) == 1  # DDP over the ranks: one set of weights
     assert ranks[0]["losses"] == pytest.approx(ref["losses"], rel=1e-4)
     assert ranks[0]["param_checksum"] == pytest.approx(ref["param_checksum"], rel=1e-5)
     assert [m["sequences"] for m in metrics(cp)] == [m["sequences"] for m in metrics(single)]
     assert [m["real_tokens"] for m in metrics(cp)] == [m["real_tokens"] for m in metrics(single)]
+    if objective == "dpo":  # the reference log-probs, computed under CP, are the single process's
+        for key in ("ref_chosen_logp", "ref_rejected_logp", "chosen_logp", "margin"):
+            assert [m[key] for m in metrics(cp)] == pytest.approx([m[key] for m in metrics(single)], rel=1e-4,
+                                                                 abs=1e-4)
 
 
 @pytest.mark.parametrize("objective", ["sft", "logo"])
