@@ -100,6 +100,16 @@ def record_refusals(cases, errors):
     dist.barrier()
 
 
+def shared_refusals(shard):
+    """The refusals every shard makes, Ulysses or CP."""
+    n = shard.local_tokens
+    return {
+        "labels of another length": lambda: sp.sequence_logprobs(torch.randn(n, 4), torch.randn(9, 4),
+                                                                   torch.zeros(n - 1, dtype=torch.long), shard),
+        "a tensor that is not the padded row": lambda: shard.local(torch.zeros(shard.batch.total - 1)),
+    }
+
+
 def check_bad_inputs(shard, errors):
     """Each refused on every rank, before any collective: the barrier after them would hang if
     one rank had gone on into an all-to-all."""
@@ -111,9 +121,7 @@ def check_bad_inputs(shard, errors):
             torch.randn(n, 12, 8), torch.randn(n, 3, 8), torch.randn(n, 3, 8), shard),
         "shard disagrees with the tensors": lambda: sp.ulysses_attention(
             torch.randn(n + 1, 8, 8), torch.randn(n + 1, 8, 8), torch.randn(n + 1, 8, 8), shard),
-        "labels of another length": lambda: sp.sequence_logprobs(torch.randn(n, 4), torch.randn(9, 4),
-                                                                   torch.zeros(n - 1, dtype=torch.long), shard),
-        "a tensor that is not the padded row": lambda: shard.local(torch.zeros(shard.batch.total - 1)),
+        **shared_refusals(shard),
     }
     record_refusals(cases, errors)
 
@@ -129,9 +137,7 @@ def check_context_parallel_refusals(shard, errors):
                                                            window_size=(3, 3)),
         "shard disagrees with the tensors": lambda: sp.attention(
             torch.randn(n + 1, 4, 8), torch.randn(n + 1, 4, 8), torch.randn(n + 1, 4, 8), shard),
-        "labels of another length": lambda: sp.sequence_logprobs(torch.randn(n, 4), torch.randn(9, 4),
-                                                                   torch.zeros(n - 1, dtype=torch.long), shard),
-        "a tensor that is not the padded row": lambda: shard.local(torch.zeros(shard.batch.total - 1)),
+        **shared_refusals(shard),
     }
     record_refusals(cases, errors)
 

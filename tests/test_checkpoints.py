@@ -117,7 +117,7 @@ def test_dcp_round_trip_and_refusals_in_one_process(tmp_path):
     with open(os.path.join(bad_meta, ".metadata"), "wb") as f:
         pickle.dump(Planted(marker), f)
     manifest = json.load(open(os.path.join(bad_meta, "manifest.json")))
-    manifest["files"][".metadata"] = checkpoint._sha256(os.path.join(bad_meta, ".metadata"))  # a consistent forgery
+    manifest["files"][".metadata"] = checkpoint.file_sha256(os.path.join(bad_meta, ".metadata"))  # a consistent forgery
     json.dump(manifest, open(os.path.join(bad_meta, "manifest.json"), "w"))
     with pytest.raises(checkpoint.CheckpointError, match=r"\.metadata: names posix\.system.*refused"):
         checkpoint.load_sharded(bad_meta, dict(w=torch.zeros(2, 3)))

@@ -200,7 +200,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -220,7 +221,7 @@ def save_sharded(tensors: dict, extra: dict, path: str) -> None:
         shutil.rmtree(tmp)
     _barrier()
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
-    mine = {f: _sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if f.startswith(f"__{rank}_")}
+    mine = {f: file_sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if f.startswith(f"__{rank}_")}
     digests = {}
     for part in _all_gather(mine):
         digests.update(part)
@@ -228,7 +229,7 @@ def save_sharded(tensors: dict, extra: dict, path: str) -> None:
         with open(os.path.join(tmp, STATE), "w") as f:
             json.dump(extra, f)
         for name in (".metadata", STATE):
-            digests[name] = _sha256(os.path.join(tmp, name))
+            digests[name] = file_sha256(os.path.join(tmp, name))
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(dict(files=digests), f, indent=0, sort_keys=True)
             f.flush()
@@ -257,7 +258,7 @@ def load_sharded(path: str, tensors: dict) -> dict:
             raise ValueError("the manifest lists no .metadata or state")
         for i, name in enumerate(sorted(files)):
             if i % world == rank and (not os.path.isfile(os.path.join(path, name)) or
-                                      _sha256(os.path.join(path, name)) != files[name]):
+                                      file_sha256(os.path.join(path, name)) != files[name]):
                 problem = f"{os.path.join(path, name)}: missing or checksum mismatch, the checkpoint is corrupted"
                 break
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -19,19 +19,12 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
+from checkpoint import file_sha256
 from records import BadRecords, _records
 
 FORMAT = 1
 DTYPE = np.uint32
 _CHUNK = 1 << 20  # tokens buffered before a write
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_identity(tok) -> Optional[str]:
@@ -79,7 +72,7 @@ class TokenStore:
 def _store_checksum(folder: str) -> str:
     h = hashlib.sha256()
     for name in ("offsets.npy", "tokens.bin"):
-        h.update(_file_sha256(os.path.join(folder, name)).encode())
+        h.update(file_sha256(os.path.join(folder, name)).encode())
     return h.hexdigest()
 
 
@@ -150,7 +143,7 @@ def open_store(path: str, cache: str, tokenizer: Callable[[], object], skip_bad:
     (`tokenizer` is then called to compare; pre-tokenised data never needs one); built
     otherwise. Under torchrun, rank 0 builds (`is_builder`) and every rank opens it after
     `wait` (a barrier)."""
-    source = _file_sha256(path)
+    source = file_sha256(path)
     key = hashlib.sha256(f"{FORMAT}\n{source}\n{skip_bad}".encode()).hexdigest()[:24]
     folder = os.path.join(cache, f"{os.path.basename(path)}-{key}")
     if is_builder:
