@@ -245,19 +245,24 @@ def _check_heads(Hq: int, Hk: int, P: int) -> int:
                      f"(then kv heads are replicated)")
 
 
+def _wait(t: Tensor) -> Tensor:
+    """A functional collective's result, waited for (eager mode hands back an async tensor)."""
+    return fc.wait_tensor(t) if isinstance(t, fc.AsyncCollectiveTensor) else t
+
+
 def _seq_to_heads(x: Tensor, P: int, group) -> Tensor:
     """(T/P, H, D) local tokens of all heads -> (T, H/P, D) all tokens of this rank's heads."""
     n, H, D = x.shape
     send = x.reshape(n, P, H // P, D).transpose(0, 1).contiguous()  # chunk j goes to rank j
     got = fc.all_to_all_single_autograd(send.reshape(P * n, H // P, D), None, None, group)
-    return fc.wait_tensor(got) if isinstance(got, fc.AsyncCollectiveTensor) else got
+    return _wait(got)
 
 
 def _heads_to_seq(x: Tensor, P: int, group) -> Tensor:
     """(T, H/P, D) -> (T/P, H, D): the inverse all-to-all."""
     T, h, D = x.shape
     got = fc.all_to_all_single_autograd(x.contiguous(), None, None, group)
-    got = fc.wait_tensor(got) if isinstance(got, fc.AsyncCollectiveTensor) else got
+    got = _wait(got)
     return got.reshape(P, T // P, h, D).transpose(0, 1).reshape(T // P, P * h, D)
 
 
@@ -312,12 +317,12 @@ def _cp_attention_problem(shard: Shard, causal: bool, left: int, device):
 def _all_gather(x: Tensor, group) -> Tensor:
     """(n, H, D) on each of the C ranks -> (C n, H, D), rank-major; differentiable."""
     got = fc.all_gather_single_autograd(x.contiguous(), 0, group)
-    return fc.wait_tensor(got) if isinstance(got, fc.AsyncCollectiveTensor) else got
+    return _wait(got)
 
 
 def _all_reduce_sum(t: Tensor, group) -> Tensor:
     out = fc.all_reduce(t, "sum", group)
-    return fc.wait_tensor(out) if isinstance(out, fc.AsyncCollectiveTensor) else out
+    return _wait(out)
 
 
 def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, shard: Shard, *, bias: Optional[Tensor] = None,

@@ -34,8 +34,9 @@ class MixturePlan:
         members = [np.flatnonzero(sources == i) for i in range(len(weights))]
         orders, at = [rng.permutation(m) for m in members], [0] * len(weights)
         taken, drawn, stream = np.zeros(len(weights)), 0, []
-        while drawn < lengths.sum():
-            i = int(np.argmax(np.where([len(m) > 0 for m in members], weights * (drawn + 1) - taken, -np.inf)))
+        total, has_pieces = int(lengths.sum()), np.array([len(m) > 0 for m in members])
+        while drawn < total:  # one draw per piece: nothing here may cost O(pieces)
+            i = int(np.argmax(np.where(has_pieces, weights * (drawn + 1) - taken, -np.inf)))
             if at[i] == len(orders[i]):
                 orders[i], at[i] = rng.permutation(members[i]), 0
             unit = int(orders[i][at[i]])
