@@ -1,6 +1,8 @@
 """Compile every Triton kernel ahead of time for sm_80 and sm_90, without a GPU (triton ships
 ptxas), and print the compiler's resource report: registers per thread, spills, shared memory,
-and the instruction mix read from the PTX (wgmma, mma.sync, cp.async, TMA), with tiles and stages.
+and the instruction mix read from the PTX (wgmma, mma.sync, cp.async, TMA), with tiles and stages;
+then each bf16 / fp16 attention kernel beside the tutorial-style reference (reference_attention.py)
+compiled for the same architecture and head dim (also written as <out>_vs_reference.csv).
 
     python bench/compile_check.py [--arch 80,90] [--strict] [--out report.csv]
 
@@ -15,9 +17,11 @@ import argparse
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reference_attention, common
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -26,6 +30,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from longalign_ops.kernels import varlen_attention as va  # noqa: E402
 from longalign_ops.kernels import weighted_cross_entropy as ce  # noqa: E402
+
+import reference_attention as ref  # noqa: E402  (beside this file)
 
 
 def _signature(fn, pointers: dict, floats=(), i64=(), constexprs: dict = None):
@@ -69,6 +75,16 @@ def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=
     yield ("varlen_attention bwd preprocess", va._varlen_attention_bwd_preprocess_kernel,
            dict(Out=t, dOut=t, Delta="fp32"), (), dict(HEAD_DIM=head_dim, BLOCK_D=block_d,
                                                        BLOCK_M=max(16, 8192 // block_d)), 4, 1)
+
+
+def reference_cases(dtype="bf16", head_dim=128, causal=True):
+    """The tutorial-style fixed-length attention (reference_attention.py) with the tutorial's
+    tiles: the yardstick each of our attention kernels is printed beside."""
+    ptr = dict(Q=dtype, K=dtype, V=dtype, Out=dtype, M="fp32", dO=dtype, Delta="fp32", dK=dtype, dV=dtype, dQ=dtype)
+    for kernel, fn in (("fwd", ref._ref_fwd_kernel), ("dkdv", ref._ref_bwd_dkdv_kernel), ("dq", ref._ref_bwd_dq_kernel)):
+        BM, BN, warps, stages = ref.TUTORIAL_CONFIG[kernel]
+        yield (f"reference {kernel}", fn, ptr, ("qk_scale", "sm_scale"),
+               dict(HEAD_DIM=head_dim, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal), warps, stages)
 
 
 def cross_entropy_cases(dtype="bf16", vocab=128256):
@@ -115,7 +131,8 @@ def all_cases(arch):
         list(attention_cases("bf16", 128, True, arch, wide=True)) + \
         list(attention_cases("bf16", 128, True, arch, local=True)) + \
         [case for d in (64, 128, 256) for case in attention_cases("bf16", d, True, arch, prefix=True)] + \
-        list(attention_cases("bf16", 128, True, arch, local=True, prefix=True)) + list(cross_entropy_cases())
+        list(attention_cases("bf16", 128, True, arch, local=True, prefix=True)) + list(cross_entropy_cases()) + \
+        [case for d in (64, 128, 256) for case in reference_cases("bf16", d)]
 
 
 def compile_all(archs=(90,), quiet=False):
@@ -137,6 +154,40 @@ def compile_all(archs=(90,), quiet=False):
     return results
 
 
+def against_reference(rows) -> list:
+    """Each of our attention kernels (normal path, no window or prefix) beside the tutorial-style
+    reference at the same architecture and head dim (ours at 40 beside the reference at 64, the
+    power of two both pad to): tile area, stages, instruction mix, registers, spills."""
+    refs = {(r["arch"], r["kernel"].split(" ")[1], r["head_dim"]): r for r in rows if r["kernel"].startswith("reference ")}
+    out = []
+    for r in rows:
+        name = r["kernel"].split(" ")
+        if name[0] != "varlen_attention" or len(name) != 2 or name[1] not in ("fwd", "dkdv", "dq") \
+                or r["dtype"] not in ("bf16", "fp16"):  # the reference is the bf16 / fp16 fast path
+            continue
+        ref_row = refs.get((r["arch"], name[1], max(64, triton.next_power_of_2(int(r["head_dim"])))))
+        if ref_row is None:
+            continue
+        row = dict(arch=r["arch"], kernel=name[1], dtype=r["dtype"], head_dim=r["head_dim"])
+        for side, src in (("ours", r), ("reference", ref_row)):
+            bm, bn = map(int, src["tiles"].split("x"))
+            row.update({f"{side}_{k}": v for k, v in dict(
+                tiles=src["tiles"], tile_area=bm * bn, num_warps=src["num_warps"], num_stages=src["num_stages"],
+                wgmma=src["wgmma"], mma_sync=src["mma_sync"], cp_async=src["cp_async"], n_regs=src["n_regs"],
+                stack_bytes=src["stack_bytes"]).items()})
+        out.append(row)
+    return out
+
+
+def print_against_reference(pairs) -> None:
+    print("\nours | reference (tutorial-style, tutorial tiles): tiles, warps/stages, wgmma/mma.sync/cp.async, "
+          "spilled bytes; compiled code, not measured speed")
+    for p in pairs:
+        side = ["{tiles:>6} {num_warps}w/{num_stages}s  {wgmma:3d}/{mma_sync:3d}/{cp_async:3d}  {stack_bytes:5d} B".format(
+            **{k.split("_", 1)[1]: v for k, v in p.items() if k.startswith(prefix)}) for prefix in ("ours_", "reference_")]
+        print(f"{p['arch']} {p['kernel']:5} {p['dtype']:>5} D={p['head_dim']!s:>4}: {side[0]} | {side[1]}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="80,90")
@@ -146,18 +197,18 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=None, help="also write the report as CSV")
     args = ap.parse_args()
     rows = compile_all(tuple(int(a) for a in args.arch.split(",")))
+    pairs = against_reference(rows)
+    print_against_reference(pairs)
     if args.out:
-        import sys
-
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from common import write_csv
 
         print(f"wrote {write_csv(args.out, rows)}")
+        print(f"wrote {write_csv(os.path.splitext(args.out)[0] + '_vs_reference.csv', pairs)}")
     # --strict guards the configurations that run normally; the dense grid (validation off)
     # and 64-bit offsets (sequences past 2^31 elements) must compile, and may spill a little
     spilled = [r for r in rows if r["stack_bytes"] and "dense-grid" not in r["kernel"]
-               and "wide-offsets" not in r["kernel"]]
-    rare = [r for r in rows if r["stack_bytes"] and r not in spilled]
+               and "wide-offsets" not in r["kernel"] and not r["kernel"].startswith("reference ")]
+    rare = [r for r in rows if r["stack_bytes"] and r not in spilled and not r["kernel"].startswith("reference ")]
     if rare:
         print(f"{len(rare)} rare-path configuration(s) spill (allowed): "
               + ", ".join(f"{r['arch']} {r['kernel']} ({r['stack_bytes']} B)" for r in rare))

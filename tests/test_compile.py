@@ -22,3 +22,9 @@ def test_kernels_compile_for_sm90_and_sm80_without_spills():
     line = next(x for x in res.stdout.splitlines() if x.startswith("sm_90 varlen_attention dkdv ") and "D= 128" in x)
     wgmma, mma = map(int, re.search(r"wgmma +(\d+), mma\.sync +(\d+)", line).groups())
     assert wgmma > 0 and mma == 0, line
+
+    # the tutorial-style reference is compiled beside ours, and each of our kernels printed against it
+    table = res.stdout.split("ours | reference", 1)[1]
+    for arch in ("sm_90", "sm_80"):
+        for kernel in ("fwd", "dkdv", "dq"):
+            assert re.search(rf"^{arch} {kernel} +bf16 D= 128: .+ \| .+ B$", table, re.M), (arch, kernel)
