@@ -7,6 +7,10 @@ flash-attn when installed, all in one run, with the bf16 matmul rate measured be
 Rows of `total` tokens drawn from a LongAlign-like length mix (capped at 64K per sequence);
 bf16, head dim 128, 32 query heads over 8 kv heads, causal. Medians of triton.testing.do_bench.
 TFLOP/s by the flash-attn formula: 4*sum(L^2)*H*D, halved for causal, x2.5 for backward.
+
+Then fixed-length rows (B sequences of T tokens, no GQA) against the tutorial-style reference
+(reference_attention.py) at head dims 64, 128 and 256: the speed behind compile_check's
+side-by-side of the two kernels' compiled code.
 """
 from __future__ import annotations
 
@@ -114,6 +118,35 @@ def peers(q, k, v, cu, lengths, causal):
     return fns
 
 
+def against_reference(head_dims=(64, 128, 256), lengths=(2048, 8192), tokens=16384, heads=16, causal=True,
+                      device="cuda", dtype=torch.bfloat16):
+    """ours and the tutorial-style reference on equal-length sequences, (B, H, T, D) for the
+    reference and the same data packed (B*T, H, D) for ours; rows as in main()."""
+    from reference_attention import reference_attention
+
+    rows = []
+    for D in head_dims:
+        for T in lengths:
+            B = max(1, tokens // T)
+            qr, kr, vr = (torch.randn(B, heads, T, D, device=device, dtype=dtype, requires_grad=True)
+                          for _ in range(3))
+            q, k, v = (t.detach().transpose(1, 2).reshape(B * T, heads, D).contiguous().requires_grad_()
+                       for t in (qr, kr, vr))
+            cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+            flops = attention_flops([T] * B, heads, D, causal)
+            for name, fn, leaves in (
+                    ("longalign_ops", lambda: la.varlen_attention(q, k, v, cu, cu, T, T, causal=causal), (q, k, v)),
+                    ("reference (tutorial-style)", lambda: reference_attention(qr, kr, vr, causal=causal),
+                     (qr, kr, vr))):
+                fwd, both = bench(fn, leaves)
+                rows.append(dict(op="fixed_length_attention", impl=name, total_tokens=B * T, num_seqs=B, max_len=T,
+                                 heads=heads, kv_heads=heads, head_dim=D, causal=causal, dtype=str(dtype)[6:], fwd_ms=fwd,
+                                 bwd_ms=both - fwd, fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9,
+                                 bwd_tflops=2.5 * flops / (both - fwd) / 1e9))
+                print(f"D={D} T={T:>5} x{B:<3} {name:>28}: fwd {fwd:7.3f} ms  bwd {both - fwd:7.3f} ms")
+    return rows
+
+
 def matmul_tflops(dtype=torch.bfloat16, n=8192):
     from triton.testing import do_bench
 
@@ -163,6 +196,7 @@ def main() -> None:
                   f"bwd {bwd:7.3f} ms ({r['bwd_tflops']:5.0f} TF/s)  fwd+bwd {both:7.3f} ms")
         del q, k, v
         torch.cuda.empty_cache()
+    rows += against_reference(causal=causal)
     print(f"wrote {write_csv(out_path(args), rows)}")
 
 

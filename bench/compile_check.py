@@ -49,12 +49,15 @@ def _signature(fn, pointers: dict, floats=(), i64=(), constexprs: dict = None):
 
 
 def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=True, wide=False, local=False,
-                    prefix=False):
+                    prefix=False, tiles=None):
     """`local`: a sliding window (both bounds) with logit soft-capping, Gemma-2 style; `prefix`:
-    a batch with shared prefixes (PackedBatch.from_prefix_groups)."""
+    a batch with shared prefixes (PackedBatch.from_prefix_groups); `tiles`: (BLOCK_M, BLOCK_N,
+    warps, stages) for every kernel instead of attention_config's (tile_sweep.py)."""
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     cfg = va.attention_config(head_dim, torch_dtype, on_gpu=True, capability=divmod(arch, 10), softcap=local,
                               prefix=prefix)
+    if tiles is not None:
+        cfg = dict(fwd=tiles, dkdv=tiles, dq=tiles)
     common = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_LEFT=local,
                   HAS_RIGHT=causal or local, SOFTCAP=local, TILE_LIST=tile_list,
                   DOT_PRECISION=va._dot_precision(torch_dtype), WIDE_OFFSETS=wide, HAS_PREFIX=prefix)
@@ -77,12 +80,12 @@ def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=
                                                        BLOCK_M=max(16, 8192 // block_d)), 4, 1)
 
 
-def reference_cases(dtype="bf16", head_dim=128, causal=True):
+def reference_cases(dtype="bf16", head_dim=128, causal=True, tiles=None):
     """The tutorial-style fixed-length attention (reference_attention.py) with the tutorial's
-    tiles: the yardstick each of our attention kernels is printed beside."""
+    tiles (or `tiles` for every kernel): the yardstick each of our attention kernels is printed beside."""
     ptr = dict(Q=dtype, K=dtype, V=dtype, Out=dtype, M="fp32", dO=dtype, Delta="fp32", dK=dtype, dV=dtype, dQ=dtype)
     for kernel, fn in (("fwd", ref._ref_fwd_kernel), ("dkdv", ref._ref_bwd_dkdv_kernel), ("dq", ref._ref_bwd_dq_kernel)):
-        BM, BN, warps, stages = ref.TUTORIAL_CONFIG[kernel]
+        BM, BN, warps, stages = tiles or ref.TUTORIAL_CONFIG[kernel]
         yield (f"reference {kernel}", fn, ptr, ("qk_scale", "sm_scale"),
                dict(HEAD_DIM=head_dim, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal), warps, stages)
 
@@ -98,15 +101,27 @@ def cross_entropy_cases(dtype="bf16", vocab=128256):
                     BLOCK_V=ce._block_v(vocab, True)), 16, 1)
 
 
-def cubin_usage(cubin: bytes) -> dict:
-    """Registers and local-memory stack of the cubin triton built, via the cuobjdump it ships."""
+def _cuobjdump(cubin: bytes, *flags) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         open(path, "wb").write(cubin)
-        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, *flags, path], capture_output=True, text=True, check=True).stdout
+
+
+def cubin_usage(cubin: bytes) -> dict:
+    """Registers and local-memory stack of the cubin triton built (the cuobjdump it ships), and
+    how many local-memory loads and stores (spill traffic) sit inside loops of the SASS: a spill
+    outside the loops is paid once per program, one inside on every step."""
+    out = _cuobjdump(cubin, "--dump-resource-usage")
     fields = dict(x.split(":", 1) for x in out.strip().splitlines()[-1].split() if ":" in x)
-    return dict(n_regs=int(fields["REG"]), stack_bytes=int(fields["STACK"]))
+    instructions = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", _cuobjdump(cubin, "-sass"))]
+    # a loop is the span from a backward branch's target to the branch
+    loops = [(int(target, 16), addr) for addr, text in instructions
+             for target in re.findall(r"\bBRA\b.*?0x([0-9a-f]+)", text) if int(target, 16) < addr]
+    in_loops = sum(1 for addr, text in instructions if re.search(r"\b(?:LDL|STL)\b", text)
+                   and any(lo <= addr <= hi for lo, hi in loops))
+    return dict(n_regs=int(fields["REG"]), stack_bytes=int(fields["STACK"]), loop_spill_ops=in_loops)
 
 
 def instruction_mix(ptx: str) -> dict:
@@ -148,7 +163,8 @@ def compile_all(archs=(90,), quiet=False):
             results.append(row)
             if not quiet:
                 print(f"{row['arch']} {name:40} {row['dtype']:>5} D={row['head_dim']!s:>4} {tiles:>7}: "
-                      f"{row['n_regs']:3d} regs, {row['stack_bytes']:5d} B stack (spills), {row['shared_bytes']:6d} B "
+                      f"{row['n_regs']:3d} regs, {row['stack_bytes']:5d} B stack (spills; {row['loop_spill_ops']} ops in loops), "
+                      f"{row['shared_bytes']:6d} B "
                       f"shared, {warps} warps, {stages} stages | wgmma {row['wgmma']:3d}, mma.sync {row['mma_sync']:3d}, "
                       f"cp.async {row['cp_async']:3d}, tma {row['tma']}", flush=True)
     return results
@@ -215,9 +231,10 @@ if __name__ == "__main__":
     if spilled:
         print(f"{len(spilled)} kernel configuration(s) spill: " + ", ".join(f"{r['kernel']} {r['dtype']} D={r['head_dim']}"
                                                                           for r in spilled))
-    # and on Hopper every bf16/fp16 attention matmul of the normal path is a wgmma at the head dims
-    # of today's models (40-128); D = 256's backward tiles cannot hold wgmma's 64-row operands and
-    # their fp32 accumulators in registers without spilling, so it keeps mma.sync (no spills)
+    # and on Hopper every bf16/fp16 attention matmul of the normal path is a wgmma at head dims
+    # 40-128. At 256 the backward keeps mma.sync without spills: every wgmma tile tried for it
+    # spills under Triton 3.6, and so does the tutorial-style reference's dK/dV (tile_sweep.py;
+    # bench/results/cpu-x86_64-2cores-2026-12-02/tile-sweep-d256/, docs/design.md "Tile model")
     not_wgmma = [r for r in rows if r["arch"] == "sm_90" and r["dtype"] in ("bf16", "fp16")
                  and r["kernel"].split(" ")[:2] in (["varlen_attention", "fwd"], ["varlen_attention", "dkdv"],
                                                     ["varlen_attention", "dq"])

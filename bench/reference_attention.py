@@ -27,6 +27,13 @@ INTERPRETER_CONFIG = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4
 
 
 @triton.jit
+def _load_rows(X, base, rows, T, HEAD_DIM: tl.constexpr):
+    """The (rows x HEAD_DIM) tile of one (batch, head)'s (T, HEAD_DIM) matrix at `base`; rows past T read 0."""
+    return tl.load(X + base + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], mask=rows[:, None] < T,
+                   other=0.0)
+
+
+@triton.jit
 def _ref_fwd_kernel(Q, K, V, Out, M, T, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """One (BLOCK_M queries, batch x head) tile: online softmax over the key blocks it sees;
@@ -36,7 +43,7 @@ def _ref_fwd_kernel(Q, K, V, Out, M, T, qk_scale,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    q = _load_rows(Q, base, offs_m, T, HEAD_DIM)
     k_ptrs = K + base + offs_n[None, :] * HEAD_DIM + offs_d[:, None]  # K^T tile, advanced per block
     v_ptrs = V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -78,8 +85,8 @@ def _ref_bwd_dkdv_kernel(Q, K, V, dO, M, Delta, dK, dV, T, qk_scale, sm_scale,
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_mask = offs_n[:, None] < T
-    k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_rows(K, base, offs_n, T, HEAD_DIM)
+    v = _load_rows(V, base, offs_n, T, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
@@ -116,8 +123,8 @@ def _ref_bwd_dq_kernel(Q, K, V, dO, M, Delta, dQ, T, qk_scale, sm_scale,
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q_mask = offs_m[:, None] < T
-    q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(dO + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _load_rows(Q, base, offs_m, T, HEAD_DIM)
+    do = _load_rows(dO, base, offs_m, T, HEAD_DIM)
     m = tl.load(M + bh * T + offs_m, mask=offs_m < T, other=float("inf"))
     delta = tl.load(Delta + bh * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)

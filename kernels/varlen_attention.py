@@ -471,7 +471,9 @@ def _varlen_attention_bwd_dq_kernel(
 
 def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability=(9, 0), softcap: bool = False,
                      prefix: bool = False) -> dict:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, in one place.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, in one place. The budget behind each
+    number (registers, shared memory, wgmma's 64-row slabs) and a reason per entry are in
+    docs/design.md, "Tile model"; bench/tile_sweep.py compiles candidates.
 
     GPU choices are the largest tiles that compile without register spills for the device's
     architecture (bench/compile_check.py reads the cubins; tests/test_compile.py keeps every

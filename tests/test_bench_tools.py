@@ -45,3 +45,28 @@ def test_benchmarks_write_under_runs_unless_asked(tmp_path):
     assert common.out_path(ap.parse_args([])).startswith(os.path.join("runs", "bench"))
     assert common.out_path(ap.parse_args(["--results"])).startswith(os.path.join(ROOT, "bench", "results"))
     assert common.out_path(ap.parse_args(["--out", "y.csv"])) == "y.csv"
+
+
+def test_bench_against_reference_runs_both_kernels(monkeypatch):
+    """gpu_check's ours-vs-reference rows, on the interpreter with a stand-in timer: both kernels
+    run forward and backward on the same equal-length data and give the same attention."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import torch
+
+    import bench_varlen_attention as bva
+
+    outs = []
+
+    def one_call(fn, grad_of=None):
+        out = fn()
+        torch.autograd.grad(out, grad_of, torch.ones_like(out))
+        outs.append(out.detach())
+        return 1.0, 3.0
+
+    monkeypatch.setattr(bva, "bench", one_call)
+    rows = bva.against_reference(head_dims=(16,), lengths=(33,), tokens=66, heads=2, device="cpu",
+                                 dtype=torch.float32)
+    assert [r["impl"] for r in rows] == ["longalign_ops", "reference (tutorial-style)"]
+    assert rows[0]["num_seqs"] == 2 and rows[0]["bwd_ms"] == 2.0
+    ours, ref = outs
+    torch.testing.assert_close(ours.reshape(2, 33, 2, 16).transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
