@@ -34,9 +34,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "train"))
 from common import device_name, write_csv  # noqa: E402
 
-import batches  # noqa: E402  (train/batches.py)
-import data  # noqa: E402  (train/data.py)
-import train  # noqa: E402
+import train  # noqa: E402  (train/train.py: main and its public helpers)
 import longalign_ops as la  # noqa: E402
 
 STRATEGIES = {
@@ -47,11 +45,18 @@ STRATEGIES = {
 }
 
 
-def epoch_steps(common, strategy_args):
-    cfg = train.parse_args(common + strategy_args)
-    units, _ = train.load_units(cfg, print)
-    lengths = train.unit_lengths(units)
-    return batches.make_plan(cfg, lengths, cfg.world_size, 0).num_steps
+def median_of(repeats: int):
+    """A pass timer for train.main: each emulated rank's micro-batch runs `repeats` times (the
+    first trains; the others do the same work and drop their gradients), each pass timed."""
+    def timer(run_pass):
+        timings, loss = [], None
+        for i in range(repeats):
+            t = time.perf_counter()
+            out = run_pass(i == 0)
+            timings.append((time.perf_counter() - t) * 1e3)
+            loss = out if i == 0 else loss
+        return loss, timings
+    return timer
 
 
 def summarise(name, history, world):
@@ -71,9 +76,8 @@ def summarise(name, history, world):
 
 def held_out_loss(model, cfg, device) -> float:
     """Mean over held-out sequences of their per-token loss: one metric for every strategy."""
-    rng = np.random.default_rng(10_000 + cfg.seed)
-    eval_cfg = train.parse_args(["--preset", cfg.preset, "--num-samples", "64", "--window", str(cfg.window)])
-    seqs = data.sft_sequences(data.embedded_dataset(eval_cfg, rng))
+    seqs = train.held_out_sequences(["--preset", cfg.preset, "--num-samples", "64", "--window", str(cfg.window)],
+                                    seed=10_000 + cfg.seed)
     model.eval()
     vals = []
     with torch.no_grad():
@@ -181,13 +185,13 @@ def main() -> None:
         common += ["--num-samples", str(args.num_samples)]
     rows = []
     for name, extra in STRATEGIES.items():
-        steps = epoch_steps(common, extra)
+        steps = train.epoch_steps(common + extra)
         if args.max_steps:
             steps = min(steps, args.max_steps)
         print(f"== {name}: {steps} steps x {args.world_size} ranks, each micro-batch timed {args.repeats}x "
               f"({time.perf_counter() - started:.0f} s so far)", flush=True)
-        res = train.main(common + extra + ["--max-steps", str(steps), "--out", os.path.join(args.out, name),
-                                           "--time-repeats", str(args.repeats)])
+        res = train.main(common + extra + ["--max-steps", str(steps), "--out", os.path.join(args.out, name)],
+                         pass_timer=median_of(args.repeats))
         rows.append(dict(summarise(name, res["history"], args.world_size), preset=args.preset,
                          world_size=args.world_size, batch_size=batch, threads=args.threads, repeats=args.repeats))
     base = rows[0]

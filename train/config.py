@@ -56,7 +56,6 @@ class Config:
     overwrite: bool = False             # replace a previous run in --out (refused without it)
     ckpt_every: int = 0                 # 0: only at the end
     log_every: int = 1
-    time_repeats: int = 1               # benchmark: each emulated rank's micro-batch timed as a median
     # preference objectives (None: the objective's default, OBJECTIVE_DEFAULTS)
     num_rejected: Optional[int] = None  # rejected answers per prompt (embedded task: 2; --data: the records')
     target_window: int = 4              # LOGO: synthesised positions cover window * target_window
@@ -135,8 +134,6 @@ HELP = dict(
                    "CPU (FSDP2 CPUOffloadPolicy)",
     resume="continue from the checkpoint in --out", overwrite="replace a previous run found in --out",
     ckpt_every="checkpoint every N steps (0: only at the end)", log_every="print a progress line every N steps",
-    time_repeats="benchmarking: time each emulated rank's micro-batch as the median of this many forward + "
-                 "backward passes (the extra ones compute gradients and drop them: training is unchanged)",
     num_rejected="rejected answers per prompt (embedded task: 2; --data: every record's count must match)",
     target_window="LOGO: synthesised positions cover window x this",
     beta="reward scale (default per objective: logo 3, simpo 2, dpo / longpo 0.1)",

@@ -33,9 +33,9 @@ import torch.distributed as dist
 import checkpoint
 import export
 import records
-from batches import logo_positions, micro_batch, optimizer_step_batches
+from batches import logo_positions, make_plan, micro_batch, optimizer_step_batches
 from config import Config, as_list, data_sources, parse_args
-from data import load_units, tokenizer_path, unit_lengths
+from data import embedded_dataset, load_units, sft_sequences, tokenizer_path, unit_lengths
 from longalign_ops.losses import NEEDS_REFERENCE, PREFERENCE_METRICS
 from metrics import plot_loss
 from modeling import CausalLMWithLoss, build_model
@@ -52,9 +52,38 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def main(argv=None, step_hook=None) -> dict:
+def epoch_steps(argv) -> int:
+    """Plan steps (each one micro-batch per rank) of one epoch of `train/train.py argv`'s data:
+    what a benchmark runs to train on every unit once."""
+    cfg = parse_args(argv)
+    units, _ = load_units(cfg, lambda msg: None)
+    return make_plan(cfg, unit_lengths(units, cfg.shared_prefix), cfg.world_size, 0).num_steps
+
+
+def held_out_sequences(argv, seed: int) -> list:
+    """Sequences of the embedded task (`argv`'s preset and window) drawn with `seed`, for a metric
+    on data no run trains on: dicts of input_ids and labels (shifted: label t is token t + 1)."""
+    return sft_sequences(embedded_dataset(parse_args(argv), np.random.default_rng(seed)))
+
+
+def time_one_pass(run_pass):
+    """The default `pass_timer` of main(): one forward + backward pass, timed. A pass timer gets
+    `run_pass(train)` (train=True: the step's pass, whose gradients count; False: the same work
+    again with its gradients dropped) and returns (the training pass's loss, each pass's ms)."""
+    t = time.perf_counter()
+    loss = run_pass(True)
+    return loss, [(time.perf_counter() - t) * 1e3]
+
+
+def main(argv=None, step_hook=None, pass_timer=time_one_pass) -> dict:
+    """Train as `train/train.py argv` does; returns the metrics history, the model and its config.
+    `step_hook(row)` sees each step's metrics row; `pass_timer` runs and times each emulated
+    rank's micro-batch (time_one_pass; bench/bench_e2e.py repeats the pass for a median, which
+    leaves training unchanged). Timed repeats beyond the first are left out of the step's ms."""
     cfg = parse_args(argv)
     rank, world, dp_rank, dp_size, row_groups = setup_distributed(cfg)
+    if world > 1 and pass_timer is not time_one_pass:
+        raise SystemExit("a pass_timer (timing repeats) is for ranks emulated in one process, not under torchrun")
     # refusals of the flag combination, on every rank, before any data is read or model built
     if cfg.fsdp and not dist.is_initialized():
         raise SystemExit("--fsdp needs a torchrun job (torchrun --nproc_per_node N train/train.py --fsdp ...)")
@@ -82,8 +111,6 @@ def main(argv=None, step_hook=None) -> dict:
                                    log) if ref_units is not None else None
     wrapped = CausalLMWithLoss(model)
     if world > 1 or cfg.fsdp:
-        if cfg.time_repeats > 1:
-            raise SystemExit("--time-repeats is for ranks emulated in one process, not under torchrun")
         wrapped = shard_model(wrapped, model, world, device, cfg.offload_params) if cfg.fsdp else \
             torch.nn.parallel.DistributedDataParallel(wrapped)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -139,18 +166,20 @@ def main(argv=None, step_hook=None) -> dict:
                 defer_sync = world > 1 and a < len(plan_steps) - 1  # gradients reduced once per optimizer step
                 if cfg.fsdp:
                     wrapped.set_requires_gradient_sync(not defer_sync)
-                timings = []
-                for repeat in range(cfg.time_repeats):
-                    t_pass = time.perf_counter()
+
+                def run_pass(train, mb=mb, defer_sync=defer_sync):
                     with wrapped.no_sync() if defer_sync and not cfg.fsdp else contextlib.nullcontext(), autocast:
-                        if repeat == 0:
-                            loss = wrapped(mb, loss_fn)
-                            loss.backward()
-                        else:  # the same work again for the timing; its gradients are dropped
-                            torch.autograd.grad(wrapped(mb, make_loss_fn(cfg, 1, 1, 1.0)), params, allow_unused=True)
+                        if train:
+                            out = wrapped(mb, loss_fn)
+                            out.backward()
+                        else:  # the same work again (a timing repeat); its gradients are dropped
+                            out = wrapped(mb, make_loss_fn(cfg, 1, 1, 1.0))
+                            torch.autograd.grad(out, params, allow_unused=True)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    timings.append((time.perf_counter() - t_pass) * 1e3)
+                    return out
+
+                loss, timings = pass_timer(run_pass)
                 repeat_ms += sum(timings[1:])
                 rank_ms[e] += prepare_ms + float(np.median(timings))
                 rank_min[e] += prepare_ms + min(timings)
