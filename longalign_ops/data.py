@@ -32,7 +32,9 @@ def _ids(name: str, value, index: int) -> np.ndarray:
 
 class PackedCollator:
     """Collate a list of ``{"input_ids": [...], "labels": [...] (optional), "loss_weight": float
-    (optional)}`` records into one packed row: ``input_ids``, ``labels``, ``shift_labels`` and
+    (optional)}`` records into one packed row. A record may give ``shift_labels`` (its targets
+    already shifted: entry t is the target of position t, ignore_index on its last position)
+    instead of ``labels``. The row holds ``input_ids``, ``labels``, ``shift_labels`` and
     ``position_ids`` of shape ``(1, T)``, ``cu_seq_lens_q/k`` and ``max_length_q/k``
     (transformers' flash-attention kwargs), ``token_weights`` ``(1, T)`` when the records carry a
     ``loss_weight`` (each sequence's factor, e.g. LongAlign's ``K/(N_i M)`` from
@@ -40,30 +42,55 @@ class PackedCollator:
     ``device`` is given, ``packed_batch``: the batch description on that device, and every
     tensor moved there (with ``device=None``, e.g. in DataLoader workers whose trainer moves
     tensors itself, the attention derives the description once per forward from
-    ``cu_seq_lens_q/k``)."""
+    ``cu_seq_lens_q/k``).
 
-    def __init__(self, device=None, *, ignore_index: int = -100):
+    ``pad_to_longest=True`` right-pads every sequence to the batch's longest with
+    ``pad_token_id`` (ignored targets), each padded sequence one segment: a padded batch in packed
+    form, for naive or length-sorted batching baselines, where the padding costs what it costs."""
+
+    def __init__(self, device=None, *, ignore_index: int = -100, pad_to_longest: bool = False,
+                 pad_token_id: int = 0):
         self.device = None if device is None else torch.device(device)
         self.ignore_index = ignore_index
+        self.pad_to_longest, self.pad_token_id = pad_to_longest, int(pad_token_id)
+
+    def _shifted(self, records, ids) -> list:
+        """Each sequence's shifted targets: given (shift_labels) or from its labels (or its ids)."""
+        out = []
+        for i, (r, x) in enumerate(zip(records, ids)):
+            if r.get("shift_labels") is not None:
+                if r.get("labels") is not None:
+                    raise ValueError(f"sequence {i}: give labels or shift_labels, not both")
+                y = _ids("shift_labels", r["shift_labels"], i)
+                if len(y) and y[-1] != self.ignore_index:
+                    raise ValueError(f"sequence {i}: the last shift_labels entry must be ignore_index "
+                                     f"({self.ignore_index}): no token of the sequence follows its last")
+            else:
+                labels = _ids("labels", r["labels"], i) if r.get("labels") is not None else x
+                y = np.full(len(labels), self.ignore_index, np.int64)
+                y[:-1] = labels[1:]
+            if len(x) != len(y):
+                raise ValueError(f"sequence {i}: {len(y)} labels for {len(x)} input_ids")
+            out.append(y)
+        return out
 
     def __call__(self, records: Sequence[dict]) -> dict:
         ids = [_ids("input_ids", r["input_ids"], i) for i, r in enumerate(records)]
-        labels = [_ids("labels", r["labels"], i) if r.get("labels") is not None else x.copy()
-                  for i, (r, x) in enumerate(zip(records, ids))]
-        for i, (x, y) in enumerate(zip(ids, labels)):
-            if len(x) != len(y):
-                raise ValueError(f"sequence {i}: {len(y)} labels for {len(x)} input_ids")
+        shifted_each = self._shifted(records, ids)
+        if self.pad_to_longest and ids:
+            longest = max(len(x) for x in ids)
+            ids = [np.concatenate([x, np.full(longest - len(x), self.pad_token_id, np.int64)]) for x in ids]
+            shifted_each = [np.concatenate([y, np.full(longest - len(y), self.ignore_index, np.int64)])
+                            for y in shifted_each]
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
         device = self.device or "cpu"
         batch = PackedBatch.from_lengths(lengths, device=device)
-        flat_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        shifted = np.concatenate(shifted_each) if ids else np.zeros(0, np.int64)
+        # transformers' labels: unshifted, the first token of each sequence ignored
+        hf_labels = np.full_like(shifted, self.ignore_index)
+        hf_labels[1:] = shifted[:-1]
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        first = starts[lengths > 0]
-        hf_labels = flat_labels.copy()
-        hf_labels[first] = self.ignore_index
-        shifted = np.full_like(flat_labels, self.ignore_index)
-        shifted[:-1] = flat_labels[1:]
-        shifted[np.cumsum(lengths)[lengths > 0] - 1] = self.ignore_index  # a sequence's last token has no target
+        hf_labels[starts[lengths > 0]] = self.ignore_index
         as_row = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)[None]  # noqa: E731
         out = dict(input_ids=as_row(np.concatenate(ids) if ids else np.zeros(0, np.int64)), labels=as_row(hf_labels),
                    shift_labels=as_row(shifted), position_ids=batch.position_ids[None],

@@ -190,3 +190,27 @@ def test_collator_loss_weights_and_plan_batch_sampler():
     # sequence, and every sequence's last token)
     want = torch.tensor([factors[2]] * 8 + [0.0] + [0.0] + [factors[0]] * 4 + [0.0], dtype=torch.float32)
     assert torch.equal(w, want) and torch.equal(w > 0, targets != -100)
+
+
+def test_collator_pads_to_longest_and_takes_shifted_targets():
+    """pad_to_longest: a padded batch in packed form (each sequence one padded segment, padding
+    ignored); shift_labels: targets given already shifted give the same row as their labels."""
+    ids = [[3, 4, 5], [6], [7, 8, 9, 10, 11]]
+    labels = [[-100, 4, 5], [-100], [-100, -100, 9, 10, 11]]
+    plain = PackedCollator()([dict(input_ids=i, labels=y) for i, y in zip(ids, labels)])
+    shifted = [y[1:] + [-100] for y in labels]
+    given = PackedCollator()([dict(input_ids=i, shift_labels=s) for i, s in zip(ids, shifted)])
+    for key in ("input_ids", "labels", "shift_labels", "cu_seq_lens_q"):
+        assert torch.equal(plain[key], given[key]), key
+    padded = PackedCollator(pad_to_longest=True, pad_token_id=0)([dict(input_ids=i, labels=y)
+                                                                  for i, y in zip(ids, labels)])
+    assert padded["cu_seq_lens_q"].tolist() == [0, 5, 10, 15] and padded["max_length_q"] == 5
+    assert padded["input_ids"][0].tolist() == [3, 4, 5, 0, 0, 6, 0, 0, 0, 0, 7, 8, 9, 10, 11]
+    assert padded["shift_labels"][0].tolist() == [4, 5] + [-100] * 8 + [-100, 9, 10, 11, -100]
+    assert padded["position_ids"][0].tolist() == list(range(5)) * 3
+    with pytest.raises(ValueError, match="last shift_labels entry"):
+        PackedCollator()([dict(input_ids=[1, 2], shift_labels=[2, 3])])
+    with pytest.raises(ValueError, match="labels or shift_labels"):
+        PackedCollator()([dict(input_ids=[1, 2], labels=[1, 2], shift_labels=[2, -100])])
+    with pytest.raises(ValueError, match="2 labels for 3 input_ids"):
+        PackedCollator()([dict(input_ids=[1, 2, 3], shift_labels=[2, -100])])

@@ -1,5 +1,6 @@
 """Which units each step and rank trains on (the packer's plans, or the pretrain mixture),
-and the packed micro-batch of one rank: tokens, labels and the PackedBatch that describes them.
+and the packed micro-batch of one rank (collated by longalign_ops.data): tokens, labels and the
+PackedBatch that describes them.
 """
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import numpy as np
 import torch
 
 import longalign_ops as la
+from longalign_ops.data import PackedCollator
+from longalign_ops.preference import PreferenceCollator
 from config import Config, as_list, data_sources
-from data import PAD, sequences_of, shared_prefix_row
+from data import PAD, sequences_of
 
 
 def make_plan(cfg: Config, units_lengths, ranks: int, epoch: int, sources=None):
@@ -61,34 +64,28 @@ class MixturePlan:
 
 
 def micro_batch(cfg: Config, units, idx, device):
-    """Flat tokens + cu_seqlens for one rank's micro-batch. Packed: sequences back to back.
-    Naive / sorted: each sequence right-padded to the batch's longest, one row per sequence, so
-    the padding costs what it costs in a padded batch. A rank with nothing gets one ignored
-    token (it still joins DDP's gradient averaging)."""
+    """One rank's micro-batch, collated by longalign_ops.data: tokens, shifted targets and the
+    batch description. Packed: sequences back to back (PackedCollator). Naive / sorted: each
+    sequence right-padded to the batch's longest, one segment per sequence, so the padding costs
+    what it costs in a padded batch (pad_to_longest). Shared prefixes: each prompt once, its
+    answers branching off it (PreferenceCollator). A rank with nothing gets one ignored token
+    (it still joins DDP's gradient averaging)."""
     seqs = sequences_of(units, idx)
     if not seqs:
         seqs = [dict(input_ids=np.array([PAD]), labels=np.array([-100]))]
-    if cfg.shared_prefix and idx:  # each prompt once, its answers branching off it
-        groups, ids, labels = shared_prefix_row(units, idx)
-        batch = la.PackedBatch.from_prefix_groups(groups, device=device)
-        real = slots = batch.total
+    if cfg.shared_prefix and idx:
+        examples = [dict(prompt_ids=units[i][0]["input_ids"][:units[i][0]["prompt_len"]],
+                         answers=[s["input_ids"][s["prompt_len"]:] for s in units[i]]) for i in idx]
+        row = PreferenceCollator(device, shared_prefix=True)(examples)
+        real = slots = row["packed_batch"].total
     else:
-        padded = cfg.strategy != "bfd"
-        L = max(len(s["input_ids"]) for s in seqs)
-        ids, labels, lens = [], [], []
-        for s in seqs:
-            n = len(s["input_ids"])
-            pad = L - n if padded else 0
-            ids.append(np.concatenate([s["input_ids"], np.full(pad, PAD)]))
-            labels.append(np.concatenate([s["labels"], np.full(pad, -100)]))
-            lens.append(n + pad)
-        batch = la.PackedBatch.from_lengths(lens, device=device)  # from host lengths: no device sync
+        collate = PackedCollator(device, pad_to_longest=cfg.strategy != "bfd", pad_token_id=PAD)
+        row = collate([dict(input_ids=s["input_ids"], shift_labels=s["labels"]) for s in seqs])
         real = sum(len(s["input_ids"]) for s in seqs) if idx else 0
-        slots = int(sum(lens)) if idx else 0
-    t = lambda a: torch.from_numpy(np.concatenate(a)).to(device=device, dtype=torch.int64)  # noqa: E731
+        slots = row["input_ids"].shape[1] if idx else 0
     answer_tokens = torch.tensor([int((s["labels"] != -100).sum()) for s in seqs], dtype=torch.float32, device=device)
-    return dict(input_ids=t(ids), labels=t(labels), batch=batch, real_tokens=real, answer_tokens=answer_tokens,
-                slots=slots, seqs=seqs, num_units=len(idx))
+    return dict(input_ids=row["input_ids"][0], labels=row["shift_labels"][0], batch=row["packed_batch"],
+                real_tokens=real, answer_tokens=answer_tokens, slots=slots, seqs=seqs, num_units=len(idx))
 
 
 def logo_positions(cfg: Config, mb):

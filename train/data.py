@@ -196,27 +196,10 @@ def unit_lengths(units, shared_prefix: bool = False) -> List[int]:
     prefixes a prompt is stored once: its len - 1 tokens plus each answer's branch."""
     if isinstance(units, DocumentPieces):  # from the stores' offsets: no token is read
         return units.lengths.tolist()
-    if shared_prefix:
-        return [int(sum(map(len, shared_prefix_row(units, [i])[1]))) for i in range(len(units))]
+    if shared_prefix:  # as PreferenceCollator lays the row out: len - 1 prompt tokens, then each branch
+        cuts = [max(unit[0]["prompt_len"] - 1, 0) for unit in units]
+        return [cut + sum(len(s["input_ids"]) - cut for s in unit) for cut, unit in zip(cuts, units)]
     return [sum(len(s["input_ids"]) for s in sequences_of(units, [i])) for i in range(len(units))]
-
-
-def shared_prefix_row(units, idx):
-    """A row of prompts, each stored once: per prompt its first len - 1 tokens (the shared prefix),
-    then each answer as a branch that starts with the prompt's last token (which predicts a
-    different first answer token in each). Returns (groups, ids, labels) for
-    PackedBatch.from_prefix_groups."""
-    groups, ids, labels = [], [], []
-    for i in idx:
-        unit = units[i]
-        cut = max(unit[0]["prompt_len"] - 1, 0)
-        ids.append(unit[0]["input_ids"][:cut])
-        labels.append(unit[0]["labels"][:cut])
-        for s in unit:
-            ids.append(s["input_ids"][cut:])
-            labels.append(s["labels"][cut:])
-        groups.append((cut, [len(s["input_ids"]) - cut for s in unit]))
-    return groups, ids, labels
 
 
 def count_targets(units, idx) -> int:
