@@ -118,7 +118,7 @@ def peers(q, k, v, cu, lengths, causal):
     return fns
 
 
-def against_reference(head_dims=(64, 128, 256), lengths=(2048, 8192), tokens=16384, heads=16, causal=True,
+def against_reference(head_dims=(64, 128, 256), lengths=(4096,), tokens=16384, heads=16, causal=True,
                       device="cuda", dtype=torch.bfloat16):
     """ours and the tutorial-style reference on equal-length sequences, (B, H, T, D) for the
     reference and the same data packed (B*T, H, D) for ours; rows as in main()."""
@@ -138,7 +138,11 @@ def against_reference(head_dims=(64, 128, 256), lengths=(2048, 8192), tokens=163
                     ("longalign_ops", lambda: la.varlen_attention(q, k, v, cu, cu, T, T, causal=causal), (q, k, v)),
                     ("reference (tutorial-style)", lambda: reference_attention(qr, kr, vr, causal=causal),
                      (qr, kr, vr))):
-                fwd, both = bench(fn, leaves)
+                try:
+                    fwd, both = bench(fn, leaves)
+                except Exception as e:  # noqa: BLE001  (the reference's 5-stage tiles outgrow shared memory at D=256)
+                    print(f"D={D} T={T} {name}: failed: {str(e)[:200]}")
+                    continue
                 rows.append(dict(op="fixed_length_attention", impl=name, total_tokens=B * T, num_seqs=B, max_len=T,
                                  heads=heads, kv_heads=heads, head_dim=D, causal=causal, dtype=str(dtype)[6:], fwd_ms=fwd,
                                  bwd_ms=both - fwd, fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9,

@@ -133,8 +133,26 @@ def instruction_mix(ptx: str) -> dict:
                 tma=len(re.findall(r"\bcp\.async\.bulk\.tensor\b", ptx)))
 
 
+def launch_ints(constexprs: dict) -> dict:
+    """The integer arguments of a typical launch: a packed row of Hq = 8 x GROUP query heads over 8
+    kv heads (strides H x D and D), a causal window, a 128256-token vocabulary; the reference's
+    T = 65536. Token totals are left unknown (a packed row's length is anything)."""
+    d, hk = constexprs.get("HEAD_DIM", 128), 8
+    hq = hk * constexprs.get("GROUP", 4)
+    strides = {f"stride_{t}{s}": (h * d if s == "t" else d)
+               for ts, h in ((("q", "o", "do", "dq"), hq), (("k", "v", "dk", "dv"), hk)) for t in ts for s in "th"}
+    return dict(strides, window_left=0, window_right=0, T=65536, stride_lt=128256, stride_gt=128256, V=128256)
+
+
 def compile_kernel(fn, ptr, floats, constexprs, warps, stages, arch):
-    src = ASTSource(fn=fn, signature=_signature(fn, ptr, floats, (), constexprs), constexprs=constexprs)
+    """Compile as Triton's JIT does at launch, which specializes every 16-byte-aligned pointer and
+    every integer divisible by 16 as such (tt.divisibility): torch's tensors are aligned, and the
+    strides of `launch_ints`. Without it loads are not vectorized or pipelined (scalar
+    ld.global, no cp.async) and the registers counted are those of a launch that never happens."""
+    ints = launch_ints(constexprs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name in ptr or (name in ints and ints[name] % 16 == 0)}
+    src = ASTSource(fn=fn, signature=_signature(fn, ptr, floats, (), constexprs), constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
@@ -144,7 +162,7 @@ def all_cases(arch):
             for case in attention_cases(dtype, d, causal, arch)] + \
         list(attention_cases("bf16", 128, True, arch, tile_list=False)) + \
         list(attention_cases("bf16", 128, True, arch, wide=True)) + \
-        list(attention_cases("bf16", 128, True, arch, local=True)) + \
+        [case for d in (128, 256) for case in attention_cases("bf16", d, True, arch, local=True)] + \
         [case for d in (64, 128, 256) for case in attention_cases("bf16", d, True, arch, prefix=True)] + \
         list(attention_cases("bf16", 128, True, arch, local=True, prefix=True)) + list(cross_entropy_cases()) + \
         [case for d in (64, 128, 256) for case in reference_cases("bf16", d)]
@@ -170,6 +188,10 @@ def compile_all(archs=(90,), quiet=False):
     return results
 
 
+# the most shared memory one program may use (opt-in dynamic shared memory per block): A100, H100
+SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+
+
 def against_reference(rows) -> list:
     """Each of our attention kernels (normal path, no window or prefix) beside the tutorial-style
     reference at the same architecture and head dim (ours at 40 beside the reference at 64, the
@@ -190,16 +212,18 @@ def against_reference(rows) -> list:
             row.update({f"{side}_{k}": v for k, v in dict(
                 tiles=src["tiles"], tile_area=bm * bn, num_warps=src["num_warps"], num_stages=src["num_stages"],
                 wgmma=src["wgmma"], mma_sync=src["mma_sync"], cp_async=src["cp_async"], n_regs=src["n_regs"],
-                stack_bytes=src["stack_bytes"]).items()})
+                stack_bytes=src["stack_bytes"], shared_bytes=src["shared_bytes"],
+                launches=int(src["shared_bytes"]) <= SHARED_LIMIT[src["arch"]]).items()})
         out.append(row)
     return out
 
 
 def print_against_reference(pairs) -> None:
     print("\nours | reference (tutorial-style, tutorial tiles): tiles, warps/stages, wgmma/mma.sync/cp.async, "
-          "spilled bytes; compiled code, not measured speed")
+          "spilled bytes (* needs more shared memory than the GPU has); compiled code, not measured speed")
     for p in pairs:
-        side = ["{tiles:>6} {num_warps}w/{num_stages}s  {wgmma:3d}/{mma_sync:3d}/{cp_async:3d}  {stack_bytes:5d} B".format(
+        side = ["{tiles:>6} {num_warps}w/{num_stages}s  {wgmma:3d}/{mma_sync:3d}/{cp_async:3d}  {stack_bytes:5d} B{over}".format(
+            over="" if p[prefix + "launches"] else " *",
             **{k.split("_", 1)[1]: v for k, v in p.items() if k.startswith(prefix)}) for prefix in ("ours_", "reference_")]
         print(f"{p['arch']} {p['kernel']:5} {p['dtype']:>5} D={p['head_dim']!s:>4}: {side[0]} | {side[1]}")
 
@@ -208,8 +232,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="80,90")
     ap.add_argument("--strict", action="store_true",
-                    help="exit 1 if a normal-path kernel spills to local memory, or an sm_90 bf16/fp16 attention "
-                         "kernel at head dim 40-128 issues mma.sync instead of wgmma")
+                    help="exit 1 if a kernel needs more shared memory than A100 / H100 give, a normal-path kernel "
+                         "spills to local memory, or an sm_90 bf16/fp16 attention "
+                         "kernel at head dim 40-256 issues mma.sync instead of wgmma (but dK/dV at 256 with "
+                         "softcap or shared prefixes)")
     ap.add_argument("--out", default=None, help="also write the report as CSV")
     args = ap.parse_args()
     rows = compile_all(tuple(int(a) for a in args.arch.split(",")))
@@ -225,6 +251,11 @@ if __name__ == "__main__":
     spilled = [r for r in rows if r["stack_bytes"] and "dense-grid" not in r["kernel"]
                and "wide-offsets" not in r["kernel"] and not r["kernel"].startswith("reference ")]
     rare = [r for r in rows if r["stack_bytes"] and r not in spilled and not r["kernel"].startswith("reference ")]
+    # and a kernel that needs more shared memory than the GPU gives one program cannot launch
+    too_big = [r for r in rows if not r["kernel"].startswith("reference ") and r["shared_bytes"] > SHARED_LIMIT[r["arch"]]]
+    if too_big:
+        print(f"{len(too_big)} kernel configuration(s) over the shared-memory limit: "
+              + ", ".join(f"{r['arch']} {r['kernel']} D={r['head_dim']} ({r['shared_bytes']} B)" for r in too_big))
     if rare:
         print(f"{len(rare)} rare-path configuration(s) spill (allowed): "
               + ", ".join(f"{r['arch']} {r['kernel']} ({r['stack_bytes']} B)" for r in rare))
@@ -232,15 +263,16 @@ if __name__ == "__main__":
         print(f"{len(spilled)} kernel configuration(s) spill: " + ", ".join(f"{r['kernel']} {r['dtype']} D={r['head_dim']}"
                                                                           for r in spilled))
     # and on Hopper every bf16/fp16 attention matmul of the normal path is a wgmma at head dims
-    # 40-128. At 256 the backward keeps mma.sync without spills: every wgmma tile tried for it
-    # spills under Triton 3.6, and so does the tutorial-style reference's dK/dV (tile_sweep.py;
-    # bench/results/cpu-x86_64-2cores-2026-12-02/tile-sweep-d256/, docs/design.md "Tile model")
+    # 40-256, but for one kernel: at 256, dK/dV with soft-capping or shared prefixes keeps
+    # spill-free mma.sync (its wgmma tiles spill: tile_sweep.py, docs/design.md "Tile model")
     not_wgmma = [r for r in rows if r["arch"] == "sm_90" and r["dtype"] in ("bf16", "fp16")
                  and r["kernel"].split(" ")[:2] in (["varlen_attention", "fwd"], ["varlen_attention", "dkdv"],
                                                     ["varlen_attention", "dq"])
                  and "dense-grid" not in r["kernel"] and "wide-offsets" not in r["kernel"]
-                 and r["head_dim"] in (40, 64, 128) and (r["mma_sync"] or not r["wgmma"])]
+                 and not (r["head_dim"] == 256 and r["kernel"].startswith("varlen_attention dkdv ")
+                          and ("softcap" in r["kernel"] or "shared-prefix" in r["kernel"]))
+                 and r["head_dim"] in (40, 64, 128, 256) and (r["mma_sync"] or not r["wgmma"])]
     if not_wgmma:
         print(f"{len(not_wgmma)} sm_90 attention kernel(s) not on wgmma: "
               + ", ".join(f"{r['kernel']} {r['dtype']} D={r['head_dim']} ({r['mma_sync']} mma.sync)" for r in not_wgmma))
-    raise SystemExit(1 if args.strict and (spilled or not_wgmma) else 0)
+    raise SystemExit(1 if args.strict and (spilled or not_wgmma or too_big) else 0)

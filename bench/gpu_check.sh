@@ -22,12 +22,12 @@ dir=$root/${dev}-$(date +%F)
 mkdir -p "$dir"
 status=0
 step() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$@" || { echo "!! failed or timed out: $*"; status=1; }; }
-step 150 python3 -m pytest -q -m gpu tests --junitxml "$dir/gpu_tests.xml"
-step 120 python3 bench/bench_varlen_attention.py --out "$dir/varlen_attention.csv"
+step 130 python3 -m pytest -q -m gpu tests --junitxml "$dir/gpu_tests.xml"
+step 150 python3 bench/bench_varlen_attention.py --out "$dir/varlen_attention.csv"
 step 90 python3 bench/bench_cross_entropy.py --out "$dir/cross_entropy.csv"
 step 30 python3 bench/bench_positions.py --out "$dir/positions.csv"
 # a small end-to-end run: one epoch of the same 256 sequences for every strategy, 8 ranks emulated
-step 160 python3 bench/bench_e2e.py --preset small --world-size 8 --num-samples 256 --out "$dir"
+step 150 python3 bench/bench_e2e.py --preset small --world-size 8 --num-samples 256 --out "$dir"
 step 20 python3 bench/plot.py "$dir"
 if [ -n "${OUT:-}" ]; then cp "$dir"/*.csv "$dir"/*.png "$dir"/*.xml "$OUT"/ 2>/dev/null; fi
 exit $status

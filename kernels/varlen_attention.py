@@ -508,8 +508,15 @@ def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability
     if head_dim <= 128:
         dq = (64, 64, 4, 2) if hopper else (32, 64, 4, 2)
         fwd = (64, 64, 8, 2) if softcap and not hopper else (128, 64, 8, 3)
-        return dict(fwd=fwd, dkdv=(16, 64, 8, 2) if hopper else (64, 32, 4, 2), dq=(dq[0], 32, 4, 2) if softcap else dq)
-    return dict(fwd=(64, 32, 8, 2) if prefix else (64, 64, 8, 2), dkdv=(16, 16, 4, 1), dq=(32, 16, 4, 2))
+        return dict(fwd=fwd, dkdv=(16, 64, 8, 2) if hopper else (64, 32, 8, 2), dq=(dq[0], 32, 4, 2) if softcap else dq)
+    fwd = (64, 32, 8, 2) if prefix else (64, 64, 8, 2)
+    if not hopper:
+        return dict(fwd=fwd, dkdv=(16, 16, 4, 1), dq=(32, 16, 4, 2))
+    # sm_90, D = 256: the D <= 128 shapes with fp32 dK, dV at 256 columns (64 registers each at 8
+    # warps); soft-capping and shared prefixes add live state that makes that dK/dV spill: there
+    # it keeps spill-free mma.sync tiles, and dQ takes a 32-key step
+    extra = softcap or prefix
+    return dict(fwd=fwd, dkdv=(16, 16, 4, 1) if extra else (16, 64, 8, 2), dq=(64, 32, 8, 2) if extra else (64, 64, 8, 2))
 
 
 def config_for(q: torch.Tensor, softcap: float = 0.0, prefix: bool = False) -> dict:

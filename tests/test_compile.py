@@ -27,11 +27,12 @@ def test_kernels_compile_for_sm90_and_sm80_without_spills():
     table = res.stdout.split("ours | reference", 1)[1]
     for arch in ("sm_90", "sm_80"):
         for kernel in ("fwd", "dkdv", "dq"):
-            assert re.search(rf"^{arch} {kernel} +bf16 D= 128: .+ \| .+ B$", table, re.M), (arch, kernel)
-    # and on sm_90 at head dims 40-128 ours are never behind it: no mma.sync, no more spilled bytes
+            assert re.search(rf"^{arch} {kernel} +bf16 D= 128: .+ \| .+ B( \*)?$", table, re.M), (arch, kernel)
+    # and on sm_90 at head dims 40-256 ours are never behind it: no mma.sync, no more spilled bytes
     pair = re.compile(r"^sm_90 (\w+) +(bf16|fp16) D= *(\d+): +\S+ \S+ +(\d+)/ *(\d+)/ *(\d+) +(\d+) B \| "
-                      r"+\S+ \S+ +(\d+)/ *(\d+)/ *(\d+) +(\d+) B$", re.M)
-    rows = [m.groups() for m in pair.finditer(table) if int(m.group(3)) <= 128]
-    assert len(rows) >= 9, table
+                      r"+\S+ \S+ +(\d+)/ *(\d+)/ *(\d+) +(\d+) B(?: \*)?$", re.M)
+    rows = list(pair.finditer(table))
+    assert len(rows) >= 12, table
+    rows = [m.groups() for m in rows]
     for kernel, dtype, d, wg, mma, cp, spill, rwg, rmma, rcp, rspill in rows:
         assert int(wg) > 0 and int(mma) == 0 and int(spill) <= int(rspill), (kernel, dtype, d)
