@@ -4,7 +4,7 @@ spilled bytes, spill loads/stores inside loops, wgmma / mma.sync / cp.async coun
 attention_config's entries were chosen, and how a user re-checks them on another Triton.
 
     python bench/tile_sweep.py --kernel dkdv --head-dim 256 --arch 90 \\
-        --tiles "16,64,8,2;64,16,4,2" [--reference] [--out sweep.csv]
+        --tiles "16,64,8,2;64,16,4,2" [--reference | --variant local|prefix] [--out sweep.csv]
 
 Tiles are BLOCK_M,BLOCK_N,warps,stages (dK/dV: BLOCK_N keys per program stepping BLOCK_M queries).
 """
@@ -15,17 +15,20 @@ import argparse
 import compile_check as cc
 
 
-def sweep(kernel: str, head_dim: int, arch: int, tiles: list, reference: bool = False, dtype: str = "bf16"):
+def sweep(kernel: str, head_dim: int, arch: int, tiles: list, reference: bool = False, dtype: str = "bf16",
+          variant: str = "plain"):
+    """`variant`: plain causal, "local" (a sliding window with soft-capping) or "prefix" (shared prefixes)."""
     rows = []
     for t in tiles:
         cases = cc.reference_cases(dtype, head_dim, tiles=t) if reference else \
-            cc.attention_cases(dtype, head_dim, True, arch, tiles=t)
+            cc.attention_cases(dtype, head_dim, True, arch, tiles=t, local=variant == "local", prefix=variant == "prefix")
         for name, fn, ptr, floats, constexprs, warps, stages in cases:
             if name.split(" ")[1] != kernel:
                 continue
             k = cc.compile_kernel(fn, ptr, floats, constexprs, warps, stages, arch)
             row = dict(arch=f"sm_{arch}", kernel=name, dtype=dtype, head_dim=head_dim, tiles=f"{t[0]}x{t[1]}",
                        num_warps=warps, num_stages=stages, shared_bytes=k.metadata.shared,
+                       variant="reference" if reference else variant,
                        **cc.cubin_usage(k.asm["cubin"]), **cc.instruction_mix(k.asm["ptx"]))
             rows.append(row)
             print(f"{row['arch']} {name:22} D={head_dim} {row['tiles']:>7} {warps}w/{stages}s: {row['n_regs']} regs, "
@@ -42,12 +45,14 @@ if __name__ == "__main__":
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     ap.add_argument("--tiles", required=True, help="BLOCK_M,BLOCK_N,warps,stages;...")
     ap.add_argument("--reference", action="store_true", help="the tutorial-style reference instead of ours")
+    ap.add_argument("--variant", choices=("plain", "local", "prefix"), default="plain",
+                    help="ours with a sliding window + soft-capping (local) or shared prefixes (prefix)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles.split(";")]
     if any(len(t) != 4 for t in tiles):
         raise SystemExit("--tiles: each entry is BLOCK_M,BLOCK_N,warps,stages")
-    rows = sweep(args.kernel, args.head_dim, args.arch, tiles, args.reference, args.dtype)
+    rows = sweep(args.kernel, args.head_dim, args.arch, tiles, args.reference, args.dtype, args.variant)
     if args.out:
         from common import write_csv
 

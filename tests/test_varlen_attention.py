@@ -137,6 +137,22 @@ def test_head_dim_256():
     check_against_reference([20, 7], [20, 7], 2, 1, 256, torch.float32, True)
 
 
+@pytest.mark.parametrize("arch, D, options", [
+    ((9, 0), 256, {}),                                          # dK/dV 16 x 64, dQ 64 x 64
+    ((9, 0), 256, dict(window_size=(40, 0), softcap=20.0)),     # dK/dV 16 x 16, dQ 64 x 32
+    ((8, 0), 128, {}),                                          # dK/dV 64 x 32
+])
+def test_the_gpu_tiles_compute_attention_under_the_interpreter(monkeypatch, arch, D, options):
+    """The block shapes attention_config gives a GPU, run by the interpreter (which ignores warps
+    and stages) on fp32 data: sequences that end inside, at and past a tile's edge in every loop."""
+    from longalign_ops.kernels import varlen_attention as va
+
+    gpu = va.attention_config
+    monkeypatch.setattr(va, "config_for", lambda q, softcap=0.0, prefix=False: gpu(
+        q.shape[-1], torch.bfloat16, True, arch, softcap > 0, prefix))
+    check_against_reference([1, 97, 0, 64], [1, 97, 0, 64], 2, 1, D, torch.float32, True, **options)
+
+
 def test_gradients_are_bitwise_repeatable_without_asking():
     """No atomics: with the default deterministic=False, two backward passes over sequences that
     span several key and query tiles, with 4 query heads summing into one kv head, give bitwise
