@@ -144,6 +144,12 @@ def tokenize_record(record: dict, tokenizer=None) -> dict:
     return dict(prompt_ids=prompt, answers=answers, short_prompt_ids=short, uses_chat_template=uses_template)
 
 
+def shared_prefix_tokens(prompt_len: int) -> int:
+    """How many of a prompt's tokens a shared-prefix row stores once: all but the last, which
+    starts each answer's branch (there it predicts that answer's first token)."""
+    return max(int(prompt_len) - 1, 0)
+
+
 def _answers_of(example: dict) -> List[list]:
     """An example's answers, chosen first: ``answers``, or TRL's tokenised columns ``chosen_ids``
     / ``rejected_ids`` (a list, or a list of lists for several)."""
@@ -186,7 +192,7 @@ class PreferenceCollator:
             sizes.add(len(answers))
             prompt = [int(t) for t in prompt]
             # shared: the prompt's first len - 1 tokens once, each answer after the prompt's last token
-            cut = max(len(prompt) - 1, 0) if self.shared_prefix else 0
+            cut = shared_prefix_tokens(len(prompt)) if self.shared_prefix else 0
             if self.shared_prefix:
                 records.append(dict(input_ids=prompt[:cut], labels=[self.ignore_index] * cut))
             head = prompt[cut:]
@@ -212,4 +218,4 @@ class PreferenceCollator:
         return out
 
 
-__all__ = ["PreferenceCollator", "RecordError", "tokenize_record"]
+__all__ = ["PreferenceCollator", "RecordError", "shared_prefix_tokens", "tokenize_record"]

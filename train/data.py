@@ -15,6 +15,7 @@ import records
 import token_store
 from config import Config, PRESETS, as_list, data_sources
 from longalign_ops.losses import NEEDS_REFERENCE
+from longalign_ops.preference import shared_prefix_tokens
 
 
 PAD, BOS, EOS, SEP, QUERY, ANSWER = 0, 1, 2, 3, 4, 5
@@ -196,8 +197,8 @@ def unit_lengths(units, shared_prefix: bool = False) -> List[int]:
     prefixes a prompt is stored once: its len - 1 tokens plus each answer's branch."""
     if isinstance(units, DocumentPieces):  # from the stores' offsets: no token is read
         return units.lengths.tolist()
-    if shared_prefix:  # as PreferenceCollator lays the row out: len - 1 prompt tokens, then each branch
-        cuts = [max(unit[0]["prompt_len"] - 1, 0) for unit in units]
+    if shared_prefix:  # as PreferenceCollator lays the row out: the prompt's stored tokens, then each branch
+        cuts = [shared_prefix_tokens(unit[0]["prompt_len"]) for unit in units]
         return [cut + sum(len(s["input_ids"]) - cut for s in unit) for cut, unit in zip(cuts, units)]
     return [sum(len(s["input_ids"]) for s in sequences_of(units, [i])) for i in range(len(units))]
 
