@@ -10,7 +10,9 @@ TFLOP/s by the flash-attn formula: 4*sum(L^2)*H*D, halved for causal, x2.5 for b
 
 Then fixed-length rows (B sequences of T tokens, no GQA) against the tutorial-style reference
 (reference_attention.py) at head dims 64, 128 and 256: the speed behind compile_check's
-side-by-side of the two kernels' compiled code.
+side-by-side of the two kernels' compiled code. Last, on an H100, Gemma 2's attention (D=256,
+window, soft-capping) with dK and dV split over two wgmma launches against the one mma.sync
+program it replaced.
 """
 from __future__ import annotations
 
@@ -151,6 +153,39 @@ def against_reference(head_dims=(64, 128, 256), lengths=(4096,), tokens=16384, h
     return rows
 
 
+def split_dkdv_against_one_program(tokens=16384, T=4096, heads=16, kv_heads=8, D=256, window=4096, softcap=50.0,
+                                   device="cuda", dtype=torch.bfloat16):
+    """Gemma 2's attention (head dim 256, sliding window, soft-capping), where attention_config
+    has dK and dV computed by two launches on wgmma tiles (dkdv_split), timed against the one
+    program holding both on spill-free mma.sync 16 x 16 tiles that it replaced: the compiled
+    code says the split should win (its tiles are 8x larger; it recomputes the scores once
+    more); this is where a GPU says whether it does. Rows as in main(); none where the device's
+    config does not split (not an sm_90)."""
+    from longalign_ops.kernels import varlen_attention as va
+
+    config_for = va.config_for
+    q = torch.randn(tokens, heads, D, device=device, dtype=dtype, requires_grad=True)
+    if not config_for(q, softcap)["dkdv_split"]:
+        return []
+    k, v = (torch.randn(tokens, kv_heads, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    cu = torch.arange(0, tokens + 1, T, dtype=torch.int32, device=device)
+    options = dict(causal=True, window_size=(window, 0), softcap=softcap)
+    rows = []
+    for name, cfg in (("longalign_ops (dK, dV split on wgmma)", None),
+                      ("longalign_ops (one dK/dV program, mma.sync 16x16)", dict(dkdv=(16, 16, 4, 1), dkdv_split=False))):
+        va.config_for = config_for if cfg is None else (lambda q, softcap=0.0, prefix=False: dict(
+            config_for(q, softcap, prefix), **cfg))
+        try:
+            fwd, both = bench(lambda: la.varlen_attention(q, k, v, cu, cu, T, T, **options), (q, k, v))
+        finally:
+            va.config_for = config_for
+        rows.append(dict(op="gemma2_attention_dkdv", impl=name, total_tokens=tokens, num_seqs=tokens // T, max_len=T,
+                         heads=heads, kv_heads=kv_heads, head_dim=D, causal=True, dtype=str(dtype)[6:], fwd_ms=fwd,
+                         bwd_ms=both - fwd, fwd_bwd_ms=both))
+        print(f"D={D} window {window} softcap {softcap} {name:>50}: bwd {both - fwd:7.3f} ms")
+    return rows
+
+
 def matmul_tflops(dtype=torch.bfloat16, n=8192):
     from triton.testing import do_bench
 
@@ -201,6 +236,7 @@ def main() -> None:
         del q, k, v
         torch.cuda.empty_cache()
     rows += against_reference(causal=causal)
+    rows += split_dkdv_against_one_program()
     print(f"wrote {write_csv(out_path(args), rows)}")
 
 

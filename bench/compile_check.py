@@ -49,15 +49,19 @@ def _signature(fn, pointers: dict, floats=(), i64=(), constexprs: dict = None):
 
 
 def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=True, wide=False, local=False,
-                    prefix=False, tiles=None):
+                    prefix=False, tiles=None, dkdv_split=None):
     """`local`: a sliding window (both bounds) with logit soft-capping, Gemma-2 style; `prefix`:
     a batch with shared prefixes (PackedBatch.from_prefix_groups); `tiles`: (BLOCK_M, BLOCK_N,
-    warps, stages) for every kernel instead of attention_config's (tile_sweep.py)."""
+    warps, stages) for every kernel instead of attention_config's (tile_sweep.py), and
+    `dkdv_split` whether dK and dV are separate launches (None: as attention_config says). A
+    split dK/dV is two cases, "... dK-pass" and "... dV-pass"."""
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     cfg = va.attention_config(head_dim, torch_dtype, on_gpu=True, capability=divmod(arch, 10), softcap=local,
                               prefix=prefix)
     if tiles is not None:
-        cfg = dict(fwd=tiles, dkdv=tiles, dq=tiles)
+        cfg = dict(cfg, fwd=tiles, dkdv=tiles, dq=tiles)
+    if dkdv_split is not None:
+        cfg["dkdv_split"] = dkdv_split
     common = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_LEFT=local,
                   HAS_RIGHT=causal or local, SOFTCAP=local, TILE_LIST=tile_list,
                   DOT_PRECISION=va._dot_precision(torch_dtype), WIDE_OFFSETS=wide, HAS_PREFIX=prefix)
@@ -65,13 +69,17 @@ def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=
     ptr = dict(Q=t, K=t, V=t, Out=t, Lse="fp32", cu_q="i32", cu_k="i32", tile_seq="i32", tile_block="i32",
                Prefix="i32", dOut=t, Delta="fp32", dK=t, dV=t, dQ=t)
     floats = ("qk_scale_log2", "scale_over_cap", "cap_log2", "sm_scale")
+    variant = ("" if tile_list else " dense-grid") + (" wide-offsets" if wide else "") + \
+        (" window+softcap" if local else "") + (" shared-prefix" if prefix else "")
+    passes = dict(fwd=[("", {})], dq=[("", {})],
+                  dkdv=[(" dK-pass", dict(WANT_DK=True, WANT_DV=False)), (" dV-pass", dict(WANT_DK=False, WANT_DV=True))]
+                  if cfg["dkdv_split"] else [("", dict(WANT_DK=True, WANT_DV=True))])
     for kernel, fn in (("fwd", va._varlen_attention_fwd_kernel), ("dkdv", va._varlen_attention_bwd_dkdv_kernel),
                        ("dq", va._varlen_attention_bwd_dq_kernel)):
         BM, BN, warps, stages = cfg[kernel]
-        variant = ("" if tile_list else " dense-grid") + (" wide-offsets" if wide else "") + \
-            (" window+softcap" if local else "") + (" shared-prefix" if prefix else "")
-        yield (f"varlen_attention {kernel}{variant}", fn, ptr, floats, dict(common, BLOCK_M=BM, BLOCK_N=BN), warps,
-               stages)
+        for suffix, wants in passes[kernel]:
+            yield (f"varlen_attention {kernel}{variant}{suffix}", fn, ptr, floats,
+                   dict(common, BLOCK_M=BM, BLOCK_N=BN, **wants), warps, stages)
     block_d = triton.next_power_of_2(head_dim)
     if not tile_list or wide or local or prefix:
         return
@@ -164,7 +172,8 @@ def all_cases(arch):
         list(attention_cases("bf16", 128, True, arch, wide=True)) + \
         [case for d in (128, 256) for case in attention_cases("bf16", d, True, arch, local=True)] + \
         [case for d in (64, 128, 256) for case in attention_cases("bf16", d, True, arch, prefix=True)] + \
-        list(attention_cases("bf16", 128, True, arch, local=True, prefix=True)) + list(cross_entropy_cases()) + \
+        [case for d in (128, 256) for case in attention_cases("bf16", d, True, arch, local=True, prefix=True)] + \
+        list(attention_cases("fp16", 256, True, arch, local=True)) + list(cross_entropy_cases()) + \
         [case for d in (64, 128, 256) for case in reference_cases("bf16", d)]
 
 
@@ -234,8 +243,7 @@ if __name__ == "__main__":
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 if a kernel needs more shared memory than A100 / H100 give, a normal-path kernel "
                          "spills to local memory, or an sm_90 bf16/fp16 attention "
-                         "kernel at head dim 40-256 issues mma.sync instead of wgmma (but dK/dV at 256 with "
-                         "softcap or shared prefixes)")
+                         "kernel at head dim 40-256 issues mma.sync instead of wgmma")
     ap.add_argument("--out", default=None, help="also write the report as CSV")
     args = ap.parse_args()
     rows = compile_all(tuple(int(a) for a in args.arch.split(",")))
@@ -264,14 +272,11 @@ if __name__ == "__main__":
         print(f"{len(spilled)} kernel configuration(s) spill: " + ", ".join(f"{r['kernel']} {r['dtype']} D={r['head_dim']}"
                                                                           for r in spilled))
     # and on Hopper every bf16/fp16 attention matmul of the normal path is a wgmma at head dims
-    # 40-256, but for one kernel: at 256, dK/dV with soft-capping or shared prefixes keeps
-    # spill-free mma.sync (its wgmma tiles spill: tile_sweep.py, docs/design.md "Tile model")
+    # 40-256 (with and without window, softcap, shared prefixes)
     not_wgmma = [r for r in rows if r["arch"] == "sm_90" and r["dtype"] in ("bf16", "fp16")
                  and r["kernel"].split(" ")[:2] in (["varlen_attention", "fwd"], ["varlen_attention", "dkdv"],
                                                     ["varlen_attention", "dq"])
                  and "dense-grid" not in r["kernel"] and "wide-offsets" not in r["kernel"]
-                 and not (r["head_dim"] == 256 and r["kernel"].startswith("varlen_attention dkdv ")
-                          and ("softcap" in r["kernel"] or "shared-prefix" in r["kernel"]))
                  and r["head_dim"] in (40, 64, 128, 256) and (r["mma_sync"] or not r["wgmma"])]
     if not_wgmma:
         print(f"{len(not_wgmma)} sm_90 attention kernel(s) not on wgmma: "

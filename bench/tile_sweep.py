@@ -4,7 +4,7 @@ spilled bytes, spill loads/stores inside loops, wgmma / mma.sync / cp.async coun
 attention_config's entries were chosen, and how a user re-checks them on another Triton.
 
     python bench/tile_sweep.py --kernel dkdv --head-dim 256 --arch 90 \\
-        --tiles "16,64,8,2;64,16,4,2" [--reference | --variant local|prefix] [--out sweep.csv]
+        --tiles "16,64,8,2;64,16,4,2" [--reference | --variant local|prefix [--dkdv-split]] [--out sweep.csv]
 
 Tiles are BLOCK_M,BLOCK_N,warps,stages (dK/dV: BLOCK_N keys per program stepping BLOCK_M queries).
 """
@@ -16,12 +16,14 @@ import compile_check as cc
 
 
 def sweep(kernel: str, head_dim: int, arch: int, tiles: list, reference: bool = False, dtype: str = "bf16",
-          variant: str = "plain"):
-    """`variant`: plain causal, "local" (a sliding window with soft-capping) or "prefix" (shared prefixes)."""
+          variant: str = "plain", dkdv_split: bool = False):
+    """`variant`: plain causal, "local" (a sliding window with soft-capping) or "prefix" (shared
+    prefixes); `dkdv_split`: dK and dV as separate launches (two rows per tile)."""
     rows = []
     for t in tiles:
         cases = cc.reference_cases(dtype, head_dim, tiles=t) if reference else \
-            cc.attention_cases(dtype, head_dim, True, arch, tiles=t, local=variant == "local", prefix=variant == "prefix")
+            cc.attention_cases(dtype, head_dim, True, arch, tiles=t, local=variant == "local", prefix=variant == "prefix",
+                               dkdv_split=dkdv_split)
         for name, fn, ptr, floats, constexprs, warps, stages in cases:
             if name.split(" ")[1] != kernel:
                 continue
@@ -47,12 +49,13 @@ if __name__ == "__main__":
     ap.add_argument("--reference", action="store_true", help="the tutorial-style reference instead of ours")
     ap.add_argument("--variant", choices=("plain", "local", "prefix"), default="plain",
                     help="ours with a sliding window + soft-capping (local) or shared prefixes (prefix)")
+    ap.add_argument("--dkdv-split", action="store_true", help="dK and dV by separate launches (attention_config's dkdv_split)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles.split(";")]
     if any(len(t) != 4 for t in tiles):
         raise SystemExit("--tiles: each entry is BLOCK_M,BLOCK_N,warps,stages")
-    rows = sweep(args.kernel, args.head_dim, args.arch, tiles, args.reference, args.dtype, args.variant)
+    rows = sweep(args.kernel, args.head_dim, args.arch, tiles, args.reference, args.dtype, args.variant, args.dkdv_split)
     if args.out:
         from common import write_csv
 

@@ -14,7 +14,8 @@ Without a list (validation off and no description) the grid is ``B * cdiv(max_se
 with early exit. Either way every span is clamped into ``[0, total)`` in the kernel.
 
 Backward is two kernels without atomics: dK/dV per key block (summing the GQA group's query
-heads in registers) and dQ per query block. Every gradient element is written by exactly one
+heads in registers; where one program holding both accumulators would spill, dK and dV by two
+launches of it) and dQ per query block. Every gradient element is written by exactly one
 program in a fixed order, so gradients are bitwise repeatable whatever ``deterministic`` says.
 """
 from __future__ import annotations
@@ -284,11 +285,12 @@ def _dkdv_from_queries(dk, dv, k, v, keys, k_first, key_valid, q_start, len_q, l
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                        SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-                       MASK_KEYS: tl.constexpr):
+                       MASK_KEYS: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
     """dK, dV of one key tile (key indices `keys`, from k_first, of a sequence with len_k keys) accumulated
     over the len_q queries from q_start that can see them, for every query head of kv head kh.
     MASK_KEYS: drop keys past the tile's own (a prefix tile seen by a branch, whose key indices
-    run on into the branch's own keys)."""
+    run on into the branch's own keys). WANT_DK / WANT_DV: which of the two this program
+    accumulates (both, or one where holding both would spill)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
@@ -318,12 +320,14 @@ def _dkdv_from_queries(dk, dv, k, v, keys, k_first, key_valid, q_start, len_q, l
             if MASK_KEYS:
                 keep = keep & key_valid[:, None]
             pT = tl.where(keep, tl.math.exp2(sT - lse2[None, :]), 0.0)
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dsT = pT * (dpT - delta[None, :])
-            if SOFTCAP:
-                dsT = dsT * (1.0 - tT * tT)  # d(cap * tanh(x / cap)) / dx
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+            if WANT_DV:
+                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+            if WANT_DK:
+                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                dsT = pT * (dpT - delta[None, :])
+                if SOFTCAP:
+                    dsT = dsT * (1.0 - tT * tT)  # d(cap * tanh(x / cap)) / dx
+                dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -337,7 +341,7 @@ def _varlen_attention_bwd_dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    HAS_PREFIX: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
 ):
     seq, nblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     kh = tl.program_id(1)
@@ -363,7 +367,7 @@ def _varlen_attention_bwd_dkdv_kernel(
                                 dOut, Lse, Delta, stride_qt, stride_qh, stride_dot, stride_doh, total_q,
                                 qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right,
                                 GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                DOT_PRECISION, WIDE_OFFSETS, False)
+                                DOT_PRECISION, WIDE_OFFSETS, False, WANT_DK, WANT_DV)
     if HAS_PREFIX:
         # a shared prefix's keys are also every branch's first keys: their gradients sum over all
         # of the branches' queries here, in this one program (no atomics)
@@ -375,12 +379,14 @@ def _varlen_attention_bwd_dkdv_kernel(
                                         dOut, Lse, Delta, stride_qt, stride_qh, stride_dot, stride_doh, total_q,
                                         qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right,
                                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                        DOT_PRECISION, WIDE_OFFSETS, True)
-    dk = dk * sm_scale
-    tl.store(_head_base(dK, k_start, stride_dkt, kh, stride_dkh) + _tile_offsets(offs_n, stride_dkt, offs_d, WIDE_OFFSETS),
-             dk.to(dK.dtype.element_ty), mask=kv_mask)
-    tl.store(_head_base(dV, k_start, stride_dvt, kh, stride_dvh) + _tile_offsets(offs_n, stride_dvt, offs_d, WIDE_OFFSETS),
-             dv.to(dV.dtype.element_ty), mask=kv_mask)
+                                        DOT_PRECISION, WIDE_OFFSETS, True, WANT_DK, WANT_DV)
+    if WANT_DK:
+        dk = dk * sm_scale
+        tl.store(_head_base(dK, k_start, stride_dkt, kh, stride_dkh) + _tile_offsets(offs_n, stride_dkt, offs_d, WIDE_OFFSETS),
+                 dk.to(dK.dtype.element_ty), mask=kv_mask)
+    if WANT_DV:
+        tl.store(_head_base(dV, k_start, stride_dvt, kh, stride_dvh) + _tile_offsets(offs_n, stride_dvt, offs_d, WIDE_OFFSETS),
+                 dv.to(dV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -471,7 +477,7 @@ def _varlen_attention_bwd_dq_kernel(
 
 def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability=(9, 0), softcap: bool = False,
                      prefix: bool = False) -> dict:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, in one place. The budget behind each
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, and `dkdv_split`, in one place. The budget behind each
     number (registers, shared memory, wgmma's 64-row slabs) and a reason per entry are in
     docs/design.md, "Tile model"; bench/tile_sweep.py compiles candidates.
 
@@ -489,7 +495,16 @@ def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability
     Shared prefixes (`prefix`) add the prefix's key blocks to each branch's loop (and a loop over
     the branches to a prefix's dK/dV): narrower tiles keep those spill-free above head dim 64.
     Interpreter: 32 x 32, so small test shapes (97, 1025 tokens) cross several tiles.
+    `dkdv_split`: dK and dV by two launches of the dK/dV kernel (one accumulator each, the
+    scores computed twice) where one program holding both spills (sm_90, D = 256, soft-capping
+    or shared prefixes).
     """
+    cfg = _tiles(head_dim, dtype, on_gpu, capability, softcap, prefix)
+    return dict(cfg, dkdv_split=cfg.get("dkdv_split", False))
+
+
+def _tiles(head_dim, dtype, on_gpu, capability, softcap, prefix) -> dict:
+    """attention_config's entries; those that split dK/dV say so."""
     if not on_gpu:
         return dict(fwd=(32, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1))
     hopper = tuple(capability) >= (9, 0)
@@ -510,13 +525,17 @@ def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability
         fwd = (64, 64, 8, 2) if softcap and not hopper else (128, 64, 8, 3)
         return dict(fwd=fwd, dkdv=(16, 64, 8, 2) if hopper else (64, 32, 8, 2), dq=(dq[0], 32, 4, 2) if softcap else dq)
     fwd = (64, 32, 8, 2) if prefix else (64, 64, 8, 2)
-    if not hopper:
-        return dict(fwd=fwd, dkdv=(16, 16, 4, 1), dq=(32, 16, 4, 2))
+    if not hopper:  # sm_80, D = 256: small mma.sync tiles, 2 stages (1 for dQ with softcap and prefixes)
+        return dict(fwd=fwd, dkdv=(16, 16, 4, 2), dq=(32, 16, 4, 1 if softcap and prefix else 2))
     # sm_90, D = 256: the D <= 128 shapes with fp32 dK, dV at 256 columns (64 registers each at 8
-    # warps); soft-capping and shared prefixes add live state that makes that dK/dV spill: there
-    # it keeps spill-free mma.sync tiles, and dQ takes a 32-key step
-    extra = softcap or prefix
-    return dict(fwd=fwd, dkdv=(16, 16, 4, 1) if extra else (16, 64, 8, 2), dq=(64, 32, 8, 2) if extra else (64, 64, 8, 2))
+    # warps). Soft-capping and shared prefixes add live state that makes that dK/dV spill on
+    # every wgmma tile: there dK and dV are computed by separate programs (dkdv_split), each
+    # holding one 256-column accumulator, which frees the registers for 128 keys per program on
+    # a soft-capped row (Gemma 2's long rows) or a 3-stage pipeline over shared prefixes' short
+    # branches; dQ takes a 32-key step
+    if not (softcap or prefix):
+        return dict(fwd=fwd, dkdv=(16, 64, 8, 2), dq=(64, 64, 8, 2))
+    return dict(fwd=fwd, dkdv=(16, 64, 8, 3) if prefix else (16, 128, 8, 2), dq=(64, 32, 8, 2), dkdv_split=True)
 
 
 def config_for(q: torch.Tensor, softcap: float = 0.0, prefix: bool = False) -> dict:
@@ -627,13 +646,16 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
     BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
     programs, tile_seq, tile_block, per_seq, tile_list = _grid_args(tiles_dkdv, cu_k.numel() - 1, max_k, BLOCK_N,
                                                                     q.device)
-    if programs:
+    # (or, with dkdv_split, one launch for dK and one for dV over the same tiles)
+    for want_dk, want_dv in ((True, False), (False, True)) if cfg["dkdv_split"] else ((True, True),):
+        if not programs:
+            break
         _varlen_attention_bwd_dkdv_kernel[(programs, Hk)](
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, tile_seq, tile_block, prefix_ptr,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             total_q, total_k, *runtime, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            TILE_LIST=tile_list, num_warps=warps, num_stages=stages, **common,
+            TILE_LIST=tile_list, WANT_DK=want_dk, WANT_DV=want_dv, num_warps=warps, num_stages=stages, **common,
         )
     BLOCK_M, BLOCK_N, warps, stages = cfg["dq"]
     programs, tile_seq, tile_block, per_seq, tile_list = _grid_args(tiles_dq, cu_q.numel() - 1, max_q, BLOCK_M,

@@ -70,3 +70,33 @@ def test_bench_against_reference_runs_both_kernels(monkeypatch):
     assert rows[0]["num_seqs"] == 2 and rows[0]["bwd_ms"] == 2.0
     ours, ref = outs
     torch.testing.assert_close(ours.reshape(2, 33, 2, 16).transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_split_dkdv_times_both_dkdv_layouts(monkeypatch):
+    """gpu_check's Gemma-2 rows, on the interpreter with sm_90's config and a stand-in timer: the
+    split dK/dV launches and the one-program mma.sync tiles both run, give the same gradients,
+    and the config is restored afterwards."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import torch
+
+    import bench_varlen_attention as bva
+    from longalign_ops.kernels import varlen_attention as va
+
+    gpu = va.attention_config
+    sm90 = lambda q, softcap=0.0, prefix=False: gpu(q.shape[-1], torch.bfloat16, True, (9, 0), softcap > 0, prefix)  # noqa: E731
+    monkeypatch.setattr(va, "config_for", sm90)
+    grads, splits = [], []
+
+    def one_call(fn, grad_of=None):
+        splits.append(va.config_for(grad_of[0], 50.0)["dkdv_split"])
+        out = fn()
+        grads.append(torch.autograd.grad(out, grad_of, torch.ones_like(out)))
+        return 1.0, 3.0
+
+    monkeypatch.setattr(bva, "bench", one_call)
+    rows = bva.split_dkdv_against_one_program(tokens=66, T=33, heads=2, kv_heads=1, window=20, device="cpu",
+                                              dtype=torch.float32)
+    assert [r["op"] for r in rows] == ["gemma2_attention_dkdv"] * 2 and splits == [True, False]
+    assert va.config_for is sm90
+    for split, single in zip(*grads):
+        torch.testing.assert_close(split, single, atol=1e-4, rtol=1e-4)

@@ -15,13 +15,17 @@ def test_kernels_compile_for_sm90_and_sm80_without_spills():
                           "--strict"], env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "sm_90 varlen_attention fwd" in res.stdout and "sm_80 weighted_cross_entropy" in res.stdout
-    # --strict also holds sm_90's bf16/fp16 attention at head dims 40-128 to wgmma alone: the
-    # report line of the kernel that used to fall back (dK/dV, D=128) says so
+    # --strict also holds sm_90's bf16/fp16 attention at head dims 40-256 to wgmma alone: the
+    # report lines of the kernels that used to fall back say so (dK/dV at D=128; at D=256 with
+    # soft-capping or shared prefixes, dK and dV as two launches)
     import re
 
-    line = next(x for x in res.stdout.splitlines() if x.startswith("sm_90 varlen_attention dkdv ") and "D= 128" in x)
-    wgmma, mma = map(int, re.search(r"wgmma +(\d+), mma\.sync +(\d+)", line).groups())
-    assert wgmma > 0 and mma == 0, line
+    for kernel, d in (("dkdv ", 128), ("dkdv window+softcap dK-pass ", 256), ("dkdv window+softcap dV-pass ", 256),
+                      ("dkdv shared-prefix dK-pass ", 256), ("dkdv shared-prefix dV-pass ", 256)):
+        line = next(x for x in res.stdout.splitlines() if x.startswith(f"sm_90 varlen_attention {kernel}")
+                    and f"D= {d}" in x)
+        spilled, wgmma, mma = map(int, re.search(r"(\d+) B stack.*wgmma +(\d+), mma\.sync +(\d+)", line).groups())
+        assert wgmma > 0 and mma == 0 and spilled == 0, line
 
     # the tutorial-style reference is compiled beside ours, and each of our kernels printed against it
     table = res.stdout.split("ours | reference", 1)[1]

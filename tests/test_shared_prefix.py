@@ -54,6 +54,23 @@ def reference_attention(q, k, v, keep, softcap=None):
 def test_attention_and_gradients_match_a_masked_reference(path, dtype, Hq, Hk, D, window, softcap, monkeypatch):
     if path == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
+    check_against_masked_reference(dtype, Hq, Hk, D, window, softcap)
+
+
+@pytest.mark.parametrize("window, softcap", [(-1, None), (6, 20.0)])
+def test_the_gpu_tiles_compute_shared_prefix_attention_under_the_interpreter(window, softcap, monkeypatch):
+    """sm_90's head-dim-256 tiles with shared prefixes, where dK and dV are separate launches
+    (attention_config's dkdv_split), run by the interpreter on fp32 data."""
+    from longalign_ops.kernels import varlen_attention as va
+
+    gpu = va.attention_config
+    assert gpu(256, torch.bfloat16, True, (9, 0), softcap is not None, True)["dkdv_split"]
+    monkeypatch.setattr(va, "config_for", lambda q, softcap=0.0, prefix=False: gpu(
+        q.shape[-1], torch.bfloat16, True, (9, 0), softcap > 0, prefix))
+    check_against_masked_reference(torch.float32, 2, 1, 256, window, softcap)
+
+
+def check_against_masked_reference(dtype, Hq, Hk, D, window, softcap):
     batch = la.PackedBatch.from_prefix_groups(GROUPS)
     keep, positions = group_mask(GROUPS, window)
     T = batch.total

@@ -139,7 +139,7 @@ def test_head_dim_256():
 
 @pytest.mark.parametrize("arch, D, options", [
     ((9, 0), 256, {}),                                          # dK/dV 16 x 64, dQ 64 x 64
-    ((9, 0), 256, dict(window_size=(40, 0), softcap=20.0)),     # dK/dV 16 x 16, dQ 64 x 32
+    ((9, 0), 256, dict(window_size=(40, 0), softcap=20.0)),     # dK, dV split: 16 x 128 each, dQ 64 x 32
     ((8, 0), 128, {}),                                          # dK/dV 64 x 32
 ])
 def test_the_gpu_tiles_compute_attention_under_the_interpreter(monkeypatch, arch, D, options):
@@ -148,6 +148,7 @@ def test_the_gpu_tiles_compute_attention_under_the_interpreter(monkeypatch, arch
     from longalign_ops.kernels import varlen_attention as va
 
     gpu = va.attention_config
+    assert gpu(D, torch.bfloat16, True, arch, "softcap" in options)["dkdv_split"] == ("softcap" in options)
     monkeypatch.setattr(va, "config_for", lambda q, softcap=0.0, prefix=False: gpu(
         q.shape[-1], torch.bfloat16, True, arch, softcap > 0, prefix))
     check_against_reference([1, 97, 0, 64], [1, 97, 0, 64], 2, 1, D, torch.float32, True, **options)
