@@ -48,6 +48,11 @@ def _signature(fn, pointers: dict, floats=(), i64=(), constexprs: dict = None):
     return sig
 
 
+def _stride_unit(head_dim: int) -> int:
+    """va.stride_unit of launch_ints' tensors (token strides H x D, head stride D)."""
+    return va.stride_unit(torch.empty(8, 8, head_dim))
+
+
 def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=True, wide=False, local=False,
                     prefix=False, tiles=None, dkdv_split=None):
     """`local`: a sliding window (both bounds) with logit soft-capping, Gemma-2 style; `prefix`:
@@ -62,7 +67,8 @@ def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=
         cfg = dict(cfg, fwd=tiles, dkdv=tiles, dq=tiles)
     if dkdv_split is not None:
         cfg["dkdv_split"] = dkdv_split
-    common = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_LEFT=local,
+    common = dict(GROUP=4, HEAD_DIM=head_dim, STRIDE_UNIT=_stride_unit(head_dim),
+                  BLOCK_D=triton.next_power_of_2(head_dim), HAS_LEFT=local,
                   HAS_RIGHT=causal or local, SOFTCAP=local, TILE_LIST=tile_list,
                   DOT_PRECISION=va._dot_precision(torch_dtype), WIDE_OFFSETS=wide, HAS_PREFIX=prefix)
     t = dtype
@@ -84,8 +90,8 @@ def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=
     if not tile_list or wide or local or prefix:
         return
     yield ("varlen_attention bwd preprocess", va._varlen_attention_bwd_preprocess_kernel,
-           dict(Out=t, dOut=t, Delta="fp32"), (), dict(HEAD_DIM=head_dim, BLOCK_D=block_d,
-                                                       BLOCK_M=max(16, 8192 // block_d)), 4, 1)
+           dict(Out=t, dOut=t, Delta="fp32"), (), dict(HEAD_DIM=head_dim, STRIDE_UNIT=_stride_unit(head_dim),
+                                                       BLOCK_D=block_d, BLOCK_M=max(16, 8192 // block_d)), 4, 1)
 
 
 def reference_cases(dtype="bf16", head_dim=128, causal=True, tiles=None):
@@ -144,10 +150,12 @@ def instruction_mix(ptx: str) -> dict:
 def launch_ints(constexprs: dict) -> dict:
     """The integer arguments of a typical launch: a packed row of Hq = 8 x GROUP query heads over 8
     kv heads (strides H x D and D), a causal window, a 128256-token vocabulary; the reference's
-    T = 65536. Token totals are left unknown (a packed row's length is anything)."""
+    T = 65536. Token totals are left unknown (a packed row's length is anything). Attention
+    strides are passed in units of STRIDE_UNIT, as the launchers pass them (stride_unit)."""
     d, hk = constexprs.get("HEAD_DIM", 128), 8
     hq = hk * constexprs.get("GROUP", 4)
-    strides = {f"stride_{t}{s}": (h * d if s == "t" else d)
+    unit = constexprs.get("STRIDE_UNIT", 1)
+    strides = {f"stride_{t}{s}": (h * d if s == "t" else d) // unit
                for ts, h in ((("q", "o", "do", "dq"), hq), (("k", "v", "dk", "dv"), hk)) for t in ts for s in "th"}
     return dict(strides, window_left=0, window_right=0, T=65536, stride_lt=128256, stride_gt=128256, V=128256)
 
@@ -165,6 +173,9 @@ def compile_kernel(fn, ptr, floats, constexprs, warps, stages, arch):
 
 
 def all_cases(arch):
+    # fp16 takes bf16's tiles; on sm_90, where --strict holds both to wgmma, at every head dim
+    fp16_cases = [case for d, local in ((40, False), (128, False), (256, False), (128, True), (256, True))
+                  for case in attention_cases("fp16", d, True, arch, local=local)] if arch == 90 else []
     return [case for dtype, d, causal in (("bf16", 128, True), ("fp16", 64, False), ("bf16", 256, True),
                                           ("bf16", 40, True), ("fp32", 64, True))
             for case in attention_cases(dtype, d, causal, arch)] + \
@@ -173,7 +184,7 @@ def all_cases(arch):
         [case for d in (128, 256) for case in attention_cases("bf16", d, True, arch, local=True)] + \
         [case for d in (64, 128, 256) for case in attention_cases("bf16", d, True, arch, prefix=True)] + \
         [case for d in (128, 256) for case in attention_cases("bf16", d, True, arch, local=True, prefix=True)] + \
-        list(attention_cases("fp16", 256, True, arch, local=True)) + list(cross_entropy_cases()) + \
+        fp16_cases + list(cross_entropy_cases()) + \
         [case for d in (64, 128, 256) for case in reference_cases("bf16", d)]
 
 

@@ -20,6 +20,7 @@ program in a fixed order, so gradients are bitwise repeatable whatever ``determi
 """
 from __future__ import annotations
 
+import math
 
 import torch
 import triton
@@ -70,6 +71,14 @@ def _head_base(ptr, first_row, stride_t, head, stride_h):
     """Pointer to (first_row, head, 0): one 64-bit scalar per program, so the per-element
     offsets of a tile stay 32-bit (64-bit pointer tiles cost ~64 registers per K tile)."""
     return ptr + first_row.to(tl.int64) * stride_t + head.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _in_elements(stride_t, stride_h, STRIDE_UNIT: tl.constexpr):
+    """A tensor's (token, head) strides in elements, from the launch's strides in units of
+    STRIDE_UNIT (see stride_unit): the product carries STRIDE_UNIT's divisibility into the
+    compiler's alignment analysis."""
+    return stride_t * STRIDE_UNIT, stride_h * STRIDE_UNIT
 
 
 @triton.jit
@@ -205,8 +214,12 @@ def _varlen_attention_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    HAS_PREFIX: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):
+    stride_qt, stride_qh = _in_elements(stride_qt, stride_qh, STRIDE_UNIT)
+    stride_kt, stride_kh = _in_elements(stride_kt, stride_kh, STRIDE_UNIT)
+    stride_vt, stride_vh = _in_elements(stride_vt, stride_vh, STRIDE_UNIT)
+    stride_ot, stride_oh = _in_elements(stride_ot, stride_oh, STRIDE_UNIT)
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
     kh = h // GROUP
@@ -264,9 +277,11 @@ def _varlen_attention_fwd_kernel(
 @triton.jit
 def _varlen_attention_bwd_preprocess_kernel(
     Out, dOut, Delta, stride_ot, stride_oh, stride_dot, stride_doh, total_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):
     """delta_i = sum_d dO_id * O_id, the softmax-backward row term (flash-attn's D)."""
+    stride_ot, stride_oh = _in_elements(stride_ot, stride_oh, STRIDE_UNIT)
+    stride_dot, stride_doh = _in_elements(stride_dot, stride_doh, STRIDE_UNIT)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -341,8 +356,14 @@ def _varlen_attention_bwd_dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):
+    stride_qt, stride_qh = _in_elements(stride_qt, stride_qh, STRIDE_UNIT)
+    stride_kt, stride_kh = _in_elements(stride_kt, stride_kh, STRIDE_UNIT)
+    stride_vt, stride_vh = _in_elements(stride_vt, stride_vh, STRIDE_UNIT)
+    stride_dot, stride_doh = _in_elements(stride_dot, stride_doh, STRIDE_UNIT)
+    stride_dkt, stride_dkh = _in_elements(stride_dkt, stride_dkh, STRIDE_UNIT)
+    stride_dvt, stride_dvh = _in_elements(stride_dvt, stride_dvh, STRIDE_UNIT)
     seq, nblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     kh = tl.program_id(1)
     q_start, len_q, k_start, len_k = _sequence_bounds(cu_q, cu_k, seq, total_q, total_k)
@@ -423,8 +444,13 @@ def _varlen_attention_bwd_dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    HAS_PREFIX: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):
+    stride_qt, stride_qh = _in_elements(stride_qt, stride_qh, STRIDE_UNIT)
+    stride_kt, stride_kh = _in_elements(stride_kt, stride_kh, STRIDE_UNIT)
+    stride_vt, stride_vh = _in_elements(stride_vt, stride_vh, STRIDE_UNIT)
+    stride_dot, stride_doh = _in_elements(stride_dot, stride_doh, STRIDE_UNIT)
+    stride_dqt, stride_dqh = _in_elements(stride_dqt, stride_dqh, STRIDE_UNIT)
     seq, mblk = _tile_coords(tl.program_id(0), tile_seq, tile_block, TILE_LIST, BLOCKS_PER_SEQ)
     h = tl.program_id(1)
     kh = h // GROUP
@@ -561,6 +587,20 @@ def _wide_offsets(max_q: int, max_k: int, *tensors) -> bool:
     return max(max_q, max_k, 1) * max(t.stride(0) for t in tensors) >= 2 ** 31
 
 
+def stride_unit(*tensors) -> int:
+    """The largest of 16, 8, 4, 2, 1 dividing every token and head stride of `tensors`: the
+    launchers pass strides in this unit and the kernels multiply it back (_in_elements), so the
+    compiler knows each row of a tile starts 16-byte aligned. Triton's JIT only marks integers
+    divisible by 16; with head dim 40 (head stride 40) it would not vectorize or pipeline a
+    single load."""
+    return math.gcd(16, *(t.stride(i) for t in tensors for i in (0, 1)))
+
+
+def _strides(unit: int, *tensors) -> list:
+    """(token stride, head stride) of each tensor, in `unit`s."""
+    return [t.stride(i) // unit for t in tensors for i in (0, 1)]
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs stay fp32 (as PyTorch's fp32 attention does); tf32 would cost ~1e-3 accuracy
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -604,13 +644,13 @@ def varlen_attention_forward(q, k, v, cu_q, cu_k, tiles, max_q, max_k, scale, wi
         return out, lse
     runtime, flags = _score_args(scale, window_left, window_right, softcap)
     prefix_ptr, has_prefix, span_q, span_k = _prefix_args(prefix, cu_q, max_q, max_k, total_q, k.shape[0])
+    unit = stride_unit(q, k, v, out)
     _varlen_attention_fwd_kernel[(programs, Hq)](
-        q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_block, prefix_ptr,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_block, prefix_ptr, *_strides(unit, q, k, v, out),
         total_q, k.shape[0], *runtime, per_seq,
         GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         TILE_LIST=tile_list, DOT_PRECISION=_dot_precision(q.dtype), **flags,
-        WIDE_OFFSETS=_wide_offsets(span_q, span_k, q, k, v, out), HAS_PREFIX=has_prefix, num_warps=warps,
+        WIDE_OFFSETS=_wide_offsets(span_q, span_k, q, k, v, out), HAS_PREFIX=has_prefix, STRIDE_UNIT=unit, num_warps=warps,
         num_stages=stages,
     )
     return out, lse
@@ -634,14 +674,16 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
     BLOCK_D = triton.next_power_of_2(D)
     delta = torch.empty_like(lse)
     PRE_M = max(16, 8192 // BLOCK_D)  # rows per program: 64 at D=128, 32 at D=256 (no spills)
+    unit = stride_unit(q, k, v, out, do, dq, dk, dv)
     _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(total_q, PRE_M), Hq)](
-        out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), total_q,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_M,
+        out, do, delta, *_strides(unit, out, do), total_q, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_M,
+        STRIDE_UNIT=unit,
     )
     runtime, flags = _score_args(scale, window_left, window_right, softcap)
     prefix_ptr, has_prefix, span_q, span_k = _prefix_args(prefix, cu_q, max_q, max_k, total_q, total_k)
     common = dict(GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype), **flags,
-                  WIDE_OFFSETS=_wide_offsets(span_q, span_k, q, k, v, do, dq, dk, dv), HAS_PREFIX=has_prefix)
+                  WIDE_OFFSETS=_wide_offsets(span_q, span_k, q, k, v, do, dq, dk, dv), HAS_PREFIX=has_prefix,
+                  STRIDE_UNIT=unit)
     # dK, dV: one program per key block and kv head; every key row is written exactly once
     BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
     programs, tile_seq, tile_block, per_seq, tile_list = _grid_args(tiles_dkdv, cu_k.numel() - 1, max_k, BLOCK_N,
@@ -652,9 +694,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
             break
         _varlen_attention_bwd_dkdv_kernel[(programs, Hk)](
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, tile_seq, tile_block, prefix_ptr,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            total_q, total_k, *runtime, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            *_strides(unit, q, k, v, do, dk, dv), total_q, total_k, *runtime, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             TILE_LIST=tile_list, WANT_DK=want_dk, WANT_DV=want_dv, num_warps=warps, num_stages=stages, **common,
         )
     BLOCK_M, BLOCK_N, warps, stages = cfg["dq"]
@@ -663,9 +703,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
     if programs:
         _varlen_attention_bwd_dq_kernel[(programs, Hq)](
             q, k, v, do, lse, delta, dq, cu_q, cu_k, tile_seq, tile_block, prefix_ptr,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dq.stride(0), dq.stride(1),
-            total_q, total_k, *runtime, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            *_strides(unit, q, k, v, do, dq), total_q, total_k, *runtime, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             TILE_LIST=tile_list, num_warps=warps, num_stages=stages, **common,
         )
     return dq, dk, dv

@@ -133,6 +133,29 @@ def test_query_and_key_lengths_differ(causal):
     check_against_reference([7, 4], [0, 9], 2, 1, 16, torch.float32, causal)
 
 
+@pytest.mark.parametrize("pad", [3, 8])
+def test_row_strides_that_are_no_multiple_of_16(pad):
+    """The launchers pass strides in units of the largest power of two up to 16 dividing them all
+    (stride_unit: 1 for a row stride of H*D + 3, 8 for H*D + 8 and for head dim 40) and the
+    kernels multiply it back: q, k, v as views into wider rows give what their contiguous copies
+    give, gradients included."""
+    from longalign_ops.kernels.varlen_attention import stride_unit
+
+    lengths, H, D = [37, 5], 2, 40
+    rows = [torch.randn(sum(lengths), H * D + pad, requires_grad=True) for _ in range(3)]
+    views = [r[:, :H * D].view(-1, H, D) for r in rows]
+    copies = [t.detach().contiguous().requires_grad_() for t in views]
+    assert stride_unit(*views) == (1 if pad == 3 else 8) and stride_unit(*copies) == 8
+    cu, dout = make_cu(lengths), torch.randn(sum(lengths), H, D)
+    outs = [varlen_attention(*qkv, cu, cu, 37, 37) for qkv in (views, copies)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+    grads_view = torch.autograd.grad(outs[0], rows, dout)
+    grads_copy = torch.autograd.grad(outs[1], copies, dout)
+    for g_row, g_copy in zip(grads_view, grads_copy):
+        assert not g_row[:, H * D:].any()
+        torch.testing.assert_close(g_row[:, :H * D].view(-1, H, D), g_copy, rtol=0, atol=1e-6)
+
+
 def test_head_dim_256():
     check_against_reference([20, 7], [20, 7], 2, 1, 256, torch.float32, True)
 
