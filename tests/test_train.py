@@ -3,6 +3,7 @@ single-process emulation, LOGO, the JSONL reader's error reporting, and one step
 Triton kernels under the interpreter."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,12 +19,39 @@ import longalign_ops as la  # noqa: E402
 
 
 def run(args, interpret="0", torchrun=None, timeout=600):
-    env = dict(os.environ, TRITON_INTERPRET=interpret, PYTHONUNBUFFERED="1")
+    """train.py (under torchrun with `torchrun` processes); on a hang, every process of the job
+    prints its Python stacks (faulthandler, SIGABRT) into the failure message."""
+    env = dict(os.environ, TRITON_INTERPRET=interpret, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", TRAIN] if torchrun \
         else [sys.executable, TRAIN]
-    res = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+    proc = subprocess.Popen(cmd + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in descendants(proc.pid) + [proc.pid]:  # torchrun's workers run in sessions of their own
+            os.kill(pid, signal.SIGABRT)
+        out, err = proc.communicate()
+        pytest.fail(f"hung for {timeout} s: " + out[-3000:] + err[-12000:])
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def descendants(pid: int) -> list:
+    """The processes below `pid`, from /proc (Linux)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parent[int(entry)] = int(fields[1])
+        except (ValueError, OSError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, pp in parent.items() if pp in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def metrics(out):

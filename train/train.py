@@ -79,7 +79,9 @@ def main(argv=None, step_hook=None, pass_timer=time_one_pass) -> dict:
     """Train as `train/train.py argv` does; returns the metrics history, the model and its config.
     `step_hook(row)` sees each step's metrics row; `pass_timer` runs and times each emulated
     rank's micro-batch (time_one_pass; bench/bench_e2e.py repeats the pass for a median, which
-    leaves training unchanged). Timed repeats beyond the first are left out of the step's ms."""
+    leaves training unchanged). Timed repeats beyond the first are left out of the step's ms.
+    Under torchrun, the process group main() starts is still up when it returns (after a
+    barrier): train.py's own entry leaves without tearing it down."""
     cfg = parse_args(argv)
     rank, world, dp_rank, dp_size, row_groups = setup_distributed(cfg)
     if world > 1 and pass_timer is not time_one_pass:
@@ -241,18 +243,21 @@ def main(argv=None, step_hook=None, pass_timer=time_one_pass) -> dict:
     with open(os.path.join(cfg.out, f"rank{rank}.json"), "w") as f:
         json.dump(dict(rank=rank, param_checksum=checksum, losses=[h["loss"] for h in history]), f)
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # every rank has written its files before any leaves
     return dict(history=history, checksum=checksum, model=model, config=cfg)
 
 
 if __name__ == "__main__":
     result = main()  # held: dropping it frees the model, whose DDP reducer owns a gloo process group
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # everything is written and the process group destroyed; leave without destructors: a
-        # ProcessGroupGloo freed after destroy_process_group can hang joining its worker threads
-        # (seen: the DDP reducer's, when main()'s result was dropped) or abort in the interpreter's
-        # teardown ("terminate called without an active exception", pytorch/pytorch#179291)
+    if dist.is_initialized():
+        # every rank has written everything and passed main()'s last barrier: leave now, without
+        # destroy_process_group or destructors. After destroy_process_group, freeing main()'s
+        # DDP wrapper dropped the last reference to the gloo group, whose destructor joins a
+        # worker thread that was waiting for the GIL the main thread held (a hung CI run,
+        # 2026-12-02, read with py-spy: ~ProcessGroupGloo in std::thread::join, the worker in
+        # ~AsyncBarrierWork acquiring the GIL). Left undestroyed, the group stays referenced
+        # by torch.distributed until exit; os._exit also skips the interpreter's teardown, which
+        # can abort with gloo threads alive (pytorch/pytorch#179291). The OS closes the sockets.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
