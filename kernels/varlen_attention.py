@@ -543,16 +543,15 @@ def _tiles(head_dim, dtype, on_gpu, capability, softcap, prefix) -> dict:
         return dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 8, 3) if hopper else (32, 32, 4, 2), dq=(64, 64, 8, 2))
     if head_dim <= 128 and prefix:
         if hopper:
-            return dict(fwd=(64, 64, 8, 2) if softcap else (128, 64, 8, 3),
-                        dkdv=(32, 64, 8, 1) if softcap else (32, 64, 8, 2), dq=(64, 32, 8, 2))
+            return dict(fwd=(64, 64, 8, 2) if softcap else (128, 64, 8, 3), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2))
         return dict(fwd=(64, 64, 8, 2), dkdv=(64, 16, 4, 2), dq=(32, 32, 4, 2))
     if head_dim <= 128:
         dq = (64, 64, 4, 2) if hopper else (32, 64, 4, 2)
         fwd = (64, 64, 8, 2) if softcap and not hopper else (128, 64, 8, 3)
         return dict(fwd=fwd, dkdv=(16, 64, 8, 2) if hopper else (64, 32, 8, 2), dq=(dq[0], 32, 4, 2) if softcap else dq)
     fwd = (64, 32, 8, 2) if prefix else (64, 64, 8, 2)
-    if not hopper:  # sm_80, D = 256: small mma.sync tiles, 2 stages (1 for dQ with softcap and prefixes)
-        return dict(fwd=fwd, dkdv=(16, 16, 4, 2), dq=(32, 16, 4, 1 if softcap and prefix else 2))
+    if not hopper:  # sm_80, D = 256: small mma.sync tiles, 2 stages (dQ with softcap and prefixes: 8 warps)
+        return dict(fwd=fwd, dkdv=(16, 16, 4, 2), dq=(64, 16, 8, 2) if softcap and prefix else (32, 16, 4, 2))
     # sm_90, D = 256: the D <= 128 shapes with fp32 dK, dV at 256 columns (64 registers each at 8
     # warps). Soft-capping and shared prefixes add live state that makes that dK/dV spill on
     # every wgmma tile: there dK and dV are computed by separate programs (dkdv_split), each

@@ -57,16 +57,17 @@ def test_attention_and_gradients_match_a_masked_reference(path, dtype, Hq, Hk, D
     check_against_masked_reference(dtype, Hq, Hk, D, window, softcap)
 
 
-@pytest.mark.parametrize("window, softcap", [(-1, None), (6, 20.0)])
-def test_the_gpu_tiles_compute_shared_prefix_attention_under_the_interpreter(window, softcap, monkeypatch):
-    """sm_90's head-dim-256 tiles with shared prefixes, where dK and dV are separate launches
-    (attention_config's dkdv_split), run by the interpreter on fp32 data."""
+@pytest.mark.parametrize("arch, window, softcap", [((9, 0), -1, None), ((9, 0), 6, 20.0), ((8, 0), 6, 20.0)])
+def test_the_gpu_tiles_compute_shared_prefix_attention_under_the_interpreter(arch, window, softcap, monkeypatch):
+    """The head-dim-256 tiles with shared prefixes, run by the interpreter on fp32 data: sm_90's,
+    where dK and dV are separate launches (attention_config's dkdv_split), and sm_80's with
+    soft-capping (dQ 64 x 16)."""
     from longalign_ops.kernels import varlen_attention as va
 
     gpu = va.attention_config
-    assert gpu(256, torch.bfloat16, True, (9, 0), softcap is not None, True)["dkdv_split"]
+    assert gpu(256, torch.bfloat16, True, arch, softcap is not None, True)["dkdv_split"] == (arch == (9, 0))
     monkeypatch.setattr(va, "config_for", lambda q, softcap=0.0, prefix=False: gpu(
-        q.shape[-1], torch.bfloat16, True, (9, 0), softcap > 0, prefix))
+        q.shape[-1], torch.bfloat16, True, arch, softcap > 0, prefix))
     check_against_masked_reference(torch.float32, 2, 1, 256, window, softcap)
 
 
