@@ -254,7 +254,8 @@ if __name__ == "__main__":
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 if a kernel needs more shared memory than A100 / H100 give, a normal-path kernel "
                          "spills to local memory, or an sm_90 bf16/fp16 attention "
-                         "kernel at head dim 40-256 issues mma.sync instead of wgmma")
+                         "kernel at head dim 40-256 issues mma.sync instead of wgmma, or a bf16/fp16 attention "
+                         "kernel's loads are not pipelined (no cp.async)")
     ap.add_argument("--out", default=None, help="also write the report as CSV")
     args = ap.parse_args()
     rows = compile_all(tuple(int(a) for a in args.arch.split(",")))
@@ -292,4 +293,11 @@ if __name__ == "__main__":
     if not_wgmma:
         print(f"{len(not_wgmma)} sm_90 attention kernel(s) not on wgmma: "
               + ", ".join(f"{r['kernel']} {r['dtype']} D={r['head_dim']} ({r['mma_sync']} mma.sync)" for r in not_wgmma))
-    raise SystemExit(1 if args.strict and (spilled or not_wgmma or too_big) else 0)
+    # and every bf16/fp16 attention loop, on both architectures, pipelines its loads (cp.async)
+    unpipelined = [r for r in ours if r["dtype"] in ("bf16", "fp16") and not r["cp_async"]
+                   and r["kernel"].split(" ")[:2] in (["varlen_attention", "fwd"], ["varlen_attention", "dkdv"],
+                                                      ["varlen_attention", "dq"])]
+    if unpipelined:
+        print(f"{len(unpipelined)} attention kernel(s) without cp.async: "
+              + ", ".join(f"{r['arch']} {r['kernel']} {r['dtype']} D={r['head_dim']}" for r in unpipelined))
+    raise SystemExit(1 if args.strict and (spilled or not_wgmma or too_big or unpipelined) else 0)
