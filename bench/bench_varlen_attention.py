@@ -235,7 +235,10 @@ def main() -> None:
                   f"bwd {bwd:7.3f} ms ({r['bwd_tflops']:5.0f} TF/s)  fwd+bwd {both:7.3f} ms")
         del q, k, v
         torch.cuda.empty_cache()
+    # written after each part, so that gpu_check's time limit, if it strikes, keeps what was measured
+    write_csv(out_path(args), rows)
     rows += against_reference(causal=causal)
+    write_csv(out_path(args), rows)
     rows += split_dkdv_against_one_program()
     print(f"wrote {write_csv(out_path(args), rows)}")
 
