@@ -409,16 +409,16 @@ def test_chat_records_use_the_tokenizers_chat_template(tmp_path):
     assert [t for t, keep in zip(tokens, sample["target"]) if keep] == ["w3", "w4", "</s>", "w6", "</s>"]
 
 
-def test_one_step_through_the_triton_kernels(tmp_path):
+@pytest.mark.parametrize("objective", ["sft", "logo", "dpo"])  # one test each: xdist spreads the slowest
+def test_one_step_through_the_triton_kernels(tmp_path, objective):
     """Attention and the fused loss inside the loop, executed by the Triton interpreter, log the
     loss of the plain-CPU path (SDPA per sequence and PyTorch's cross-entropy): two independent
     implementations of every op in the step."""
-    for objective in ("sft", "logo", "dpo"):
-        args = ["--max-steps", "1", "--window", "128", "--num-samples", "16", "--objective", objective, "--no-plot"]
-        kernels, plain = str(tmp_path / objective), str(tmp_path / f"{objective}-cpu")
-        run(args + ["--out", kernels], interpret="1")
-        run(args + ["--out", plain], interpret="0")
-        assert metrics(kernels)[0]["loss"] == pytest.approx(metrics(plain)[0]["loss"], rel=1e-4), objective
+    args = ["--max-steps", "1", "--window", "128", "--num-samples", "16", "--objective", objective, "--no-plot"]
+    kernels, plain = str(tmp_path / objective), str(tmp_path / f"{objective}-cpu")
+    run(args + ["--out", kernels], interpret="1")
+    run(args + ["--out", plain], interpret="0")
+    assert metrics(kernels)[0]["loss"] == pytest.approx(metrics(plain)[0]["loss"], rel=1e-4), objective
 
 
 @pytest.mark.parametrize("extra", [["--grad-accum", "2", "--world-size", "2"], ["--grad-accum", "3"]])
