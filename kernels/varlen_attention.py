@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_compiled_gpu
+from ._dispatch import on_compiled_gpu
 from ._math import precise_tanh
 
 LOG2E = 1.4426950408889634

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_compiled_gpu
+from ._dispatch import on_compiled_gpu
 from ._math import precise_tanh
 
 

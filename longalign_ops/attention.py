@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ._validation import check_finite_number, check_int, check_tensor
 from .batch import TILE_BLOCKS, PackedBatch, batch_for_cu
-from .kernels import use_triton
+from .kernels._dispatch import use_triton
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 Tensor = torch.Tensor

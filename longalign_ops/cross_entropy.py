@@ -11,7 +11,7 @@ import torch
 
 from ._validation import assert_on_device, check_finite_number, check_int, check_tensor, compiling, validation_enabled
 from .batch import PackedBatch, sequence_map
-from .kernels import use_triton
+from .kernels._dispatch import use_triton
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _REDUCTIONS = ("none", "sum", "mean")

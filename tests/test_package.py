@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import longalign_ops
-from longalign_ops.kernels import use_triton
+from longalign_ops.kernels._dispatch import use_triton
 
 
 def test_kernels_subpackage_is_installed_under_the_package():
@@ -29,6 +29,49 @@ def test_kernels_subpackage_is_installed_under_the_package():
     assert "kernels" not in sys.modules or "longalign" not in (getattr(sys.modules["kernels"], "__file__", "") or "")
     top = importlib.util.find_spec("kernels")
     assert top is None or "longalign" not in (top.origin or ""), "a top-level `kernels` package was installed"
+
+
+def test_a_python_started_in_the_clone_imports_transformers_and_the_package():
+    """A newcomer starts Python (pytest, a notebook, the README's blocks) in the clone's root,
+    where the source tree's `kernels/` lies on sys.path first: importing transformers, which
+    probes the hub's top-level `kernels` package, still works, and so does the package with its
+    transformers integration. The clone's `kernels/` is a namespace package (no __init__.py), so
+    it never answers for an installed `kernels`, and is never a regular package by that name."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert not os.path.exists(os.path.join(root, "kernels", "__init__.py"))
+    script = """
+import importlib.util, os, sys
+spec = importlib.util.find_spec("kernels")
+# an installed `kernels` (transformers 5 installs the hub's) or a namespace with no origin
+assert spec is None or spec.origin is None or os.path.dirname(spec.origin) != os.path.join(os.getcwd(), "kernels"), spec
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+import longalign_ops, longalign_ops.integrations.transformers
+from longalign_ops.kernels import varlen_attention, weighted_cross_entropy
+print("ok", transformers.__version__)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-3000:]
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI's fresh environment takes the newest allowed release")
+def test_ci_runs_the_newest_transformers_the_bounds_allow():
+    """CI installs the test extras into a fresh environment, so it must have the newest
+    transformers that pyproject's upper bound admits (a bound `<X.Y` admits X.(Y-1).*): a test
+    run on an older one would not show what a newcomer gets."""
+    import re
+
+    import transformers
+    from packaging.version import Version
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "pyproject.toml"), encoding="utf-8").read()
+    major, minor = map(int, re.search(r'"transformers>=[0-9.]+,<([0-9]+)\.([0-9]+)"', text).groups())
+    assert Version(transformers.__version__).release[:2] == (major, minor - 1), transformers.__version__
 
 
 def _package_imports():
@@ -78,24 +121,24 @@ def test_the_package_modules_import_each_other_without_cycles():
 
 def test_one_place_reads_the_interpreter_switch():
     """Whether an op runs its Triton kernel, and with which tile configs, both follow from one
-    reading of TRITON_INTERPRET (kernels/__init__.py)."""
-    from longalign_ops import kernels
+    reading of TRITON_INTERPRET (kernels/_dispatch.py)."""
+    from longalign_ops.kernels import _dispatch
 
     readers = []
     # the kernels may be installed elsewhere than the package (an editable install maps them)
-    for root in (os.path.dirname(longalign_ops.__file__), os.path.dirname(kernels.__file__)):
+    for root in (os.path.dirname(longalign_ops.__file__), os.path.dirname(_dispatch.__file__)):
         for folder, _, files in os.walk(root):
             for name in files:
                 path = os.path.join(folder, name)
                 if name.endswith(".py") and '"TRITON_INTERPRET"' in open(path).read():
                     readers.append(os.path.realpath(path))
-    assert sorted(set(readers)) == [os.path.realpath(kernels.__file__)]
+    assert sorted(set(readers)) == [os.path.realpath(_dispatch.__file__)]
 
     cpu = torch.empty(1)
     for value, expect in (("1", True), ("0", False)):
         os.environ["TRITON_INTERPRET"], saved = value, os.environ.get("TRITON_INTERPRET")
         try:
-            assert kernels.use_triton(cpu) is expect and kernels.on_compiled_gpu(cpu) is False
+            assert _dispatch.use_triton(cpu) is expect and _dispatch.on_compiled_gpu(cpu) is False
         finally:
             os.environ["TRITON_INTERPRET"] = saved
 

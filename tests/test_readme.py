@@ -42,7 +42,11 @@ def test_relative_links_resolve():
 
 @pytest.mark.parametrize("page, index, block", BLOCKS, ids=[f"{p}-{i}" for p, i, _ in BLOCKS])
 def test_python_block_runs_as_written(page, index, block, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+    """The README's blocks run where a newcomer pastes them, in the clone's root (its source
+    tree first on sys.path: nothing there may shadow an installed package); the docs' blocks in
+    an empty folder, since some of them write files."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    cwd = ROOT if page == "README.md" else tmp_path
+    res = subprocess.run([sys.executable, "-c", block], cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, f"{page} block {index}:\n{block}\n{res.stderr[-3000:]}"
