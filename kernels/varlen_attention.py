@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import on_compiled_gpu
+from ._dispatch import gpu_capability, on_compiled_gpu
 from ._math import precise_tanh
 
 LOG2E = 1.4426950408889634
@@ -287,8 +287,11 @@ def _varlen_attention_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < total_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows = offs_m.to(tl.int64)
-    o = tl.load(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(dOut + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    # 64-bit head offsets: a head-major view (an all-to-all's, a (H, T, D) buffer's) of 1M tokens
+    # at head dim 128 puts head 16 at 2^31 elements
+    head = h.to(tl.int64)
+    o = tl.load(Out + head * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(dOut + head * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + h.to(tl.int64) * total_q + offs_m, delta, mask=offs_m < total_q)
 
@@ -529,11 +532,29 @@ def attention_config(head_dim: int, dtype: torch.dtype, on_gpu: bool, capability
     return dict(cfg, dkdv_split=cfg.get("dkdv_split", False))
 
 
+# The most shared memory one program may use (opt-in dynamic shared memory per block), by
+# architecture: A100 / Orin; the 99 KB of A10, A40, L4, L40S, RTX 30x0 / 40x0 (sm_86, sm_89) and
+# of RTX 50x0 (sm_120, sm_121); H100 / H200 and B200 / B300 (sm_90, sm_100, sm_103).
+SHARED_MEMORY = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448, (10, 0): 232448,
+                 (10, 3): 232448, (12, 0): 101376, (12, 1): 101376}
+
+
+def shared_memory_limit(capability) -> int:
+    """Bytes of shared memory one program may use on `capability` (an unknown one: the least)."""
+    return SHARED_MEMORY.get(tuple(capability), min(SHARED_MEMORY.values()))
+
+
 def _tiles(head_dim, dtype, on_gpu, capability, softcap, prefix) -> dict:
     """attention_config's entries; those that split dK/dV say so."""
     if not on_gpu:
         return dict(fwd=(32, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1))
-    hopper = tuple(capability) >= (9, 0)
+    # Hopper's tiles are shaped for wgmma (sm_90 only). Every other architecture takes sm_80's
+    # mma.sync-sized tiles: on sm_100 Hopper's dK/dV tiles spill (488 B at D = 256) and sm_80's
+    # compile spill-free within its shared memory; the 99 KB parts (sm_86/89/120) take them too,
+    # with a narrower forward above head dim 128 (64 x 64 over 256 columns needs 104 KB there)
+    hopper = tuple(capability)[0] == 9
+    if not hopper and head_dim > 128 and shared_memory_limit(capability) < 110_000 and dtype != torch.float32:
+        return dict(_tiles(head_dim, dtype, on_gpu, (8, 0), softcap, prefix), fwd=(64, 32, 8, 2))
     if dtype == torch.float32:
         return dict(fwd=(32, 16, 4, 1), dkdv=(16, 16, 4, 1) if hopper else (16, 16, 8, 1), dq=(32, 16, 4, 1))
     # sm_90 dK/dV: 64 keys per program (the M dimension of all of its matmuls: wgmma's minimum),
@@ -564,9 +585,10 @@ def _tiles(head_dim, dtype, on_gpu, capability, softcap, prefix) -> dict:
 
 
 def config_for(q: torch.Tensor, softcap: float = 0.0, prefix: bool = False) -> dict:
-    """The tile config of the device and dtype `q` runs on (GPU capability read once per call)."""
+    """The tile config of the device and dtype `q` runs on (the GPU's architecture from
+    gpu_capability: cached, never a CUDA call while tracing on a machine without one)."""
     on_gpu = on_compiled_gpu(q)
-    cap = torch.cuda.get_device_capability(q.device) if on_gpu else (0, 0)
+    cap = gpu_capability(q.device) if on_gpu else (0, 0)
     return attention_config(q.shape[-1], q.dtype, on_gpu, cap, softcap > 0, prefix)
 
 
@@ -598,6 +620,14 @@ def stride_unit(*tensors) -> int:
 def _strides(unit: int, *tensors) -> list:
     """(token stride, head stride) of each tensor, in `unit`s."""
     return [t.stride(i) // unit for t in tensors for i in (0, 1)]
+
+
+def block_d(head_dim: int) -> int:
+    """The head-dim tile: the next power of two, and at least 16, the smallest contraction
+    tl.dot compiles for NVIDIA (mma and wgmma take K >= 16; the interpreter takes less, so head
+    dims 1..15 passed there and failed to compile). Columns past head_dim load as 0 and are
+    never stored."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -647,7 +677,7 @@ def varlen_attention_forward(q, k, v, cu_q, cu_k, tiles, max_q, max_k, scale, wi
     _varlen_attention_fwd_kernel[(programs, Hq)](
         q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_block, prefix_ptr, *_strides(unit, q, k, v, out),
         total_q, k.shape[0], *runtime, per_seq,
-        GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         TILE_LIST=tile_list, DOT_PRECISION=_dot_precision(q.dtype), **flags,
         WIDE_OFFSETS=_wide_offsets(span_q, span_k, q, k, v, out), HAS_PREFIX=has_prefix, STRIDE_UNIT=unit, num_warps=warps,
         num_stages=stages,
@@ -670,7 +700,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
     if total_q == 0 or total_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     cfg = config_for(q, softcap, prefix is not None)
-    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_D = block_d(D)
     delta = torch.empty_like(lse)
     PRE_M = max(16, 8192 // BLOCK_D)  # rows per program: 64 at D=128, 32 at D=256 (no spills)
     unit = stride_unit(q, k, v, out, do, dq, dk, dv)

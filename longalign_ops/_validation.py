@@ -43,6 +43,19 @@ def validation(enabled: bool):
         _state["validate"] = previous
 
 
+def canonical_device(device) -> torch.device:
+    """``device`` as a tensor made there reports it: a device type with no index (``"cuda"``)
+    means that type's current device (0 where torch has no runtime for it, as under
+    FakeTensorMode on a CPU-only torch, whose fake tensors made on ``"cuda"`` report ``cuda:0``).
+    Every stored or compared device goes through here, so ``"cuda"`` and ``"cuda:0"`` are one."""
+    device = torch.device(device)
+    if device.index is not None or device.type in ("cpu", "meta"):
+        return device
+    module = getattr(torch, device.type, None)
+    available = module is not None and getattr(module, "is_available", lambda: False)()
+    return torch.device(device.type, module.current_device() if available else 0)
+
+
 def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None,
                  device: Optional[torch.device] = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
@@ -52,7 +65,7 @@ def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[I
     if dtypes is not None and t.dtype not in tuple(dtypes):
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype {names}, got {str(t.dtype).replace('torch.', '')}")
-    if device is not None and t.device != device:
+    if device is not None and t.device != canonical_device(device):
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
     return t
 
@@ -93,6 +106,13 @@ def memo_by_tensor(key: torch.Tensor, build, *extra):
 def compiling() -> bool:
     """True while torch.compile traces: value checks must not read tensors back to the host."""
     return torch.compiler.is_compiling()
+
+
+def faking() -> bool:
+    """Under FakeTensorMode outside a compile (memory counts, a trace by hand): tensors hold no
+    values, so there is nothing for a value check to check (and on a CPU-only torch, fake CUDA
+    tensors cannot even run one)."""
+    return torch._guards.detect_fake_mode() is not None and not torch.compiler.is_compiling()
 
 
 def assert_on_device(ok: torch.Tensor, message: str) -> None:

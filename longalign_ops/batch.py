@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ._validation import assert_on_device, check_tensor, compiling, memo_by_tensor, validation_enabled
+from ._validation import assert_on_device, canonical_device, check_tensor, compiling, faking, memo_by_tensor, validation_enabled
 
 # Row-block sizes of the attention kernels (kernels.varlen_attention.attention_config): a tile
 # schedule is laid out for each, so any dtype / head dim / GPU finds its own without a rebuild.
@@ -77,7 +77,7 @@ class PackedBatch:
     def from_lengths(cls, lengths, *, device="cpu") -> "PackedBatch":
         """From host lengths (list, tuple, numpy or a CPU tensor of ints >= 0). No device sync:
         one host-to-device copy of everything the ops will need."""
-        return cls._build(_host_lengths("lengths", lengths), torch.device(device))
+        return cls._build(_host_lengths("lengths", lengths), canonical_device(device))
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, *, name: str = "cu_seqlens") -> "PackedBatch":
@@ -114,7 +114,7 @@ class PackedBatch:
                 raise TypeError(f"groups[{i}]: the branch lengths must be a list of ints, got {branches!r}")
             lens = _host_lengths(f"groups[{i}]", [prefix] + list(branches))
             checked.append((int(lens[0]), [int(b) for b in lens[1:]]))
-        device = torch.device(device)
+        device = canonical_device(device)
         if all(not branches for _, branches in checked):  # no sharing: a plain batch
             return cls.from_lengths([p for p, _ in checked], device=device)
         segments, positions, seq_ids, table = [], [], [], []
@@ -195,7 +195,7 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         """This description on another device (a new host-to-device copy; positions kept)."""
-        device = torch.device(device)
+        device = canonical_device(device)
         if device == self.device:
             return self
         moved = PackedBatch._build(self.lengths.copy(), device) if self.groups is None \
@@ -218,7 +218,7 @@ class PackedBatch:
         if tokens != self.total:
             raise ValueError(f"{name} has {tokens} tokens but the PackedBatch describes {self.total} "
                              f"({self.num_sequences} sequences)")
-        if torch.device(device) != self.device:
+        if canonical_device(device) != self.device:
             raise ValueError(f"{name} is on {device} but the PackedBatch was built for {self.device}; "
                              f"use batch.to({str(device)!r})")
 
@@ -313,8 +313,8 @@ def batch_for_cu(name: str, cu, total: Optional[int], *, device: torch.device, m
     check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
     if cu.numel() < 1:
         raise ValueError(f"{name} must have at least one entry (B+1 with B >= 0)")
-    if compiling():
-        if validation_enabled():
+    if compiling() or faking():
+        if validation_enabled() and not faking():
             _check_cu_on_device(name, cu, total, max_seqlen, max_seqlen_name)
         return None
     if not (force or validation_enabled()):

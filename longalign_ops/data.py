@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ._validation import canonical_device
 from .batch import PackedBatch
 
 
@@ -50,7 +51,7 @@ class PackedCollator:
 
     def __init__(self, device=None, *, ignore_index: int = -100, pad_to_longest: bool = False,
                  pad_token_id: int = 0):
-        self.device = None if device is None else torch.device(device)
+        self.device = None if device is None else canonical_device(device)
         self.ignore_index = ignore_index
         self.pad_to_longest, self.pad_token_id = pad_to_longest, int(pad_token_id)
 
