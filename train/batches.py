@@ -112,6 +112,9 @@ def optimizer_step_batches(cfg: Config, plans: dict, lengths, ranks: int, step: 
         while True:
             if epoch not in plans:
                 plans[epoch] = make_plan(cfg, lengths, ranks, epoch, sources)
+                if not plans[epoch].num_steps:  # would loop over empty epochs without end
+                    raise SystemExit(f"--window {cfg.window}: the data plans no training step (every unit is "
+                                     f"longer than the window, or there is none)")
             if k < plans[epoch].num_steps:
                 break
             k -= plans[epoch].num_steps

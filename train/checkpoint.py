@@ -317,15 +317,22 @@ def read_metrics(path: str, up_to: int, log) -> List[str]:
 # ----------------------------------------------------------------------------- a training run's state
 
 
+def run_has_checkpoint(out: str) -> bool:
+    """A checkpoint of either kind (TrainingState's file or sharded folder) is in run directory `out`."""
+    return any(exists(os.path.join(out, name)) for name in (TrainingState.FILE, TrainingState.FOLDER))
+
+
 class TrainingState:
     """The checkpoint of a run in `out`: model, optimizer, scheduler, step and config. `sharded`
     (FSDP): a DCP directory ``ckpt.dcp`` written by every rank; otherwise one file ``ckpt.pt``
     written by rank 0. Every rank calls :meth:`save` and :meth:`resume`."""
 
+    FILE, FOLDER = "ckpt.pt", "ckpt.dcp"
+
     def __init__(self, out: str, model, optimizer, scheduler, config: dict, *, sharded: bool):
         self.model, self.optimizer, self.scheduler, self.config, self.sharded = model, optimizer, scheduler, config, \
             sharded
-        self.file, self.folder = os.path.join(out, "ckpt.pt"), os.path.join(out, "ckpt.dcp")
+        self.file, self.folder = os.path.join(out, self.FILE), os.path.join(out, self.FOLDER)
         self.path = self.folder if sharded else self.file
 
     def exists(self) -> bool:

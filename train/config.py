@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
@@ -164,9 +165,27 @@ def data_sources(entries) -> List[tuple]:
     return [(p, (w if w is not None else 1.0) / total) for p, w in out]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line on stderr naming the flag (argparse's message), exit 2; --help has the usage."""
+        self.exit(2, f"train.py: error: {message} (see --help)\n")
+
+
+def check_paths(cfg: Config) -> None:
+    """Every path flag names something that exists: a missing one is one line naming its flag,
+    before anything is read or built (not a traceback from deep inside a loader)."""
+    for flag, value in (("--model", cfg.model), ("--ref-model", cfg.ref_model), ("--tokenizer", cfg.tokenizer)):
+        if value is not None and not os.path.isdir(value):
+            raise SystemExit(f"{flag} {value}: no such directory (a local transformers directory; nothing is "
+                             f"downloaded)")
+    for path, _ in data_sources(as_list(cfg.data)) if cfg.data else []:
+        if not os.path.exists(path):
+            raise SystemExit(f"--data {path}: no such file")
+
+
 def parse_args(argv=None) -> Config:
     cfg = Config()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(cfg).items():
         flag = "--" + name.replace("_", "-")
         text = HELP[name] + (f" (default: {value})" if value is not None and not isinstance(value, bool) else "")
@@ -198,6 +217,7 @@ def parse_args(argv=None) -> Config:
     elif cfg.objective == "pretrain":
         raise SystemExit("--objective pretrain trains on your documents: --data FILE.jsonl[:WEIGHT] (records "
                          "{\"text\": ...} or {\"input_ids\": [...]}), repeatable to mix sources")
+    check_paths(cfg)
     preset = PRESETS[cfg.preset]
     cfg.window = cfg.window or preset["window"]
     cfg.num_samples = cfg.num_samples or preset["num_samples"]

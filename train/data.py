@@ -66,8 +66,12 @@ def tokenizer_path(cfg: Config) -> str:
 
 
 def jsonl_dataset(cfg: Config, log) -> List[dict]:
-    """The user's records (train/records.py): chat records for sft, preference records otherwise."""
-    tok = records.load_tokenizer(tokenizer_path(cfg))
+    """The user's records (train/records.py): chat records for sft, preference records otherwise.
+    An explicit --tokenizer must load; --model's tokenizer is optional, since pre-tokenised
+    records need none (a weights-only model directory), and a text record without one is refused
+    naming --tokenizer."""
+    tok = records.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else \
+        records.optional_tokenizer(cfg.model) if cfg.model else None
     if cfg.objective == "sft":
         return records.read_chat_jsonl(cfg.data, tok, cfg.window, cfg.skip_bad_records, log)
     samples = records.read_preference_jsonl(cfg.data, tok, cfg.skip_bad_records, log, cfg.num_rejected)
@@ -181,6 +185,9 @@ def load_units(cfg: Config, log):
     ref_units = preference_groups(samples, cfg.num_rejected, short=cfg.objective == "longpo") \
         if cfg.objective in NEEDS_REFERENCE else None
     too_long = sum(n > cfg.window for n in unit_lengths(units, cfg.shared_prefix))
+    if too_long == len(units):  # nothing would train: an epoch of empty steps, planned without end
+        raise SystemExit(f"--window {cfg.window}: every one of the {len(units)} prompts with its answers is longer "
+                         f"(a prompt and its answers share one row); raise --window")
     if too_long:  # the packer drops them (overlong="drop"): said here, with the count
         log(f"data: {too_long} of {len(units)} prompts with their answers exceed --window {cfg.window} tokens "
             f"and are left out (a prompt and its answers always share one row)")
@@ -201,6 +208,15 @@ def unit_lengths(units, shared_prefix: bool = False) -> List[int]:
         cuts = [shared_prefix_tokens(unit[0]["prompt_len"]) for unit in units]
         return [cut + sum(len(s["input_ids"]) - cut for s in unit) for cut, unit in zip(cuts, units)]
     return [sum(len(s["input_ids"]) for s in sequences_of(units, [i])) for i in range(len(units))]
+
+
+def max_token_id(units) -> int:
+    """The largest token id of in-memory units (-1 for none, and for token stores, whose ids the
+    loss checks as it reads them)."""
+    if isinstance(units, DocumentPieces):
+        return -1
+    return max((int(s["input_ids"].max()) for s in sequences_of(units, range(len(units))) if len(s["input_ids"])),
+               default=-1)
 
 
 def count_targets(units, idx) -> int:

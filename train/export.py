@@ -2,14 +2,36 @@
 ``AutoModelForCausalLM.from_pretrained(DIR)`` and inference servers load.
 
 Under FSDP the full weights are gathered to rank 0's host memory (one layer's shards at a time
-is what torch.distributed.checkpoint.state_dict does), written there, and every rank waits."""
+is what torch.distributed.checkpoint.state_dict does), written there, and every rank waits.
+
+The directory is the user's: an export goes into a missing or empty directory, or one holding a
+previous export of this tool (recognised by MARKER, which lists the files it wrote); only those
+files are replaced, anything else there is left alone, and a directory holding anything else is
+refused before training starts (check_target)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 
 import torch.distributed as dist
+
+MARKER = ".longalign_export.json"
+
+
+def check_target(path: str) -> None:
+    """Refuse (SystemExit, one line naming --export) a directory this tool may not write into."""
+    if not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(parent) and not os.access(parent, os.W_OK):
+            raise SystemExit(f"--export {path}: cannot create it ({parent} is not writable)")
+        return
+    if not os.path.isdir(path):
+        raise SystemExit(f"--export {path} is a file, not a directory: choose a new or empty directory")
+    if os.listdir(path) and not os.path.isfile(os.path.join(path, MARKER)):
+        raise SystemExit(f"--export {path} holds files this tool did not write: choose a new or empty directory "
+                         f"(a previous export of train.py there is replaced)")
 
 
 def full_state_dict(model, sharded: bool) -> dict:
@@ -21,12 +43,48 @@ def full_state_dict(model, sharded: bool) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _previous_files(path: str) -> list:
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            return [name for name in json.load(f)["files"] if os.path.basename(name) == name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _move_into(tmp: str, path: str, previous) -> None:
+    """The files of `tmp` into the existing export `path`, each by an atomic rename, the marker
+    last; the previous export's files that this one did not write again are removed (and only
+    those: the marker lists them)."""
+    written = sorted(os.listdir(tmp))
+    os.remove(os.path.join(path, MARKER))  # mid-way, the directory is no complete export
+    for name in written:
+        target = os.path.join(path, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, name), target)
+    for name in set(previous) - set(written):
+        target = os.path.join(path, name)
+        if os.path.isfile(target):
+            os.remove(target)
+    _write_marker(path, written)
+    os.rmdir(tmp)
+
+
+def _write_marker(path: str, files) -> None:
+    tmp = os.path.join(path, MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(dict(tool="longalign_ops train/train.py", files=sorted(files)), f)
+    os.replace(tmp, os.path.join(path, MARKER))
+
+
 def export_model(path: str, model, tokenizer=None, *, sharded: bool = False, is_main: bool = True) -> None:
-    """Write `model` (a transformers PreTrainedModel) to `path`, atomically (a temporary sibling
-    directory renamed into place). The config keeps the model's own attention implementation
+    """Write `model` (a transformers PreTrainedModel) to `path`: into a temporary sibling
+    directory first, then renamed into place (a missing or empty `path`) or moved in file by file
+    (a previous export of this tool). The config keeps the model's own attention implementation
     out: the directory loads without longalign_ops installed."""
     state = full_state_dict(model, sharded)  # a collective under FSDP: every rank calls it
     if is_main:
+        check_target(path)
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
@@ -38,8 +96,12 @@ def export_model(path: str, model, tokenizer=None, *, sharded: bool = False, is_
             model.config._attn_implementation = implementation
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if os.path.isdir(path) and os.listdir(path):  # a previous export of ours (check_target)
+            _move_into(tmp, path, _previous_files(path))
+        else:
+            _write_marker(tmp, os.listdir(tmp))
+            if os.path.isdir(path):
+                os.rmdir(path)  # empty: rename(2) would replace it too, but say so
+            os.replace(tmp, path)
     if dist.is_initialized():
         dist.barrier()

@@ -23,6 +23,15 @@ def load_tokenizer(path: str):
         raise SystemExit(f"no usable tokenizer in {path} (pass --tokenizer DIR): {str(e).splitlines()[0]}") from None
 
 
+def optional_tokenizer(path: str):
+    """The tokenizer in `path`, or None where it holds none (a weights-only checkpoint directory):
+    pre-tokenised records need none, and a text record then says it needs --tokenizer."""
+    try:
+        return load_tokenizer(path)
+    except SystemExit:
+        return None
+
+
 def _lines(path: str):
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -88,32 +97,67 @@ def _plain_chat_ids(tok, messages) -> tuple:
 
 
 def read_chat_jsonl(path: str, tok, window: int, skip_bad: bool, log) -> List[dict]:
-    """{"messages": [{"role", "content"}, ...]} records as dict(ids, target) arrays."""
+    """{"messages": [{"role", "content"}, ...]} records, or pre-tokenised {"input_ids", "labels"}
+    records, as dict(ids, target) arrays. `tok` may be None when every record is pre-tokenised."""
     templated = bool(getattr(tok, "chat_template", None))
-    if not templated:
+    if not templated and tok is not None:
         log("data: the tokenizer has no chat template; turns are written as '<|role|>\\ncontent\\n'")
     bad, samples = BadRecords(path, skip_bad, log), []
     for lineno, rec in _records(path, bad):
-        msgs = rec.get("messages") if isinstance(rec, dict) else None
-        if not isinstance(msgs, list) or not msgs:
-            bad(lineno, "messages", "missing or empty (a list of {role, content})")
-            continue
-        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                   for m in msgs):
-            bad(lineno, "messages", "every message needs a string 'role' and 'content'")
-            continue
-        if not any(m["role"] == "assistant" and m["content"] for m in msgs):
-            bad(lineno, "messages", "no assistant message with content")
-            continue
-        ids, target = (_chat_ids if templated else _plain_chat_ids)(tok, msgs)
+        if isinstance(rec, dict) and "input_ids" in rec:  # pre-tokenised: no tokenizer needed
+            ids, target = _pretokenised(rec, lineno, bad)
+            if ids is None:
+                continue
+        else:
+            ids, target = _chat_record(rec, lineno, bad, tok, templated)
+            if ids is None:
+                continue
         if len(ids) > window:
-            bad(lineno, "messages", f"{len(ids)} tokens, longer than the window ({window})")
+            bad(lineno, "messages" if "input_ids" not in rec else "input_ids",
+                f"{len(ids)} tokens, longer than --window {window}")
             continue
         samples.append(dict(ids=np.asarray(ids, np.int64), target=np.asarray(target, bool)))
     bad.summary(len(samples))
     if not samples:
-        raise SystemExit(f"data: no usable record in {path}")
+        raise SystemExit(f"--data {path}: no usable record")
     return samples
+
+
+def _pretokenised(rec: dict, lineno: int, bad):
+    """(ids, target mask) of a record {"input_ids": [...], "labels": [...]} (labels as in
+    transformers, unshifted, -100 where a token is no target; all tokens targets without them)."""
+    ids, labels = rec["input_ids"], rec.get("labels")
+    if not isinstance(ids, list) or not ids or not all(isinstance(x, int) and x >= 0 for x in ids):
+        bad(lineno, "input_ids", "must be a non-empty list of non-negative token ids")
+        return None, None
+    if labels is None:
+        return ids, [True] * len(ids)
+    if not isinstance(labels, list) or len(labels) != len(ids) or not all(isinstance(x, int) for x in labels):
+        bad(lineno, "labels", f"must be a list of {len(ids)} ints (-100 where a token is no target)")
+        return None, None
+    if all(x == -100 for x in labels[1:]):
+        bad(lineno, "labels", "no target token (every label after the first is -100)")
+        return None, None
+    return ids, [x != -100 for x in labels]
+
+
+def _chat_record(rec, lineno: int, bad, tok, templated: bool):
+    """(ids, target mask) of a chat record {"messages": [...]}, through the tokenizer."""
+    msgs = rec.get("messages") if isinstance(rec, dict) else None
+    if not isinstance(msgs, list) or not msgs:
+        bad(lineno, "messages", "missing or empty (a list of {role, content})")
+        return None, None
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in msgs):
+        bad(lineno, "messages", "every message needs a string 'role' and 'content'")
+        return None, None
+    if not any(m["role"] == "assistant" and m["content"] for m in msgs):
+        bad(lineno, "messages", "no assistant message with content")
+        return None, None
+    if tok is None:
+        bad(lineno, "messages", "text records need a tokenizer (pass --tokenizer DIR, or --model DIR with one)")
+        return None, None
+    return (_chat_ids if templated else _plain_chat_ids)(tok, msgs)
 
 
 def read_preference_jsonl(path: str, tok, skip_bad: bool, log, num_rejected: Optional[int] = None) -> List[dict]:
@@ -147,6 +191,6 @@ def read_preference_jsonl(path: str, tok, skip_bad: bool, log, num_rejected: Opt
             "answer + EOS (TRL's rule)")
     bad.summary(len(samples))
     if not samples:
-        raise SystemExit(f"data: no usable record in {path}")
+        raise SystemExit(f"--data {path}: no usable record")
     return samples
 

@@ -22,7 +22,9 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 
@@ -35,7 +37,7 @@ import export
 import records
 from batches import logo_positions, make_plan, micro_batch, optimizer_step_batches
 from config import Config, as_list, data_sources, parse_args
-from data import embedded_dataset, load_units, sft_sequences, tokenizer_path, unit_lengths
+from data import embedded_dataset, load_units, max_token_id, sft_sequences, unit_lengths
 from longalign_ops.losses import NEEDS_REFERENCE, PREFERENCE_METRICS
 from metrics import plot_loss
 from modeling import CausalLMWithLoss, build_model
@@ -75,7 +77,38 @@ def time_one_pass(run_pass):
     return loss, [(time.perf_counter() - t) * 1e3]
 
 
+class StopRequest:
+    """SIGTERM (Slurm's and Kubernetes' notice before a kill) and SIGINT (Ctrl-C) ask the run to
+    stop: the step under way finishes, a checkpoint is written, and the run leaves with 128 +
+    the signal's number. A second signal while the checkpoint is written is noted, not obeyed:
+    the save is atomic, and the previous checkpoint stays until the new one is complete."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._note)
+
+    def _note(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv=None, step_hook=None, pass_timer=time_one_pass) -> dict:
+    """Train as `train/train.py argv` does (see _main)."""
+    stop = StopRequest()
+    try:
+        return _main(argv, step_hook, pass_timer, stop)
+    finally:
+        stop.restore()
+
+
+def _main(argv, step_hook, pass_timer, stop) -> dict:
     """Train as `train/train.py argv` does; returns the metrics history, the model and its config.
     `step_hook(row)` sees each step's metrics row; `pass_timer` runs and times each emulated
     rank's micro-batch (time_one_pass; bench/bench_e2e.py repeats the pass for a median, which
@@ -95,6 +128,11 @@ def main(argv=None, step_hook=None, pass_timer=time_one_pass) -> dict:
         raise SystemExit(f"--ref-model is for --objective dpo or longpo; {cfg.objective} has no reference")
     if cfg.fsdp and cfg.world_size > 1:
         raise SystemExit("--fsdp shards over torchrun's ranks; --world-size (emulated ranks) is for a single process")
+    if cfg.export:  # the user's files: refused now, not after the training they would have cost
+        export.check_target(cfg.export)
+    if cfg.resume and not checkpoint.run_has_checkpoint(cfg.out):  # never a silent fresh start over its metrics
+        raise SystemExit(f"--resume: --out {cfg.out} holds no checkpoint (ckpt.pt or ckpt.dcp); its metrics.jsonl is "
+                         f"kept. Drop --resume and pass --overwrite to start afresh there, or choose another --out")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     emulated = cfg.world_size if world == 1 else 1  # ranks run one after another in this process
     ranks = dp_size * emulated  # packs per plan step
@@ -108,6 +146,10 @@ def main(argv=None, step_hook=None, pass_timer=time_one_pass) -> dict:
     lengths = unit_lengths(units, cfg.shared_prefix)
     sources = units.sources if cfg.objective == "pretrain" else None
     model = build_model(cfg, device)
+    vocab, top = model.get_input_embeddings().num_embeddings, max_token_id(units)
+    if top >= vocab:  # else an index error deep inside the embedding or the loss
+        raise SystemExit(f"--data: token id {top} is past the model's vocabulary of {vocab}: the tokenizer "
+                         f"(--tokenizer, or --model's own) does not fit --model")
     # before wrapping and resuming: the default reference is the initial policy
     ref_table = reference_logprobs(cfg, model, ref_units, lengths, ranks, dp_rank, emulated, world, row_groups, device,
                                    log) if ref_units is not None else None
@@ -120,7 +162,7 @@ def main(argv=None, step_hook=None, pass_timer=time_one_pass) -> dict:
     ckpt = checkpoint.TrainingState(cfg.out, model, opt, sched, dict(asdict(cfg), processes=world), sharded=cfg.fsdp)
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     start = 0
-    if cfg.resume and ckpt.exists():
+    if cfg.resume:
         try:
             start, used = ckpt.resume(cfg.max_steps, log)
         except checkpoint.CheckpointError as e:
@@ -196,7 +238,9 @@ def main(argv=None, step_hook=None, pass_timer=time_one_pass) -> dict:
         opt.zero_grad(set_to_none=True)
         ms = (time.perf_counter() - t0) * 1e3 - repeat_ms  # the step as training runs it, without timing repeats
         pref = getattr(loss_fn, "sums", torch.zeros(0, dtype=torch.float64)).to(device)
-        stats = torch.cat([torch.tensor([total_loss, real, slots], dtype=torch.float64, device=device), pref])
+        # the stop flag travels with the step's sums: a signal on any rank stops every rank at this step
+        stats = torch.cat([torch.tensor([total_loss, real, slots, stop.signum], dtype=torch.float64, device=device),
+                           pref])
         if world > 1:
             dist.all_reduce(stats)
         loss_value = stats[0].item() / world
@@ -207,7 +251,7 @@ def main(argv=None, step_hook=None, pass_timer=time_one_pass) -> dict:
                    real_tokens=int(stats[1].item()), sequences=step_sequences)
         if pref.numel():
             groups = max(1.0, stats[-1].item())
-            row.update({name: stats[3 + i].item() / groups for i, name in enumerate(PREFERENCE_METRICS)
+            row.update({name: stats[4 + i].item() / groups for i, name in enumerate(PREFERENCE_METRICS)
                         if ref_table is not None or not name.startswith("ref_")})
         if sources is not None:  # --objective pretrain: the tokens each --data source gave this step
             given = np.zeros(int(sources.max()) + 1, np.int64)
@@ -228,11 +272,21 @@ def main(argv=None, step_hook=None, pass_timer=time_one_pass) -> dict:
             ckpt.save(step + 1)
         if step_hook is not None:  # after the step is complete (and checkpointed)
             step_hook(row)
+        if stats[3].item() and step + 1 < cfg.max_steps:
+            if not (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
+                ckpt.save(step + 1)
+            if world > 1:
+                dist.barrier()  # every rank leaves after the checkpoint is whole (torchrun stops the rest at the first)
+            signum = stop.signum or signal.SIGTERM  # a rank that was not signalled follows the one that was
+            bar.close()
+            log(f"stopped by {signal.Signals(signum).name} after step {step + 1}: checkpoint written to {ckpt.path}; "
+                f"continue with the same command and --resume")
+            raise SystemExit(128 + signum)
     bar.close()
     if cfg.max_steps > start:  # a checkpoint is written for new steps only, never relabelled
         ckpt.save(cfg.max_steps)
     if cfg.export:
-        tok = records.load_tokenizer(tokenizer_path(cfg)) if (cfg.tokenizer or cfg.model) else None
+        tok = records.optional_tokenizer(cfg.tokenizer or cfg.model) if (cfg.tokenizer or cfg.model) else None
         export.export_model(cfg.export, model, tok, sharded=cfg.fsdp, is_main=is_main)
         log(f"exported a transformers model directory to {cfg.export}")
     if is_main and cfg.max_steps > start:
@@ -247,8 +301,25 @@ def main(argv=None, step_hook=None, pass_timer=time_one_pass) -> dict:
     return dict(history=history, checksum=checksum, model=model, config=cfg)
 
 
+def _leave(code: int) -> None:
+    """Leave without tearing the process group down (see below)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    result = main()  # held: dropping it frees the model, whose DDP reducer owns a gloo process group
+    try:
+        result = main()  # held: dropping it frees the model, whose DDP reducer owns a gloo process group
+    except SystemExit as e:
+        if isinstance(e.code, str):  # a refusal: one line naming the flag, exit 2 (as argparse's)
+            print(f"train.py: error: {' '.join(e.code.split())}", file=sys.stderr)
+            code = 2
+        else:
+            code = e.code or 0
+        if dist.is_initialized():
+            _leave(code)
+        sys.exit(code)
     if dist.is_initialized():
         # every rank has written everything and passed main()'s last barrier: leave now, without
         # destroy_process_group or destructors. After destroy_process_group, freeing main()'s
@@ -258,6 +329,4 @@ if __name__ == "__main__":
         # ~AsyncBarrierWork acquiring the GIL). Left undestroyed, the group stays referenced
         # by torch.distributed until exit; os._exit also skips the interpreter's teardown, which
         # can abort with gloo threads alive (pytorch/pytorch#179291). The OS closes the sockets.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _leave(0)
