@@ -413,10 +413,11 @@ def longalign_factors(n, num_packs: int, num_sequences: int):
 
 def logprobs_by_sequence(hidden: Tensor, weight: Tensor, labels: Tensor, B: int, seq: Tensor, *,
                          bias: Optional[Tensor] = None, ignore_index: int = -100, average: bool = False,
-                         reduce=_identity) -> Tensor:
+                         softcap: Optional[float] = None, reduce=_identity) -> Tensor:
     """``(B,)`` per-sequence log-prob sums (means with ``average``) of the tokens whose sequence
     is ``seq`` ``(T,)``; ``reduce`` combines partial sums held by several ranks (identity on one)."""
-    nll = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction="none")
+    nll = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction="none",
+                                     softcap=softcap)
     sums = reduce(torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, seq, -nll))
     if not average:
         return sums
@@ -435,18 +436,20 @@ def loss_weights_by_sequence(labels: Tensor, B: int, seq: Tensor, *, num_packs: 
 
 
 def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens, *, bias: Optional[Tensor] = None,
-                      ignore_index: int = -100, average: bool = False) -> Tensor:
+                      ignore_index: int = -100, average: bool = False, softcap: Optional[float] = None) -> Tensor:
     """``(B,)`` fp32: per packed sequence, the sum (or, with ``average``, the mean) of
     ``log p(label_t)`` over its non-ignored tokens; 0 for a sequence with none.
 
     hidden ``(T, H)``, weight ``(V, H)``, labels ``(T,)`` already shifted (label t follows
     position t), cu_seqlens ``(B+1,)`` int32 over the T tokens or a :class:`PackedBatch`
     (then nothing is read back from the device). Differentiable in hidden, weight and bias;
-    the logits are never materialised.
+    the logits are never materialised. ``softcap``: the logits soft-capped first (Gemma's
+    ``final_logit_softcapping``), as in :func:`fused_linear_cross_entropy`.
     """
     check_tensor("hidden", hidden, ndim=2, dtypes=_FLOATS)
     B, seq = sequence_map("cu_seqlens", cu_seqlens, "hidden", hidden.shape[0], hidden.device)
-    return logprobs_by_sequence(hidden, weight, labels, B, seq, bias=bias, ignore_index=ignore_index, average=average)
+    return logprobs_by_sequence(hidden, weight, labels, B, seq, bias=bias, ignore_index=ignore_index, average=average,
+                                softcap=softcap)
 
 
 def longalign_loss_weights(cu_seqlens, labels: Tensor, *, num_packs: int, num_sequences: int,

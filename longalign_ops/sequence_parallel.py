@@ -326,7 +326,7 @@ def _all_reduce_sum(t: Tensor, group) -> Tensor:
 
 
 def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, shard: Shard, *, bias: Optional[Tensor] = None,
-                      ignore_index: int = -100, average: bool = False) -> Tensor:
+                      ignore_index: int = -100, average: bool = False, softcap: Optional[float] = None) -> Tensor:
     """:func:`longalign_ops.sequence_logprobs` of the whole row from this rank's slice: hidden
     ``(local_tokens, H)`` and labels ``(local_tokens,)`` (already shifted over the whole row).
     Returns the same ``(B,)`` global per-sequence values on every rank of the group (the pad
@@ -336,7 +336,7 @@ def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, shard: Sha
         raise ValueError(f"hidden and labels must hold this rank's {shard.local_tokens} tokens, got "
                          f"{hidden.shape[0]} and {labels.shape[0]}")
     return logprobs_by_sequence(hidden, weight, labels, shard.batch.num_sequences, shard.local_sequence_ids, bias=bias,
-                                ignore_index=ignore_index, average=average, reduce=shard.all_reduce)
+                                ignore_index=ignore_index, average=average, softcap=softcap, reduce=shard.all_reduce)
 
 
 def longalign_loss_weights(labels: Tensor, shard: Shard, *, num_packs: int, num_sequences: int,

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import torch
 
-import longalign_ops.integrations.transformers  # noqa: F401  registers attn_implementation="longalign"
 from config import Config, PRESETS
+# importing it registers attn_implementation="longalign"
+from longalign_ops.integrations.transformers import check_family, logit_transform
 
 
 def build_model(cfg: Config, device: torch.device):
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if cfg.model:
+        try:  # a family the packed path cannot run exactly is refused before its weights are read
+            check_family(AutoConfig.from_pretrained(cfg.model, local_files_only=True), f"--model {cfg.model}")
+        except NotImplementedError as e:
+            raise SystemExit(str(e)) from None
         model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, attn_implementation="longalign")
     else:
         p = PRESETS[cfg.preset]
@@ -54,4 +59,7 @@ class CausalLMWithLoss(torch.nn.Module):
                                    packed_batch=batch)
         hidden = out.last_hidden_state[0]
         weight = self.model.lm_head.weight
-        return loss_fn(hidden, weight.to(hidden.dtype), mb)
+        scale, softcap = logit_transform(self.model.config)  # the family's logits: Granite, Cohere, Gemma
+        if scale != 1.0:
+            hidden = hidden * scale
+        return loss_fn(hidden, weight.to(hidden.dtype), dict(mb, softcap=softcap))

@@ -33,17 +33,19 @@ def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float
             shard, labels = mb["shard"], mb["labels"]
             if cfg.loss_weighting:
                 w = sp.longalign_loss_weights(labels, shard, num_packs=step_packs, num_sequences=max(1, step_sequences))
-                part = la.fused_linear_cross_entropy(hidden, weight, labels, token_weights=w, reduction="sum")
+                part = la.fused_linear_cross_entropy(hidden, weight, labels, token_weights=w, reduction="sum",
+                                                     softcap=mb.get("softcap"))
                 return sp.reduce_loss(part, shard) * scale
-            part = la.fused_linear_cross_entropy(hidden, weight, labels, reduction="sum")
+            part = la.fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", softcap=mb.get("softcap"))
             count = sp.reduce_loss((labels != -100).sum().double().detach(), shard)
             return sp.reduce_loss(part, shard) / count.clamp_min(1.0).float() * scale
         if cfg.loss_weighting:
             loss = la.fused_linear_cross_entropy(hidden, weight, mb["labels"], packed_batch=mb["batch"],
                                                  num_packs=step_packs, num_sequences=max(1, step_sequences),
-                                                 reduction="sum")
+                                                 reduction="sum", softcap=mb.get("softcap"))
         else:
-            loss = la.fused_linear_cross_entropy(hidden, weight, mb["labels"], reduction="mean")
+            loss = la.fused_linear_cross_entropy(hidden, weight, mb["labels"], reduction="mean",
+                                                 softcap=mb.get("softcap"))
         return loss * scale
 
     def preference(hidden, weight, mb):
@@ -65,10 +67,12 @@ def make_loss_fn(cfg: Config, step_packs: int, step_sequences: int, scale: float
 
 def answer_logprobs(hidden, weight, mb):
     """Each sequence's summed answer log-prob (fused, no logits); under sequence parallelism the
-    global values on every rank, the pad sequence dropped."""
+    global values on every rank, the pad sequence dropped. mb["softcap"]: the model's final
+    logit soft-cap (CausalLMWithLoss sets it)."""
     if "shard" in mb:
-        return sp.sequence_logprobs(hidden, weight, mb["labels"], mb["shard"])[:mb["num_sequences"]]
-    return la.sequence_logprobs(hidden, weight, mb["labels"], mb["batch"])
+        return sp.sequence_logprobs(hidden, weight, mb["labels"], mb["shard"],
+                                    softcap=mb.get("softcap"))[:mb["num_sequences"]]
+    return la.sequence_logprobs(hidden, weight, mb["labels"], mb["batch"], softcap=mb.get("softcap"))
 
 
 def step_loss_fn(cfg: Config, units, plan_steps, ranks: int, emulated: int):

@@ -24,7 +24,7 @@ from transformers import Trainer
 from .. import losses
 from ..cross_entropy import sequence_logprobs
 from ..preference import PreferenceCollator, tokenize_record
-from .transformers import apply_longalign
+from .transformers import apply_longalign, logit_transform
 
 
 def _answer_logprobs(model, inputs) -> torch.Tensor:
@@ -37,7 +37,9 @@ def _answer_logprobs(model, inputs) -> torch.Tensor:
     hidden = model.get_decoder()(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
                                  packed_batch=batch, use_cache=False).last_hidden_state[0]
     head = model.get_output_embeddings()
-    return sequence_logprobs(hidden, head.weight.to(hidden.dtype), inputs["shift_labels"][0], batch, bias=head.bias)
+    scale, softcap = logit_transform(model.config)  # the family's own logits (Granite, Cohere, Gemma)
+    return sequence_logprobs(hidden if scale == 1.0 else hidden * scale, head.weight.to(hidden.dtype),
+                             inputs["shift_labels"][0], batch, bias=head.bias, softcap=softcap)
 
 
 class PreferenceTrainer(Trainer):

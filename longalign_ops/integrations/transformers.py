@@ -23,7 +23,7 @@ the same object in every layer, and on its version counter).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -77,6 +77,68 @@ def _from_padding_mask(mask: torch.Tensor, device):
     return torch.from_numpy(keep).to(device), PackedBatch.from_lengths(host.sum(-1), device=device)
 
 
+# ----------------------------------------------------------------------------- decoder families
+# What a family's stock forward does that the packed path must do too, in one place: the
+# refusals of apply_longalign and of the attention function, the fused loss's logits transform
+# and docs/parity.md all read these. A family whose forward uses something the library does not
+# honour yet is refused by name, never run differently.
+
+# (feature, detector on the text config): features the kernels or the packed path do not honour yet
+UNSUPPORTED = (
+    ("attention sinks (gpt-oss's learnable per-head sink logits, s_aux)",
+     lambda c: getattr(c, "model_type", "") == "gpt_oss"),
+    ("chunked local attention (Llama 4's attention_chunk_size)",
+     lambda c: bool(getattr(c, "attention_chunk_size", None))
+     and "chunked_attention" in (getattr(c, "layer_types", None) or ["chunked_attention"])),
+    ("linear-attention / state-space layers (Qwen3-Next's and Qwen3.5's Gated DeltaNet, Granite 4's Mamba), which "
+     "would mix the packed sequences",
+     lambda c: any(t in ("linear_attention", "mamba", "mamba2") for t in (getattr(c, "layer_types", None) or []))),
+    ("multi-head latent attention with a value head dim unlike the query/key head dim (DeepSeek V2/V3's MLA)",
+     lambda c: getattr(c, "v_head_dim", None) is not None
+     and c.v_head_dim != (getattr(c, "qk_nope_head_dim", 0) or 0) + (getattr(c, "qk_rope_head_dim", 0) or 0)),
+)
+
+
+def unsupported_features(config) -> list:
+    """The features of `config`'s family (its text config) that the library does not honour."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [name for name, used in UNSUPPORTED if used(text)]
+
+
+def check_family(config, what: str = "apply_longalign") -> None:
+    """NotImplementedError naming every feature of the family the packed path would not honour."""
+    missing = unsupported_features(config)
+    if missing:
+        raise NotImplementedError(f"{what}: {getattr(config, 'model_type', 'this model')} uses "
+                                  + "; ".join(missing) + ": longalign_ops does not implement it yet, and would "
+                                  "compute something else than the model's own forward, so it refuses")
+
+
+def logit_transform(config) -> Tuple[float, Optional[float]]:
+    """(multiplier, soft-cap) that the family's forward applies to ``lm_head(hidden)``: Granite
+    divides the logits by ``logits_scaling``, Cohere multiplies them by ``logit_scale``, Gemma
+    soft-caps them (``final_logit_softcapping``). The fused loss folds the multiplier into the
+    hidden states (``hidden * m`` through the head is ``m * logits``, gradients included)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    if getattr(text, "logits_scaling", None):
+        scale /= float(text.logits_scaling)
+    if getattr(text, "logit_scale", None) is not None:
+        scale *= float(text.logit_scale)
+    return scale, getattr(text, "final_logit_softcapping", None) or None
+
+
+def _checked_config(module):
+    """The config of an attention module's model, its family checked once per config object."""
+    config = getattr(module, "config", None)
+    if config is not None and id(config) not in _CHECKED:
+        check_family(config, f"attn_implementation='{NAME}'")
+        _CHECKED.add(id(config))
+
+
+_CHECKED: set = set()
+
+
 def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                 value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                                 scaling: Optional[float] = None, sliding_window: Optional[int] = None,
@@ -85,6 +147,12 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     returns ``((B, S, Hq, D), None)``."""
     if dropout not in (0, 0.0) and module.training:
         raise NotImplementedError("attention dropout is not implemented; set attention_dropout=0.0")
+    _checked_config(module)
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"attn_implementation='{NAME}': attention sinks (s_aux) are not implemented yet")
+    if value.shape[-1] != query.shape[-1]:
+        raise NotImplementedError(f"attn_implementation='{NAME}': a value head dim ({value.shape[-1]}) unlike the "
+                                  f"query/key head dim ({query.shape[-1]}) is not implemented yet")
     if attention_mask is not None and attention_mask.dim() != 2:
         # our registered mask function gives None or the 2-D padding mask; any other mask would
         # be ignored here, so refuse it rather than attend where it forbids
@@ -168,11 +236,16 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
       the token mean, or the sum over ``num_items_in_batch`` when the Trainer passes it (gradient
       accumulation). Extra keywords: ``token_weights`` (per shifted target, e.g. LongAlign's
       ``K/(N_i M)``: the loss is then their weighted sum, already normalised) and ``packed_batch``.
-      Gemma's ``final_logit_softcapping`` is applied. Without labels the forward is untouched.
+      The family's logits transform is applied (Gemma's ``final_logit_softcapping``, Granite's
+      ``logits_scaling``, Cohere's ``logit_scale``: :func:`logit_transform`). Without labels the
+      forward is untouched. A family using what the library does not honour yet (attention sinks,
+      chunked attention, linear-attention layers, MLA's value head dim: ``UNSUPPORTED``) is refused
+      with NotImplementedError naming it.
 
     Returns the model. The backbone and head are looked up on every call, so PEFT or FSDP may
     wrap them afterwards.
     """
+    check_family(model.config)
     if attention:
         model.set_attn_implementation(NAME)
     if not fused_loss:
@@ -182,7 +255,7 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
     from ..cross_entropy import fused_linear_cross_entropy
 
     original_forward = model.forward
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    logit_scale, softcap = logit_transform(model.config)
 
     def forward(*args, labels=None, shift_labels=None, num_items_in_batch=None, token_weights=None, **kwargs):
         if (labels is None and shift_labels is None) or kwargs.get("fused_lm_head"):
@@ -199,6 +272,8 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
         targets = _loss_inputs(labels, shift_labels, ignore_index).to(hidden.device)
         options = dict(bias=head.bias, ignore_index=ignore_index, softcap=softcap)
         flat = hidden.reshape(-1, hidden.shape[-1])
+        if logit_scale != 1.0:  # Granite's / Cohere's logits scaling, through the head
+            flat = flat * logit_scale
         if token_weights is not None:
             loss = fused_linear_cross_entropy(flat, head.weight, targets, token_weights=token_weights.reshape(-1),
                                               reduction="sum", **options)
