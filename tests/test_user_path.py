@@ -79,6 +79,10 @@ def test_resume_without_a_checkpoint_keeps_the_metrics(tmp_path):
     res = train(FAST + ["--max-steps", "6", "--out", out, "--resume"])
     assert_one_line_refusal(res, "--resume", "--out", "no checkpoint")
     assert open(os.path.join(out, "metrics.jsonl")).read() == before
+    # a run that has not started yet (a scheduler that always passes --resume) starts afresh
+    fresh = str(tmp_path / "fresh")
+    res = train(FAST + ["--max-steps", "2", "--out", fresh, "--resume"])
+    assert res.returncode == 0 and len(losses(fresh)) == 2, res.stderr[-3000:]
 
 
 def _interrupt_after(args, out, steps, torchrun=None):

@@ -317,6 +317,15 @@ def read_metrics(path: str, up_to: int, log) -> List[str]:
 # ----------------------------------------------------------------------------- a training run's state
 
 
+def has_metrics(path: str) -> bool:
+    """metrics.jsonl at `path` holds at least one row: a run's history, which nothing may wipe."""
+    try:
+        with open(path) as f:
+            return any(line.strip() for line in f)
+    except OSError:
+        return False
+
+
 def run_has_checkpoint(out: str) -> bool:
     """A checkpoint of either kind (TrainingState's file or sharded folder) is in run directory `out`."""
     return any(exists(os.path.join(out, name)) for name in (TrainingState.FILE, TrainingState.FOLDER))

@@ -217,7 +217,6 @@ def parse_args(argv=None) -> Config:
     elif cfg.objective == "pretrain":
         raise SystemExit("--objective pretrain trains on your documents: --data FILE.jsonl[:WEIGHT] (records "
                          "{\"text\": ...} or {\"input_ids\": [...]}), repeatable to mix sources")
-    check_paths(cfg)
     preset = PRESETS[cfg.preset]
     cfg.window = cfg.window or preset["window"]
     cfg.num_samples = cfg.num_samples or preset["num_samples"]

@@ -36,7 +36,7 @@ import checkpoint
 import export
 import records
 from batches import logo_positions, make_plan, micro_batch, optimizer_step_batches
-from config import Config, as_list, data_sources, parse_args
+from config import Config, as_list, check_paths, data_sources, parse_args
 from data import embedded_dataset, load_units, max_token_id, sft_sequences, unit_lengths
 from longalign_ops.losses import NEEDS_REFERENCE, PREFERENCE_METRICS
 from metrics import plot_loss
@@ -116,6 +116,7 @@ def _main(argv, step_hook, pass_timer, stop) -> dict:
     Under torchrun, the process group main() starts is still up when it returns (after a
     barrier): train.py's own entry leaves without tearing it down."""
     cfg = parse_args(argv)
+    check_paths(cfg)
     rank, world, dp_rank, dp_size, row_groups = setup_distributed(cfg)
     if world > 1 and pass_timer is not time_one_pass:
         raise SystemExit("a pass_timer (timing repeats) is for ranks emulated in one process, not under torchrun")
@@ -130,9 +131,11 @@ def _main(argv, step_hook, pass_timer, stop) -> dict:
         raise SystemExit("--fsdp shards over torchrun's ranks; --world-size (emulated ranks) is for a single process")
     if cfg.export:  # the user's files: refused now, not after the training they would have cost
         export.check_target(cfg.export)
-    if cfg.resume and not checkpoint.run_has_checkpoint(cfg.out):  # never a silent fresh start over its metrics
-        raise SystemExit(f"--resume: --out {cfg.out} holds no checkpoint (ckpt.pt or ckpt.dcp); its metrics.jsonl is "
-                         f"kept. Drop --resume and pass --overwrite to start afresh there, or choose another --out")
+    if cfg.resume and not checkpoint.run_has_checkpoint(cfg.out) and \
+            checkpoint.has_metrics(os.path.join(cfg.out, "metrics.jsonl")):  # never a silent restart over its history
+        raise SystemExit(f"--resume: --out {cfg.out} holds no checkpoint (ckpt.pt or ckpt.dcp) but a run's "
+                         f"metrics.jsonl, which is kept. Pass --overwrite instead to start afresh there, or choose "
+                         f"another --out")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     emulated = cfg.world_size if world == 1 else 1  # ranks run one after another in this process
     ranks = dp_size * emulated  # packs per plan step
@@ -162,7 +165,7 @@ def _main(argv, step_hook, pass_timer, stop) -> dict:
     ckpt = checkpoint.TrainingState(cfg.out, model, opt, sched, dict(asdict(cfg), processes=world), sharded=cfg.fsdp)
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     start = 0
-    if cfg.resume:
+    if cfg.resume and ckpt.exists():  # (--resume into a run that has not started yet: a new run, e.g. a requeue)
         try:
             start, used = ckpt.resume(cfg.max_steps, log)
         except checkpoint.CheckpointError as e:
