@@ -556,12 +556,17 @@ def _tiles(head_dim, dtype, on_gpu, capability, softcap, prefix) -> dict:
     if not hopper and head_dim > 128 and shared_memory_limit(capability) < 110_000 and dtype != torch.float32:
         return dict(_tiles(head_dim, dtype, on_gpu, (8, 0), softcap, prefix), fwd=(64, 32, 8, 2))
     if dtype == torch.float32:
-        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 16, 4, 1) if hopper else (16, 16, 8, 1), dq=(32, 16, 4, 1))
+        # (sm_90's 4-warp dK/dV spills 8-24 B at head dims below 17; 8 warps is spill-free everywhere there)
+        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 16, 4, 1) if hopper and head_dim > 16 else (16, 16, 8, 1),
+                    dq=(32, 16, 4, 1))
     # sm_90 dK/dV: 64 keys per program (the M dimension of all of its matmuls: wgmma's minimum),
     # 8 warps, and a short query step (32 at D <= 64, 16 at D = 128) so that the fp32 dK, dV
     # accumulators and the K, V tiles fit the register file; its loads pipeline through cp.async
     if head_dim <= 64:
-        return dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 8, 3) if hopper else (32, 32, 4, 2), dq=(64, 64, 8, 2))
+        # below 17 (the 16-wide contraction of block_d) a 16-row query step keeps sm_80/86/100's
+        # dK/dV spill-free (32 rows spilled 8 B on some, with and without window + softcap)
+        dkdv = (32, 64, 8, 3) if hopper else (16, 32, 4, 2) if head_dim <= 16 else (32, 32, 4, 2)
+        return dict(fwd=(128, 64, 8, 3), dkdv=dkdv, dq=(64, 64, 8, 2))
     if head_dim <= 128 and prefix:
         if hopper:
             return dict(fwd=(64, 64, 8, 2) if softcap else (128, 64, 8, 3), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2))
@@ -628,6 +633,12 @@ def block_d(head_dim: int) -> int:
     dims 1..15 passed there and failed to compile). Columns past head_dim load as 0 and are
     never stored."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def prepass_rows(block_d: int) -> int:
+    """Rows per program of the dO.O pre-pass: 64 at D = 64, 32 at D = 128, 16 above (8192 //
+    BLOCK_D, one step more, spilled 8-72 B on sm_100; spill-free on sm_80 / sm_90 either way)."""
+    return max(16, 4096 // block_d)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -702,7 +713,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
     cfg = config_for(q, softcap, prefix is not None)
     BLOCK_D = block_d(D)
     delta = torch.empty_like(lse)
-    PRE_M = max(16, 8192 // BLOCK_D)  # rows per program: 64 at D=128, 32 at D=256 (no spills)
+    PRE_M = prepass_rows(BLOCK_D)
     unit = stride_unit(q, k, v, out, do, dq, dk, dv)
     _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(total_q, PRE_M), Hq)](
         out, do, delta, *_strides(unit, out, do), total_q, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_M,

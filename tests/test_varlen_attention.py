@@ -164,6 +164,8 @@ def test_head_dim_256():
     ((9, 0), 256, {}),                                          # dK/dV 16 x 64, dQ 64 x 64
     ((9, 0), 256, dict(window_size=(40, 0), softcap=20.0)),     # dK, dV split: 16 x 128 each, dQ 64 x 32
     ((8, 0), 128, {}),                                          # dK/dV 64 x 32
+    ((8, 6), 8, {}),                                            # head dim 8 at 16 columns, dK/dV 16 x 32
+    ((12, 0), 192, {}),                                         # the 99 KB parts' 64 x 32 forward
 ])
 def test_the_gpu_tiles_compute_attention_under_the_interpreter(monkeypatch, arch, D, options):
     """The block shapes attention_config gives a GPU, run by the interpreter (which ignores warps
