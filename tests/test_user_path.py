@@ -198,3 +198,32 @@ def test_a_weights_only_model_trains_on_pretokenised_records(tmp_path):
                  str(tmp_path / "text"), "--no-plot"])
     assert_one_line_refusal(res, "--tokenizer")
     shutil.rmtree(tmp_path / "text", ignore_errors=True)
+
+
+def test_data_may_be_a_saved_dataset_directory(tmp_path):
+    """--data DIR written by datasets' save_to_disk: a DatasetDict's train split by default,
+    --data-split to choose another, a plain Dataset; a directory of anything else is refused in
+    one line naming what --data takes."""
+    from datasets import Dataset, DatasetDict
+
+    a = assets(str(tmp_path / "assets"))
+    rows = [dict(prompt_input_ids=list(range(10, 10 + 4 * (i % 3 + 1))), chosen_input_ids=[20 + i, 3],
+                 rejected_input_ids=[40 + i, 41, 3]) for i in range(8)]
+    DatasetDict(train=Dataset.from_list(rows), test=Dataset.from_list(rows[:4])).save_to_disk(str(tmp_path / "prefs"))
+    for extra, name in (([], "train"), (["--data-split", "test"], "test")):
+        res = train(["--model", a["model"], "--data", str(tmp_path / "prefs"), "--objective", "dpo", "--max-steps", "2",
+                     "--out", str(tmp_path / name), "--no-plot"] + extra)
+        assert res.returncode == 0 and len(losses(str(tmp_path / name))) == 2, res.stderr[-3000:]
+    res = train(["--model", a["model"], "--data", str(tmp_path / "prefs"), "--objective", "dpo", "--data-split", "dev",
+                 "--out", str(tmp_path / "dev")])
+    assert_one_line_refusal(res, "--data-split dev", "train, test")
+    chats = [dict(messages=[dict(role="user", content="w1 w2 w3"), dict(role="assistant", content=f"w{i} w9")])
+             for i in range(8)]
+    Dataset.from_list(chats).save_to_disk(str(tmp_path / "chats"))
+    res = train(["--model", a["model"], "--tokenizer", a["tokenizer"], "--data", str(tmp_path / "chats"),
+                 "--max-steps", "2", "--out", str(tmp_path / "sft"), "--no-plot"])
+    assert res.returncode == 0 and len(losses(str(tmp_path / "sft"))) == 2, res.stderr[-3000:]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    res = train(["--data", str(tmp_path / "other"), "--out", str(tmp_path / "o")])
+    assert_one_line_refusal(res, "--data", "save_to_disk")

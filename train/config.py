@@ -24,6 +24,7 @@ class Config:
     preset: str = "tiny"
     model: Optional[str] = None         # local model dir (nothing is fetched from a hub)
     data: Optional[str] = None          # JSONL (chat or preference records); default: embedded retrieval task
+    data_split: Optional[str] = None    # the split of a saved DatasetDict given as --data (default: train)
     tokenizer: Optional[str] = None     # local tokenizer dir for --data (default: --model's)
     token_cache: Optional[str] = None   # pretrain: where tokenised stores are kept and reused
     skip_bad_records: bool = False      # skip (and count) bad records instead of stopping
@@ -87,10 +88,11 @@ HELP = dict(
     preset="model and data size: tiny (a few M parameters, seconds per step on a CPU) or small (~0.45B, 64K "
            "window, one H100)",
     model="local transformers model directory to train instead of the preset's (nothing is downloaded)",
-    data="JSONL of chat records {\"messages\": [...]} (sft) or TRL-format preference records {\"prompt\", "
-         "\"chosen\", \"rejected\"} (preference objectives); default: the embedded long-context retrieval task. "
+    data="JSONL, or a directory written by datasets' save_to_disk, of chat records {\"messages\": [...]} (sft) or "
+         "TRL-format preference records {\"prompt\", \"chosen\", \"rejected\"} (preference objectives); default: the embedded long-context retrieval task. "
          "pretrain: documents {\"text\"} or {\"input_ids\"}, repeatable as PATH:WEIGHT to mix sources at those "
          "token proportions",
+    data_split="the split to train on when --data is a directory holding a saved DatasetDict (default: train)",
     tokenizer="local tokenizer directory for --data (default: the --model directory's)",
     token_cache="--objective pretrain: directory of the memory-mapped token stores each --data file is tokenised "
                 "into once and reused from (default: $XDG_CACHE_HOME/longalign_ops/tokens or "
@@ -181,6 +183,10 @@ def check_paths(cfg: Config) -> None:
     for path, _ in data_sources(as_list(cfg.data)) if cfg.data else []:
         if not os.path.exists(path):
             raise SystemExit(f"--data {path}: no such file")
+        if cfg.objective == "pretrain" and os.path.isdir(path):
+            raise SystemExit(f"--data {path}: --objective pretrain reads JSONL files of documents, not a directory")
+    if cfg.data_split and not (cfg.data and os.path.isdir(as_list(cfg.data)[0])):
+        raise SystemExit("--data-split chooses a split of a saved dataset directory given as --data")
 
 
 def parse_args(argv=None) -> Config:

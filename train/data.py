@@ -73,8 +73,9 @@ def jsonl_dataset(cfg: Config, log) -> List[dict]:
     tok = records.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else \
         records.optional_tokenizer(cfg.model) if cfg.model else None
     if cfg.objective == "sft":
-        return records.read_chat_jsonl(cfg.data, tok, cfg.window, cfg.skip_bad_records, log)
-    samples = records.read_preference_jsonl(cfg.data, tok, cfg.skip_bad_records, log, cfg.num_rejected)
+        return records.read_chat_jsonl(cfg.data, tok, cfg.window, cfg.skip_bad_records, log, cfg.data_split)
+    samples = records.read_preference_jsonl(cfg.data, tok, cfg.skip_bad_records, log, cfg.num_rejected,
+                                            cfg.data_split)
     cfg.num_rejected = len(samples[0]["answers"]) - 1
     return samples
 

@@ -7,6 +7,7 @@ A bad record stops the run before training with its line number and the field at
 from __future__ import annotations
 
 import json
+import os
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -39,8 +40,34 @@ def _lines(path: str):
                 yield lineno, line
 
 
-def _records(path: str, bad):
-    """(line number, parsed record) of each non-empty line; a line that is not JSON goes to `bad`."""
+def saved_dataset(path: str, split: Optional[str] = None):
+    """The rows (dicts) of a directory written by datasets' ``save_to_disk``: a Dataset, or a
+    DatasetDict's `split` (default "train"). Anything else is refused in one line."""
+    if not any(os.path.exists(os.path.join(path, name)) for name in ("dataset_info.json", "dataset_dict.json")):
+        raise SystemExit(f"--data {path}: a directory, but not one that datasets' save_to_disk wrote (no "
+                         f"dataset_info.json or dataset_dict.json); --data takes a JSONL file or such a directory")
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError:
+        raise SystemExit(f"--data {path}: reading a saved dataset needs the datasets package (pip install "
+                         f"datasets)") from None
+    ds = load_from_disk(path)
+    if isinstance(ds, DatasetDict):
+        split = split or "train"
+        if split not in ds:
+            raise SystemExit(f"--data-split {split}: {path} holds the splits {', '.join(ds)}")
+        return ds[split]
+    if split:
+        raise SystemExit(f"--data-split {split}: {path} holds one dataset, without splits")
+    return ds
+
+
+def _records(path: str, bad, split: Optional[str] = None):
+    """(record number, parsed record) of --data: each non-empty line of a JSONL file (a line that
+    is not JSON goes to `bad`), or each row of a saved dataset directory (numbered from 1)."""
+    if os.path.isdir(path):
+        yield from enumerate(saved_dataset(path, split), 1)
+        return
     for lineno, line in _lines(path):
         try:
             yield lineno, json.loads(line)
@@ -96,14 +123,14 @@ def _plain_chat_ids(tok, messages) -> tuple:
     return ids, np.array(target)
 
 
-def read_chat_jsonl(path: str, tok, window: int, skip_bad: bool, log) -> List[dict]:
+def read_chat_jsonl(path: str, tok, window: int, skip_bad: bool, log, split: Optional[str] = None) -> List[dict]:
     """{"messages": [{"role", "content"}, ...]} records, or pre-tokenised {"input_ids", "labels"}
     records, as dict(ids, target) arrays. `tok` may be None when every record is pre-tokenised."""
     templated = bool(getattr(tok, "chat_template", None))
     if not templated and tok is not None:
         log("data: the tokenizer has no chat template; turns are written as '<|role|>\\ncontent\\n'")
     bad, samples = BadRecords(path, skip_bad, log), []
-    for lineno, rec in _records(path, bad):
+    for lineno, rec in _records(path, bad, split):
         if isinstance(rec, dict) and "input_ids" in rec:  # pre-tokenised: no tokenizer needed
             ids, target = _pretokenised(rec, lineno, bad)
             if ids is None:
@@ -160,17 +187,17 @@ def _chat_record(rec, lineno: int, bad, tok, templated: bool):
     return (_chat_ids if templated else _plain_chat_ids)(tok, msgs)
 
 
-def read_preference_jsonl(path: str, tok, skip_bad: bool, log, num_rejected: Optional[int] = None) -> List[dict]:
+def read_preference_jsonl(path: str, tok, skip_bad: bool, log, num_rejected: Optional[int] = None,
+                          split: Optional[str] = None) -> List[dict]:
     """TRL-format preference records (see longalign_ops.preference) as dict(prompt, answers,
-    short_prompt) arrays. Every record needs the same number of rejected answers (the run's
-    `num_rejected`, or the first record's)."""
+    short_prompt) arrays, from JSONL or a saved dataset directory. Every record needs the same
+    number of rejected answers (the run's `num_rejected`, or the first record's)."""
     bad, samples, templated = BadRecords(path, skip_bad, log), [], None
-    for lineno, line in _lines(path):
+    for lineno, rec in _records(path, bad, split):
         try:
-            ex = tokenize_record(json.loads(line), tok)
-        except json.JSONDecodeError as e:
-            bad(lineno, "<record>", f"not JSON ({e.msg})")
-            continue
+            if not isinstance(rec, dict):
+                raise RecordError("<record>", "must be a JSON object")
+            ex = tokenize_record(rec, tok)
         except RecordError as e:
             bad(lineno, e.field, str(e).split(": ", 1)[1])
             continue
