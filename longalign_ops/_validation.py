@@ -112,7 +112,8 @@ def faking() -> bool:
     """Under FakeTensorMode outside a compile (memory counts, a trace by hand): tensors hold no
     values, so there is nothing for a value check to check (and on a CPU-only torch, fake CUDA
     tensors cannot even run one)."""
-    return torch._guards.detect_fake_mode() is not None and not torch.compiler.is_compiling()
+    # is_compiling first: dynamo must not trace detect_fake_mode (it returns no tensor)
+    return not torch.compiler.is_compiling() and torch._guards.detect_fake_mode() is not None
 
 
 def assert_on_device(ok: torch.Tensor, message: str) -> None:

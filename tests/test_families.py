@@ -35,17 +35,20 @@ def packed_inputs(lengths, vocab, seed=0):
     return seqs, ids, labels, position_ids
 
 
-@pytest.mark.parametrize("family, overrides", [
-    ("granite", dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2)),
-    ("granitemoe", dict(logits_scaling=3.0, num_local_experts=4, num_experts_per_tok=2)),
-    ("cohere", dict(logit_scale=0.5)),
-    ("cohere2", dict(logit_scale=0.25, sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
-    ("gemma2", dict(head_dim=16, final_logit_softcapping=2.0, sliding_window=6)),
+@pytest.mark.parametrize("family, overrides, interpret", [
+    ("granite", dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2),
+     "1"),
+    ("granitemoe", dict(logits_scaling=3.0, num_local_experts=4, num_experts_per_tok=2), "0"),
+    ("cohere", dict(logit_scale=0.5), "1"),
+    ("cohere2", dict(logit_scale=0.25, sliding_window=6, layer_types=["sliding_attention", "full_attention"]), "0"),
+    ("gemma2", dict(head_dim=16, final_logit_softcapping=2.0, sliding_window=6), "0"),
 ])
-def test_the_fused_loss_applies_the_familys_logits_transform(family, overrides):
+def test_the_fused_loss_applies_the_familys_logits_transform(family, overrides, interpret, monkeypatch):
     """A packed row of 3 sequences through apply_longalign (varlen attention, fused loss) against
     the stock eager model on each sequence alone: the token-mean loss to 1e-4 relative, and every
-    gradient to 1e-3 of its largest entry (before: Granite and Cohere off by 22-25%)."""
+    gradient to 1e-3 of its largest entry (before: Granite and Cohere off by 22-25%). Granite and
+    Cohere through the Triton kernels (the interpreter), the rest on the PyTorch path."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     cfg = tiny_config(family, **overrides)
     torch.manual_seed(0)
     stock = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").float()

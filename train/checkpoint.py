@@ -317,13 +317,13 @@ def read_metrics(path: str, up_to: int, log) -> List[str]:
 # ----------------------------------------------------------------------------- a training run's state
 
 
-def has_metrics(path: str) -> bool:
-    """metrics.jsonl at `path` holds at least one row: a run's history, which nothing may wipe."""
+def metrics_rows(path: str) -> int:
+    """The rows of metrics.jsonl at `path` (0 where there is none)."""
     try:
         with open(path) as f:
-            return any(line.strip() for line in f)
+            return sum(1 for line in f if line.strip())
     except OSError:
-        return False
+        return 0
 
 
 def run_has_checkpoint(out: str) -> bool:

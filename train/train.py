@@ -131,11 +131,19 @@ def _main(argv, step_hook, pass_timer, stop) -> dict:
         raise SystemExit("--fsdp shards over torchrun's ranks; --world-size (emulated ranks) is for a single process")
     if cfg.export:  # the user's files: refused now, not after the training they would have cost
         export.check_target(cfg.export)
-    if cfg.resume and not checkpoint.run_has_checkpoint(cfg.out) and \
-            checkpoint.has_metrics(os.path.join(cfg.out, "metrics.jsonl")):  # never a silent restart over its history
-        raise SystemExit(f"--resume: --out {cfg.out} holds no checkpoint (ckpt.pt or ckpt.dcp) but a run's "
-                         f"metrics.jsonl, which is kept. Pass --overwrite instead to start afresh there, or choose "
-                         f"another --out")
+    rows = checkpoint.metrics_rows(os.path.join(cfg.out, "metrics.jsonl"))
+    if cfg.resume and not checkpoint.run_has_checkpoint(cfg.out) and rows:
+        # a finished run (its rank0.json), or rows past the first checkpoint's step (that save
+        # completed before the next step began): there were checkpoints, and they are gone; never
+        # a silent restart over that history. Otherwise the run stopped before its first
+        # checkpoint, and starts again from step 0, as any resume redoes its last steps
+        if os.path.exists(os.path.join(cfg.out, "rank0.json")) or (cfg.ckpt_every and rows > cfg.ckpt_every):
+            raise SystemExit(f"--resume: --out {cfg.out} holds no checkpoint (ckpt.pt or ckpt.dcp) but {rows} steps "
+                             f"of metrics.jsonl, which is kept. Pass --overwrite instead to start afresh there, or "
+                             f"choose another --out")
+        if rank == 0:
+            print(f"--resume: {cfg.out} stopped at step {rows}, before its first checkpoint: starting it again from "
+                  f"step 0", file=sys.stderr)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     emulated = cfg.world_size if world == 1 else 1  # ranks run one after another in this process
     ranks = dp_size * emulated  # packs per plan step
@@ -178,8 +186,10 @@ def _main(argv, step_hook, pass_timer, stop) -> dict:
     elif not cfg.resume and not cfg.overwrite and (ckpt.exists() or os.path.exists(metrics_path)):
         raise SystemExit(f"{cfg.out} holds a previous run (checkpoint or metrics): pass --resume to continue it or "
                          f"--overwrite to replace it")
-    elif is_main and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    elif is_main:  # a new run: the files of a replaced one (--overwrite) go, ours only
+        for name in ["metrics.jsonl"] + [n for n in os.listdir(cfg.out) if n.startswith("rank") and n.endswith(".json")]:
+            if os.path.exists(os.path.join(cfg.out, name)):
+                os.remove(os.path.join(cfg.out, name))
     if world > 1:
         dist.barrier()  # no rank starts before rank 0 has settled the metrics file
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
