@@ -93,7 +93,7 @@ def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=
         return
     yield ("varlen_attention bwd preprocess", va._varlen_attention_bwd_preprocess_kernel,
            dict(Out=t, dOut=t, Delta="fp32"), (), dict(HEAD_DIM=head_dim, STRIDE_UNIT=_stride_unit(head_dim),
-                                                       BLOCK_D=block_d, BLOCK_M=va.prepass_rows(block_d)), 4, 1)
+                                                       BLOCK_D=block_d, BLOCK_M=va.prepass_rows(block_d, torch_dtype.itemsize)), 4, 1)
 
 
 def reference_cases(dtype="bf16", head_dim=128, causal=True, tiles=None):

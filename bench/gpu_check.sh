@@ -52,11 +52,13 @@ step() {
     fi
 }
 step 130 python3 -m pytest -q -m gpu tests --junitxml "$dir/gpu_tests.xml"
-step 150 python3 bench/bench_varlen_attention.py --out "$dir/varlen_attention.csv"
+# bf16 attention (and its gradients) and the fused loss against float64 on 8K / 32K / 128K-token rows
+step 60 python3 bench/gpu_correctness.py --out "$dir/correctness.csv"
+step 120 python3 bench/bench_varlen_attention.py --out "$dir/varlen_attention.csv"
 step 90 python3 bench/bench_cross_entropy.py --out "$dir/cross_entropy.csv"
 step 30 python3 bench/bench_positions.py --out "$dir/positions.csv"
 # a small end-to-end run: one epoch of the same 256 sequences for every strategy, 8 ranks emulated
-step 150 python3 bench/bench_e2e.py --preset small --world-size 8 --num-samples 256 --out "$dir"
+step 120 python3 bench/bench_e2e.py --preset small --world-size 8 --num-samples 256 --out "$dir"
 step 20 python3 bench/plot.py "$dir"
 if [ "$dry" = 1 ]; then echo "gpu_check --dry-run: $([ $status = 0 ] && echo every step checks out || echo some step failed)"; rm -rf "$dir"; exit $status; fi
 if [ -n "${OUT:-}" ]; then cp "$dir"/*.csv "$dir"/*.png "$dir"/*.xml "$OUT"/ 2>/dev/null; fi

@@ -556,9 +556,7 @@ def _tiles(head_dim, dtype, on_gpu, capability, softcap, prefix) -> dict:
     if not hopper and head_dim > 128 and shared_memory_limit(capability) < 110_000 and dtype != torch.float32:
         return dict(_tiles(head_dim, dtype, on_gpu, (8, 0), softcap, prefix), fwd=(64, 32, 8, 2))
     if dtype == torch.float32:
-        # (sm_90's 4-warp dK/dV spills 8-24 B at head dims below 17; 8 warps is spill-free everywhere there)
-        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 16, 4, 1) if hopper and head_dim > 16 else (16, 16, 8, 1),
-                    dq=(32, 16, 4, 1))
+        return _fp32_tiles(head_dim, capability, softcap, prefix)
     # sm_90 dK/dV: 64 keys per program (the M dimension of all of its matmuls: wgmma's minimum),
     # 8 warps, and a short query step (32 at D <= 64, 16 at D = 128) so that the fp32 dK, dV
     # accumulators and the K, V tiles fit the register file; its loads pipeline through cp.async
@@ -570,7 +568,9 @@ def _tiles(head_dim, dtype, on_gpu, capability, softcap, prefix) -> dict:
     if head_dim <= 128 and prefix:
         if hopper:
             return dict(fwd=(64, 64, 8, 2) if softcap else (128, 64, 8, 3), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2))
-        return dict(fwd=(64, 64, 8, 2), dkdv=(64, 16, 4, 2), dq=(32, 32, 4, 2))
+        # (sm_100's 64 x 16 dK/dV spilled 16 B at head dim 96; 32 x 32 is spill-free at 96 and 128)
+        return dict(fwd=(64, 64, 8, 2), dkdv=(32, 32, 4, 2) if tuple(capability)[0] == 10 else (64, 16, 4, 2),
+                    dq=(32, 32, 4, 2))
     if head_dim <= 128:
         dq = (64, 64, 4, 2) if hopper else (32, 64, 4, 2)
         fwd = (64, 64, 8, 2) if softcap and not hopper else (128, 64, 8, 3)
@@ -587,6 +587,38 @@ def _tiles(head_dim, dtype, on_gpu, capability, softcap, prefix) -> dict:
     if not (softcap or prefix):
         return dict(fwd=fwd, dkdv=(16, 64, 8, 2), dq=(64, 64, 8, 2))
     return dict(fwd=fwd, dkdv=(16, 64, 8, 3) if prefix else (16, 128, 8, 2), dq=(64, 32, 8, 2), dkdv_split=True)
+
+
+def _fp32_tiles(head_dim, capability, softcap, prefix) -> dict:
+    """fp32's tiles (ieee dots: the operands of every product in registers, so narrow tiles),
+    chosen by bench/tile_sweep.py over sm_80/86/89/90/100/120 x head dims 8-256 x the three
+    variants, every entry spill-free (the compile matrix in bench/results keeps them so):
+    - forward: 32 x 16 at 4 warps up to head dim 64; above, 8 warps (4 spilled 160-5,700 B: the
+      32 x BLOCK_D accumulator and Q at 4 warps), with a window + soft-cap 16 x 32 up to 128
+      (32 x 16 spilled 8-24 B on sm_80)
+    - dQ: the same, 8 warps above 128; shared prefixes on sm_120 above 192 take 16 x 16 (32 x 16
+      spilled 32 B there; 16 x 16 spilled 8 B on sm_86 at 192)
+    - dK/dV: 16 x 16 at 8 warps up to head dim 16; 16 x 32 keys at 8 warps above (16 x 16
+      spilled 8-48 B with prefixes or soft-capping), except sm_80 with shared prefixes above
+      head dim 40 (24 B) and the 99 KB parts above 128 (16 x 32 spills there; 16 x 16 does not);
+      sm_120 between 64 and 128 takes 2 stages
+    """
+    small_shared = shared_memory_limit(capability) < 110_000
+    if head_dim <= 64:
+        fwd = (32, 16, 4, 1)
+    else:
+        fwd = (16, 32, 8, 1) if softcap and head_dim <= 128 else (32, 16, 8, 1)
+    sm_120 = tuple(capability)[0] == 12
+    dq = (32, 16, 4, 1) if head_dim <= 128 else (16, 16, 8, 1) if prefix and sm_120 and head_dim > 192 else \
+        (32, 16, 8, 1)
+    if head_dim <= 16 or (head_dim > 128 and small_shared) or \
+            (tuple(capability) == (8, 0) and prefix and head_dim > 40):
+        dkdv = (16, 16, 8, 1)
+    elif sm_120 and 64 < head_dim < 128:
+        dkdv = (16, 32, 8, 2)  # sm_120 over a masked 128-wide tile: 1 stage spilled 16-24 B
+    else:
+        dkdv = (16, 32, 8, 1)
+    return dict(fwd=fwd, dkdv=dkdv, dq=dq)
 
 
 def config_for(q: torch.Tensor, softcap: float = 0.0, prefix: bool = False) -> dict:
@@ -635,10 +667,11 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def prepass_rows(block_d: int) -> int:
-    """Rows per program of the dO.O pre-pass: 64 at D = 64, 32 at D = 128, 16 above (8192 //
-    BLOCK_D, one step more, spilled 8-72 B on sm_100; spill-free on sm_80 / sm_90 either way)."""
-    return max(16, 4096 // block_d)
+def prepass_rows(block_d: int, element_bytes: int = 2) -> int:
+    """Rows per program of the dO.O pre-pass: 8 KB of each of O and dO per program (bf16: 64 rows
+    at D = 64, 32 at D = 128, 16 above; fp32 half of that, at least 8). One step more spilled 8-72 B on
+    sm_100 (bf16 at 8192 // BLOCK_D rows, fp32 at 4096 // BLOCK_D)."""
+    return max(8, 8192 // (block_d * element_bytes))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -713,7 +746,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
     cfg = config_for(q, softcap, prefix is not None)
     BLOCK_D = block_d(D)
     delta = torch.empty_like(lse)
-    PRE_M = prepass_rows(BLOCK_D)
+    PRE_M = prepass_rows(BLOCK_D, out.element_size())
     unit = stride_unit(q, k, v, out, do, dq, dk, dv)
     _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(total_q, PRE_M), Hq)](
         out, do, delta, *_strides(unit, out, do), total_q, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_M,

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tiny_assets import assets, chat_records, preference_records, write_jsonl
+from tiny_assets import assets, chat_records, logo_rows, longpo_rows, preference_records, save_dataset, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train", "train.py")
@@ -105,7 +105,7 @@ def documented_torchrun_commands():
         for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split(" #")[0].strip()
-                if line.startswith("torchrun "):
+                if line.startswith("torchrun ") and line not in {c for _, c in found}:  # one run per command
                     found.append((os.path.relpath(path, ROOT), line))
     return found
 
@@ -125,6 +125,14 @@ def shrink(command: str, out: str, folder: str):
     elif objective != "sft":  # preference records (LongPO's with a short prompt) for --data
         local["chats"] = write_jsonl(os.path.join(folder, "prefs.jsonl"),
                                      preference_records(8, short_prompt=objective == "longpo"))
+    # the seeds' own data, by the documented directory's name: their saved datasets, ProLong's MDS rows
+    data = words[words.index("--data") + 1] if "--data" in words else ""
+    seeds = {"longpo": lambda: save_dataset(longpo_rows(8), os.path.join(folder, "longpo-tokenized")),
+             "logo": lambda: save_dataset(logo_rows(8), os.path.join(folder, "logo-data")),
+             "prolong": lambda: os.path.join(ROOT, "tests", "fixtures", "mds", "prolong")}
+    seed = next((name for name in seeds if os.path.basename(data.split(":")[0].rstrip("/")).startswith(name)), None)
+    if seed:
+        local["seed_data"] = seeds[seed]()
     while i < len(words):
         w = words[i]
         value = words[i + 1] if i + 1 < len(words) else None
@@ -139,7 +147,11 @@ def shrink(command: str, out: str, folder: str):
         replaced = {"--preset": "tiny", "--window": "512", "--tiled-mlp": "64", "--tiled-norms": "64",
                     "--sp": "2", "--cp": "2", "--model": local["model"], "--tokenizer": local["tokenizer"],
                     "--data": local["chats"], "--max-steps": "2", "--out": out, "--ref-model": local["model"],
-                    "--export": os.path.join(folder, "exported")}
+                    "--export": os.path.join(folder, "exported"), "--export-adapter": os.path.join(folder, "adapter")}
+        if w == "--data" and "seed_data" in local and value.startswith(data.split(":")[0]):
+            args += [w, local["seed_data"] + (":" + value.rpartition(":")[2] if ":" in value else "")]
+            i += 2
+            continue
         if w == "--data" and ":" in value:  # a weighted source: the same document file, its weight kept
             args += [w, local["chats"] + ":" + value.rpartition(":")[2]]
             i += 2

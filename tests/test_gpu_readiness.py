@@ -186,7 +186,27 @@ def test_gpu_check_dry_run_checks_every_step():
     script = os.path.join(ROOT, "bench", "gpu_check.sh")
     res = subprocess.run(["bash", script, "--dry-run"], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0 and "every step checks out" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
-    for step in ("pytest -q -m gpu", "bench_varlen_attention.py", "bench_cross_entropy.py", "bench_e2e.py", "plot.py"):
+    for step in ("pytest -q -m gpu", "gpu_correctness.py", "bench_varlen_attention.py", "bench_cross_entropy.py",
+                 "bench_e2e.py", "plot.py"):
         assert step in res.stdout, step
     bad = subprocess.run(["bash", script, "--dryrun"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown argument --dryrun" in bad.stderr
+
+
+def test_gpu_correctness_runs_its_checks_on_the_cpu(tmp_path):
+    """bench/gpu_correctness.py, shrunk, through the interpreted kernels in fp32: every check
+    within 1e-4 of float64 and a CSV row each; a tolerance nothing meets fails the run."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gpu_correctness
+
+    small = ["--device", "cpu", "--dtype", "fp32", "--tokens", "97,300", "--max-len", "97", "--heads", "2",
+             "--kv-heads", "1", "--head-dim", "40", "--hidden", "32", "--vocab", "300", "--chunk", "64"]
+    out = str(tmp_path / "c.csv")
+    assert gpu_correctness.main(small + ["--out", out]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 14 and all(float(r["rel_err"]) <= 1e-4 for r in rows)
+    assert {r["check"] for r in rows} == {"attention out", "attention dq", "attention dk", "attention dv",
+                                          "loss value", "loss dhidden", "loss dweight"}
+    assert gpu_correctness.main(small + ["--out", out, "--tolerance", "1e-30"]) == 1

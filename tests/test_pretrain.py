@@ -224,3 +224,45 @@ def test_host_memory_stays_flat_as_the_data_grows(tmp_path):
         peaks[n] = json.loads(res.stdout.strip().splitlines()[-1])["hwm_kib"]
     print(f"peak resident memory: {peaks[2000] / 1024:.0f} MiB (0.5M tokens), {peaks[20000] / 1024:.0f} MiB (5M)")
     assert peaks[20000] <= 1.10 * peaks[2000], peaks
+
+
+def test_fill_rows_fills_every_row_and_keeps_the_mix(tmp_path):
+    """ProLong-like sources (a few documents of 2K-6K tokens at 0.6, many of 20-200 at 0.4) on
+    1024-token rows: whole pieces packed fill under 99% of the rows; --fill-rows cuts pieces at
+    row ends and fills every row but the last to its last token, the proportions within 3%, and
+    every token of every drawn piece is trained exactly once, in order."""
+    from batches import MixturePlan
+
+    rng = np.random.default_rng(1)
+    long_docs, short_docs = str(tmp_path / "books.jsonl"), str(tmp_path / "short.jsonl")
+    with open(long_docs, "w") as f:
+        for _ in range(12):
+            f.write(json.dumps({"input_ids": rng.integers(16, 200, int(rng.integers(2000, 6000))).tolist()}) + "\n")
+    with open(short_docs, "w") as f:
+        for _ in range(400):
+            f.write(json.dumps({"input_ids": rng.integers(16, 200, int(rng.integers(20, 200))).tolist()}) + "\n")
+    base = ["--objective", "pretrain", "--data", f"{long_docs}:0.6", "--data", f"{short_docs}:0.4", "--window", "1024",
+            "--world-size", "2", "--out", str(tmp_path / "x")]
+    fills = {}
+    for flag in ([], ["--fill-rows"]):
+        cfg = train.parse_args(base + flag)
+        units = data.document_pieces(cfg, lambda m: None)
+        plan = MixturePlan(cfg, units.lengths, units.sources, 2, 0)
+        rows = [pack for step in plan.steps for pack in step]
+        sizes = [sum(e[2] if isinstance(e, tuple) else units.lengths[e] for e in row) for row in rows]
+        fills[bool(flag)] = sum(sizes[:-2]) / (1024 * len(sizes[:-2]))
+        src, tokens = data.drawn_tokens(units, plan.steps)
+        assert abs(tokens[src == 0].sum() / tokens.sum() - 0.6) <= 0.03
+    assert fills[False] < 0.99 <= fills[True] and fills[True] == 1.0, fills
+    # segments: a piece's parts follow each other, each its own sequence, nothing lost or repeated
+    parts = {}
+    for row in rows:
+        for unit, at, length in row:
+            parts.setdefault(unit, []).append((at, length))
+            seq = data.sequences_of(units, [(unit, at, length)])[0]
+            assert seq["input_ids"].tolist() == units[unit]["input_ids"][at:at + length].tolist()
+            assert seq["labels"][-1] == -100
+    for unit, p in parts.items():
+        assert sum(n for _, n in p) % units.lengths[unit] == 0  # whole pieces (a small source is cycled)
+    res = train.main(base + ["--fill-rows", "--max-steps", "2", "--no-plot", "--overwrite"])["history"]
+    assert len(res) == 2 and all(r["real_tokens"] == 2 * 1024 for r in res)

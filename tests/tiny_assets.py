@@ -84,3 +84,76 @@ def assets(folder: str):
         make_model(model)
         write_jsonl(os.path.join(folder, "chats.jsonl"), chat_records(48))
     return dict(tokenizer=tok, model=model, chats=os.path.join(folder, "chats.jsonl"))
+
+
+# ----------------------------------------------------------------------------- the seeds' own formats
+
+PAD = 1
+
+
+def _padded(seqs, length):
+    """(input_ids, attention_mask, labels) of `seqs` [(ids, target mask)], right-padded to `length`."""
+    out = ([], [], [])
+    for ids, target in seqs:
+        n = length - len(ids)
+        out[0].append(list(ids) + [PAD] * n)
+        out[1].append([1] * len(ids) + [0] * n)
+        out[2].append([int(t) if m else -100 for t, m in zip(ids, target)] + [-100] * n)
+    return out
+
+
+def longpo_rows(n: int, seed: int = 0):
+    """LongPO's tokenised records: chosen_* / rejected_* the long conversation with every turn's
+    answer (labels -100 elsewhere, right-padded), ref_chosen_* / ref_rejected_* one padded
+    sequence per turn over that turn's short context."""
+    rng = np.random.default_rng(seed)
+    words = lambda k: [int(t) for t in rng.integers(7, 200, k)]  # noqa: E731
+    rows = []
+    for _ in range(n):
+        turns = int(rng.integers(1, 3))
+        context = words(int(rng.integers(30, 60)))
+        questions = [words(int(rng.integers(2, 5))) for _ in range(turns)]
+        answers = {name: [words(int(rng.integers(2, 6))) for _ in range(turns)] for name in ("chosen", "rejected")}
+        shorts = [words(int(rng.integers(4, 9))) for _ in range(turns)]
+        row = {}
+        for name, ans in answers.items():
+            ids, target = [2] + context, [False] * (1 + len(context))
+            for q, a in zip(questions, ans):
+                ids, target = ids + q + a, target + [False] * len(q) + [True] * len(a)
+            for key, v in zip(("input_ids", "attention_mask", "labels"), _padded([(ids, target)], len(ids) + 3)):
+                row[f"{name}_{key}"] = v[0]
+            ref = [([2] + s + q + a, [False] * (1 + len(s) + len(q)) + [True] * len(a))
+                   for s, q, a in zip(shorts, questions, ans)]
+            for key, v in zip(("input_ids", "attention_mask", "labels"),
+                              _padded(ref, max(len(r[0]) for r in ref) + 2)):
+                row[f"ref_{name}_{key}"] = v
+        rows.append(row)
+    return rows
+
+
+def logo_rows(n: int, seed: int = 0, rejected: int = 2, shared_positions: bool = True):
+    """LOGO's records: chosen_*, reject_1_*, reject_2_* ... with position ids already spread over
+    a window larger than the sequence (the context's chunks apart), the answer after them."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        context = [2] + [int(t) for t in rng.integers(7, 200, int(rng.integers(20, 50)))]
+        ctx_pos = np.cumsum(rng.integers(1, 6, len(context))) - 1
+        row = {}
+        for name in ["chosen"] + [f"reject_{k}" for k in range(1, rejected + 1)]:
+            answer = [int(t) for t in rng.integers(7, 200, int(rng.integers(2, 6)))]
+            pos = ctx_pos if shared_positions else np.cumsum(rng.integers(1, 6, len(context))) - 1
+            row[f"{name}_input_ids"] = context + answer
+            row[f"{name}_attention_mask"] = [1] * (len(context) + len(answer))
+            row[f"{name}_labels"] = [-100] * len(context) + answer
+            row[f"{name}_position_ids"] = [int(p) for p in pos] + [int(pos[-1]) + 1 + i for i in range(len(answer))]
+        rows.append(row)
+    return rows
+
+
+def save_dataset(rows, path):
+    """`rows` as datasets' save_to_disk writes a DatasetDict (train, and a test split of two)."""
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict(train=Dataset.from_list(rows), test=Dataset.from_list(rows[:2])).save_to_disk(path)
+    return path

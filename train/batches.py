@@ -9,7 +9,7 @@ import torch
 
 import longalign_ops as la
 from longalign_ops.data import PackedCollator
-from longalign_ops.preference import PreferenceCollator
+from longalign_ops.preference import PreferenceCollator, shared_prefix_tokens
 from config import Config, as_list, data_sources
 from data import PAD, sequences_of
 
@@ -47,6 +47,9 @@ class MixturePlan:
             stream.append(unit)
             taken[i] += lengths[unit]
             drawn += int(lengths[unit])
+        if cfg.fill_rows:  # ProLong's rows: the stream end to end, cut at every row's end
+            self.steps = _filled_rows(stream, lengths, cfg.window, ranks)
+            return
         self.steps, capacity, start, filled = [], ranks * cfg.window, 0, 0
         for j, unit in enumerate(stream + [None]):
             if unit is not None and (filled + lengths[unit] <= capacity or j == start):
@@ -63,6 +66,26 @@ class MixturePlan:
         return len(self.steps)
 
 
+def _filled_rows(stream, lengths, window: int, ranks: int) -> list:
+    """Plan steps of rows filled to the last token: the drawn pieces laid end to end and cut at
+    every `window` tokens, a piece crossing a row's end continued at the next row's start (its
+    two parts separate sequences, as ProLong cuts documents). Entries are segments (unit, start,
+    length); each step gives its ranks consecutive rows (the last step's spare ranks nothing)."""
+    rows, row, room = [], [], window
+    for unit in stream:
+        at, left = 0, int(lengths[unit])
+        while left:
+            take = min(left, room)
+            row.append((int(unit), at, take))
+            at, left, room = at + take, left - take, room - take
+            if room == 0:
+                rows.append(row)
+                row, room = [], window
+    if row:
+        rows.append(row)
+    return [rows[s:s + ranks] + [[] for _ in range(ranks - len(rows[s:s + ranks]))] for s in range(0, len(rows), ranks)]
+
+
 def micro_batch(cfg: Config, units, idx, device):
     """One rank's micro-batch, collated by longalign_ops.data: tokens, shifted targets and the
     batch description. Packed: sequences back to back (PackedCollator). Naive / sorted: each
@@ -73,7 +96,9 @@ def micro_batch(cfg: Config, units, idx, device):
     seqs = sequences_of(units, idx)
     if not seqs:
         seqs = [dict(input_ids=np.array([PAD]), labels=np.array([-100]))]
-    if cfg.shared_prefix and idx:
+    # (a LongPO reference's per-turn sequences have no shared prompt: those rows are unshared)
+    shared = cfg.shared_prefix and idx and "prompt_len" in units[idx[0]][0]
+    if shared:
         examples = [dict(prompt_ids=units[i][0]["input_ids"][:units[i][0]["prompt_len"]],
                          answers=[s["input_ids"][s["prompt_len"]:] for s in units[i]]) for i in idx]
         row = PreferenceCollator(device, shared_prefix=True)(examples)
@@ -83,9 +108,29 @@ def micro_batch(cfg: Config, units, idx, device):
         row = collate([dict(input_ids=s["input_ids"], shift_labels=s["labels"]) for s in seqs])
         real = sum(len(s["input_ids"]) for s in seqs) if idx else 0
         slots = row["input_ids"].shape[1] if idx else 0
+    batch = row["packed_batch"]
+    given = bool(idx) and all("position_ids" in s for s in seqs)
+    if given:  # the data's own position ids (LOGO's saved datasets): used as given, never synthesised
+        batch = batch.with_positions(torch.as_tensor(given_positions(units, idx, batch, shared), device=device))
     answer_tokens = torch.tensor([int((s["labels"] != -100).sum()) for s in seqs], dtype=torch.float32, device=device)
-    return dict(input_ids=row["input_ids"][0], labels=row["shift_labels"][0], batch=row["packed_batch"],
+    return dict(input_ids=row["input_ids"][0], labels=row["shift_labels"][0], batch=batch, given_positions=given,
                 real_tokens=real, answer_tokens=answer_tokens, slots=slots, seqs=seqs, num_units=len(idx))
+
+
+def given_positions(units, idx, batch, shared: bool) -> np.ndarray:
+    """The row's position ids from its sequences' own: shared, each prompt's once (its stored
+    tokens), then each branch's from the prompt's last token on; unshared, each sequence's, a
+    padded segment's padding continuing from its last id."""
+    parts = []
+    if shared:
+        for i in idx:
+            cut = shared_prefix_tokens(units[i][0]["prompt_len"])
+            parts += [units[i][0]["position_ids"][:cut]] + [s["position_ids"][cut:] for s in units[i]]
+    else:
+        for s, seg in zip(sequences_of(units, idx), batch.lengths):
+            pos = s["position_ids"]
+            parts += [pos, pos[-1] + 1 + np.arange(int(seg) - len(pos))]
+    return np.concatenate(parts).astype(np.int64)
 
 
 def logo_positions(cfg: Config, mb):

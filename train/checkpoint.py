@@ -34,7 +34,7 @@ MAGIC = b"LONGALIGN-CKPT-1\n"
 # other batches while its metrics look continuous
 DATA_ORDER_KEYS = ("preset", "data", "seed", "strategy", "objective", "world_size", "grad_accum", "batch_size",
                    "window", "num_samples", "num_rejected", "loss_weighting", "sp", "cp", "processes",
-                   "shared_prefix")
+                   "shared_prefix", "fill_rows")
 
 
 class CheckpointError(RuntimeError):

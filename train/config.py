@@ -34,6 +34,12 @@ class Config:
     shared_prefix: Optional[bool] = None  # preference rows: each prompt once for all its answers (default: on)
     ref_model: Optional[str] = None     # dpo / longpo reference (default: the initial policy)
     export: Optional[str] = None        # write a transformers model directory here at the end
+    lora: int = 0                       # LoRA rank (PEFT adapters on the linear layers); 0: full fine-tuning
+    lora_alpha: Optional[float] = None  # LoRA alpha (default: 2 x rank)
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"    # PEFT target_modules: all-linear, or module names (q_proj,v_proj)
+    lora_trainable: Optional[str] = None  # with --lora: parameters trained in full too (LongLoRA: embed,norm)
+    export_adapter: Optional[str] = None  # with --lora: write the PEFT adapter directory here at the end
     max_steps: int = 8
     out: str = "runs/train"
     seed: int = 0
@@ -50,6 +56,7 @@ class Config:
     window: Optional[int] = None        # max tokens per pack / sequence (preset default)
     num_samples: Optional[int] = None
     grad_checkpointing: bool = False
+    fill_rows: bool = False             # pretrain: rows filled to the last token, pieces cut at row ends (ProLong)
     tiled_mlp: int = 0                  # tokens per MLP chunk (sequence-tiled MLP with recompute); 0: off
     tiled_norms: int = 0                # tokens per RMSNorm chunk, the same way; 0: off
     offload_activations: bool = False   # every layer checkpointed, the checkpoints in host memory
@@ -89,9 +96,10 @@ HELP = dict(
            "window, one H100)",
     model="local transformers model directory to train instead of the preset's (nothing is downloaded)",
     data="JSONL, or a directory written by datasets' save_to_disk, of chat records {\"messages\": [...]} (sft) or "
-         "TRL-format preference records {\"prompt\", \"chosen\", \"rejected\"} (preference objectives); default: the embedded long-context retrieval task. "
-         "pretrain: documents {\"text\"} or {\"input_ids\"}, repeatable as PATH:WEIGHT to mix sources at those "
-         "token proportions",
+         "TRL-format preference records {\"prompt\", \"chosen\", \"rejected\"} (preference objectives), or LongPO's "
+         "and LOGO's tokenised datasets as published; default: the embedded long-context retrieval task. "
+         "pretrain: documents {\"text\"} or {\"input_ids\"}, or a directory of MDS shards (ProLong's rows), "
+         "repeatable as PATH:WEIGHT to mix sources at those token proportions",
     data_split="the split to train on when --data is a directory holding a saved DatasetDict (default: train)",
     tokenizer="local tokenizer directory for --data (default: the --model directory's)",
     token_cache="--objective pretrain: directory of the memory-mapped token stores each --data file is tokenised "
@@ -111,7 +119,17 @@ HELP = dict(
                   "each prompt's positions once and every answer follows them",
     ref_model="dpo / longpo: local model directory of the reference (default: the initial policy); its log-probs "
               "are computed once before training and cached in --out",
-    export="write the trained model here at the end as a transformers directory (safetensors, config, tokenizer)",
+    export="write the trained model here at the end as a transformers directory (safetensors, config, tokenizer); "
+           "with --lora the adapters merged into the weights",
+    lora="train LoRA adapters of this rank (PEFT) on the linear layers instead of every weight; the dpo / longpo "
+         "reference is the model without them (0: full fine-tuning)",
+    lora_alpha="LoRA alpha: the adapters' update is scaled by alpha / rank (default: 2 x rank)",
+    lora_dropout="dropout on the adapters' input", lora_targets="PEFT target_modules: all-linear (every linear "
+                                                                "layer but the LM head) or comma-separated names",
+    lora_trainable="with --lora: comma-separated parts of parameter names trained in full beside the adapters "
+                   "(LongLoRA's embed,norm: the embeddings and every norm); exported merged (--export)",
+    export_adapter="with --lora: write the adapter (PEFT's adapter_config.json, adapter_model.safetensors) here at "
+                   "the end; PeftModel.from_pretrained(base, DIR) loads it",
     max_steps="optimizer steps to run", out="run directory: metrics.jsonl, checkpoints, plot", seed="random seed",
     lr="peak learning rate", warmup_steps="linear warm-up steps", min_lr_ratio="final learning rate / peak (cosine)",
     weight_decay="AdamW weight decay", grad_accum="micro-batches per optimizer step",
@@ -126,6 +144,8 @@ HELP = dict(
     batch_size="sequences per rank per step for naive and sorted", window="tokens per pack / longest sequence "
     "(default: the preset's)", num_samples="samples of the embedded dataset (default: the preset's)",
     grad_checkpointing="activation checkpointing of every decoder layer",
+    fill_rows="--objective pretrain: fill every row to its last token, the documents laid end to end and cut at "
+              "each row's end (ProLong's packing; each part its own sequence) instead of packing whole pieces",
     tiled_mlp="run each decoder layer's MLP over chunks of this many tokens with recompute, so the MLP "
               "intermediates of a long row never exist at once (longalign_ops.memory.apply_tiled_mlp); 0: off",
     tiled_norms="run the RMSNorms over chunks of this many tokens with recompute, so their fp32 temporaries "
@@ -183,8 +203,13 @@ def check_paths(cfg: Config) -> None:
     for path, _ in data_sources(as_list(cfg.data)) if cfg.data else []:
         if not os.path.exists(path):
             raise SystemExit(f"--data {path}: no such file")
-        if cfg.objective == "pretrain" and os.path.isdir(path):
-            raise SystemExit(f"--data {path}: --objective pretrain reads JSONL files of documents, not a directory")
+        if cfg.objective == "pretrain" and os.path.isdir(path) and \
+                not os.path.exists(os.path.join(path, "index.json")):
+            raise SystemExit(f"--data {path}: --objective pretrain reads JSONL files of documents or a directory of "
+                             f"MDS shards (index.json and shard.*.mds, as ProLong's data), not this directory")
+        if cfg.objective != "pretrain" and os.path.exists(os.path.join(path, "index.json")):
+            raise SystemExit(f"--data {path}: MDS shards hold documents for --objective pretrain (ProLong's rows), "
+                             f"not {cfg.objective} records")
     if cfg.data_split and not (cfg.data and os.path.isdir(as_list(cfg.data)[0])):
         raise SystemExit("--data-split chooses a split of a saved dataset directory given as --data")
 
@@ -208,7 +233,7 @@ def parse_args(argv=None) -> Config:
         else:
             kind = type(value) if value is not None else (
                 int if name in ("window", "num_samples", "num_rejected") else
-                float if name in ("beta", "gamma", "sft_weight") else str)
+                float if name in ("beta", "gamma", "sft_weight", "lora_alpha") else str)
             ap.add_argument(flag, type=kind, default=value, help=text)
     args = ap.parse_args(argv)
     cfg = Config(**{k: v for k, v in vars(args).items()})
@@ -223,6 +248,21 @@ def parse_args(argv=None) -> Config:
     elif cfg.objective == "pretrain":
         raise SystemExit("--objective pretrain trains on your documents: --data FILE.jsonl[:WEIGHT] (records "
                          "{\"text\": ...} or {\"input_ids\": [...]}), repeatable to mix sources")
+    if cfg.fill_rows and cfg.objective != "pretrain":
+        raise SystemExit("--fill-rows cuts documents at row ends: it is for --objective pretrain")
+    if cfg.lora < 0 or (cfg.lora_alpha is not None and not cfg.lora_alpha > 0) or not 0 <= cfg.lora_dropout < 1:
+        raise SystemExit("--lora takes a rank >= 1 (0: off), --lora-alpha a positive number, --lora-dropout [0, 1)")
+    for flag in ("export_adapter", "lora_alpha", "lora_trainable"):
+        if getattr(cfg, flag) is not None and not cfg.lora:
+            raise SystemExit(f"--{flag.replace('_', '-')} is for LoRA training: add --lora RANK")
+    if cfg.export_adapter and cfg.lora_trainable:
+        raise SystemExit("--export-adapter writes the adapters only, not the --lora-trainable weights: export the "
+                         "merged model with --export")
+    if cfg.export and cfg.export_adapter and os.path.abspath(cfg.export) == os.path.abspath(cfg.export_adapter):
+        raise SystemExit("--export-adapter needs a directory of its own (the same as --export): each export replaces "
+                         "the files of a previous one there")
+    if cfg.lora and cfg.lora_alpha is None:
+        cfg.lora_alpha = 2.0 * cfg.lora
     preset = PRESETS[cfg.preset]
     cfg.window = cfg.window or preset["window"]
     cfg.num_samples = cfg.num_samples or preset["num_samples"]

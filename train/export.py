@@ -77,25 +77,15 @@ def _write_marker(path: str, files) -> None:
     os.replace(tmp, os.path.join(path, MARKER))
 
 
-def export_model(path: str, model, tokenizer=None, *, sharded: bool = False, is_main: bool = True) -> None:
-    """Write `model` (a transformers PreTrainedModel) to `path`: into a temporary sibling
-    directory first, then renamed into place (a missing or empty `path`) or moved in file by file
-    (a previous export of this tool). The config keeps the model's own attention implementation
-    out: the directory loads without longalign_ops installed."""
-    state = full_state_dict(model, sharded)  # a collective under FSDP: every rank calls it
-    if is_main:
-        check_target(path)
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-        implementation = model.config._attn_implementation
-        try:
-            model.config._attn_implementation = None  # "longalign" would need this library to load
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        finally:
-            model.config._attn_implementation = implementation
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+def _publish(path: str, write) -> None:
+    """`write(tmp)` fills a temporary sibling directory, which then becomes `path`: renamed into
+    place (a missing or empty `path`) or moved in file by file (a previous export of this tool)."""
+    check_target(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        write(tmp)
         if os.path.isdir(path) and os.listdir(path):  # a previous export of ours (check_target)
             _move_into(tmp, path, _previous_files(path))
         else:
@@ -103,5 +93,72 @@ def export_model(path: str, model, tokenizer=None, *, sharded: bool = False, is_
             if os.path.isdir(path):
                 os.rmdir(path)  # empty: rename(2) would replace it too, but say so
             os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+
+
+LORA = (".lora_A.default.", ".lora_B.default.")
+
+
+def merged_lora_state(state: dict, config) -> dict:
+    """A state dict of PEFT LoRA layers (``X.base_layer.weight``, ``X.lora_A.default.weight``,
+    ``X.lora_B.default.weight``) as the plain model's: ``X.weight = W + alpha / r * B @ A``
+    (computed in float32, stored in W's dtype), the adapters' keys dropped."""
+    scale = config.lora_alpha / config.r
+    out = {}
+    for key, value in state.items():
+        if any(tag in key for tag in LORA):
+            continue
+        if ".base_layer." in key:
+            stem, _, leaf = key.rpartition(".base_layer.")
+            if leaf == "weight":
+                a, b = state[f"{stem}.lora_A.default.weight"], state[f"{stem}.lora_B.default.weight"]
+                value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)
+            key = f"{stem}.{leaf}"
+        out[key] = value
+    return out
+
+
+def export_model(path: str, model, tokenizer=None, *, sharded: bool = False, is_main: bool = True) -> None:
+    """Write `model` (a transformers PreTrainedModel) to `path` (_publish); with LoRA adapters
+    (model.lora_config) their update merged into the weights, so the directory is a plain model.
+    The config keeps the model's own attention implementation out: the directory loads without
+    longalign_ops installed."""
+    state = full_state_dict(model, sharded)  # a collective under FSDP: every rank calls it
+    if is_main:
+        lora = getattr(model, "lora_config", None)
+        if lora is not None:
+            state = merged_lora_state(state, lora)
+
+        def write(tmp):
+            implementation = model.config._attn_implementation
+            try:
+                model.config._attn_implementation = None  # "longalign" would need this library to load
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            finally:
+                model.config._attn_implementation = implementation
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        _publish(path, write)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def export_adapter(path: str, model, *, sharded: bool = False, is_main: bool = True) -> None:
+    """Write `model`'s LoRA adapters as PEFT saves them (adapter_config.json,
+    adapter_model.safetensors with keys ``base_model.model.<module>.lora_A.weight``), so that
+    ``PeftModel.from_pretrained(base, path)`` loads them."""
+    from safetensors.torch import save_file
+
+    state = full_state_dict(model, sharded)
+    if is_main:
+        adapters = {"base_model.model." + k.replace(".default.", "."): v.contiguous() for k, v in state.items()
+                    if any(tag in k for tag in LORA)}
+
+        def write(tmp):
+            model.lora_config.save_pretrained(tmp)
+            save_file(adapters, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        _publish(path, write)
     if dist.is_initialized():
         dist.barrier()

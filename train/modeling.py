@@ -28,6 +28,8 @@ def build_model(cfg: Config, device: torch.device):
                          tie_word_embeddings=False)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every strategy
         model = LlamaForCausalLM._from_config(mc, attn_implementation="longalign")
+    if cfg.lora:  # before the memory features: they wrap the layers the adapters go into
+        apply_lora(model, cfg)
     from longalign_ops import memory
 
     if cfg.offload_activations:
@@ -39,6 +41,35 @@ def build_model(cfg: Config, device: torch.device):
     if cfg.tiled_norms:
         memory.apply_tiled_norms(model, cfg.tiled_norms)
     return model.to(device)
+
+
+def apply_lora(model, cfg: Config):
+    """LoRA adapters (PEFT) in `model`'s linear layers, in place; every other weight frozen. The
+    adapters start at zero (B = 0), so the initial policy, and the dpo / longpo reference computed
+    from it, is the model without them. ``model.lora_config`` keeps the config for the exports."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise SystemExit("--lora needs PEFT: pip install peft") from None
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else \
+        [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    config = LoraConfig(r=cfg.lora, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=cfg.model)
+    torch.manual_seed(cfg.seed)  # the adapters' initial A: the same on every rank and in every run of a seed
+    try:
+        get_peft_model(model, config)  # the adapters live in `model`'s modules; the wrapper is not kept
+    except ValueError as e:
+        raise SystemExit(f"--lora-targets {cfg.lora_targets}: {str(e).splitlines()[0]}") from None
+    if cfg.lora_trainable:  # LongLoRA's embeddings and norms: trained in full beside the adapters
+        parts = [t.strip() for t in cfg.lora_trainable.split(",") if t.strip()]
+        chosen = [p for name, p in model.named_parameters() if any(t in name for t in parts)]
+        if not chosen:
+            raise SystemExit(f"--lora-trainable {cfg.lora_trainable}: no parameter name contains "
+                             f"{' or '.join(parts)}")
+        for p in chosen:
+            p.requires_grad_(True)
+    model.lora_config = config
+    return model
 
 
 class CausalLMWithLoss(torch.nn.Module):

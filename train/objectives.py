@@ -14,7 +14,7 @@ import checkpoint
 import longalign_ops as la
 from batches import make_plan, micro_batch
 from config import Config, PREFERENCE_OBJECTIVES, PRESETS
-from data import count_targets
+from data import answer_slots, count_targets
 from longalign_ops import sequence_parallel as sp
 from longalign_ops.losses import PREFERENCE_METRICS, packed_preference_loss, preference_metric_sums
 from modeling import CausalLMWithLoss
@@ -152,8 +152,10 @@ def reference_logprobs(cfg: Config, model, ref_units, lengths, ranks: int, dp_ra
                 mb = shard_micro_batch(mb, row_groups)
             with autocast:
                 logps = wrapped(mb, answer_logprobs)
-            if row_groups is None or row_groups.leader:
-                table[torch.as_tensor(idx, device=device)] = logps.double().view(len(idx), -1)
+            if row_groups is None or row_groups.leader:  # each sequence's into its answer's cell (summed)
+                rows, cols = answer_slots(ref_units, idx)
+                table.index_put_((torch.as_tensor(idx, device=device)[torch.as_tensor(rows, device=device)],
+                                  torch.as_tensor(cols, device=device)), logps.double(), accumulate=True)
     model.train(was_training)
     if world > 1:
         dist.all_reduce(table)

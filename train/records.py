@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -187,26 +188,129 @@ def _chat_record(rec, lineno: int, bad, tok, templated: bool):
     return (_chat_ids if templated else _plain_chat_ids)(tok, msgs)
 
 
+def _int_array(field: str, value, length: int = None) -> np.ndarray:
+    """`value` (a list, or a saved dataset's list) as a 1-D int64 array; RecordError naming
+    `field` where it is not one, or not `length` long."""
+    arr = np.asarray(value) if isinstance(value, (list, np.ndarray)) else None
+    if arr is None or arr.ndim != 1 or not len(arr) or not (np.issubdtype(arr.dtype, np.integer)
+                                                            or arr.dtype == bool):
+        raise RecordError(field, "must be a non-empty list of ints")
+    if length is not None and len(arr) != length:
+        raise RecordError(field, f"has {len(arr)} entries where the input_ids have {length}")
+    return arr.astype(np.int64)
+
+
+def labelled_sequence(rec: dict, name: str, turn: Optional[int] = None) -> dict:
+    """One sequence of the seeds' tokenised records: ``<name>_input_ids`` with its
+    ``_attention_mask`` (tokens at 0 are padding and dropped), ``_labels`` (transformers'
+    unshifted labels, -100 where a token is no target) and optional ``_position_ids`` (used as
+    given). `turn`: the entry of list-of-lists columns (LongPO's reference, one padded
+    sequence a turn). Returns dict(input_ids, labels (shifted: label t is token t+1's),
+    answer_len, [position_ids])."""
+    def column(suffix, required=False):
+        field = f"{name}_{suffix}"
+        value = rec.get(field)
+        if value is None:
+            if required:
+                raise RecordError(field, "missing (the tokenised format needs input_ids and labels per answer)")
+            return field, None
+        if turn is not None:
+            value = value[turn] if isinstance(value, (list, np.ndarray)) and turn < len(value) else None
+        return (f"{field}[{turn}]" if turn is not None else field), value
+
+    field, ids = column("input_ids", True)
+    ids = _int_array(field, ids)
+    if ids.min() < 0:
+        raise RecordError(field, "token ids must be >= 0")
+    field, labels = column("labels", True)
+    labels = _int_array(field, labels, len(ids))
+    if ((labels < 0) & (labels != -100)).any():
+        raise RecordError(field, "labels are token ids, or -100 where a token is no target")
+    keep = np.ones(len(ids), bool)
+    field, mask = column("attention_mask")
+    if mask is not None:
+        keep = _int_array(field, mask, len(ids)) != 0
+    field, pos = column("position_ids")
+    if pos is not None:
+        pos = _int_array(field, pos, len(ids))
+        if pos.min() < 0:
+            raise RecordError(field, "position ids must be >= 0")
+    ids, labels = ids[keep], labels[keep]
+    if not (labels[1:] != -100).any():
+        raise RecordError(f"{name}_labels", "no target token (every label after the first is -100)")
+    shifted = np.full(len(ids), -100, np.int64)
+    shifted[:-1] = labels[1:]
+    first = int(np.flatnonzero(labels != -100)[0]) if (labels != -100).any() else len(ids)
+    seq = dict(input_ids=ids, labels=shifted, answer_len=len(ids) - max(first, 1))
+    if pos is not None:
+        seq["position_ids"] = pos[keep]
+    return seq
+
+
+def _turns(rec: dict, name: str) -> int:
+    """How many sequences a reference column holds: LongPO's list of lists (a turn each), or one."""
+    ids = rec.get(f"{name}_input_ids")
+    if isinstance(ids, (list, np.ndarray)) and len(ids) and isinstance(ids[0], (list, np.ndarray)):
+        return len(ids)
+    return 0
+
+
+def is_labelled_record(rec) -> bool:
+    """The seeds' tokenised preference records (LongPO's and LOGO's saved datasets): whole
+    sequences with labels, no separate prompt (TRL's tokenised records have prompt_input_ids)."""
+    return isinstance(rec, dict) and "chosen_input_ids" in rec and "prompt_input_ids" not in rec
+
+
+def labelled_record(rec: dict) -> dict:
+    """A LongPO or LOGO record as dict(sequences, ref_sequences). The answers: ``chosen``, then
+    ``rejected`` (LongPO, TRL) or ``reject_1``, ``reject_2``, ... (LOGO, any count). The
+    reference's sequences (LongPO: ``ref_chosen_*``, ``ref_rejected_*``, one per turn, each turn
+    over its own short context) carry the answer they score (``answer``); their log-probs are
+    summed per answer, as LongPO's trainer does. None where the record has no reference columns."""
+    rejected = ["rejected"] if "rejected_input_ids" in rec else \
+        sorted((k[:-len("_input_ids")] for k in rec if re.fullmatch(r"reject_\d+_input_ids", k)),
+               key=lambda k: int(k.split("_")[1]))
+    if not rejected:
+        raise RecordError("rejected_input_ids", "missing (the tokenised format needs rejected_* or reject_1_*, "
+                                                "reject_2_*, ... beside chosen_*)")
+    names = ["chosen"] + rejected
+    sequences = [labelled_sequence(rec, n) for n in names]
+    ref = None
+    if any(f"ref_{n}_input_ids" in rec for n in names):
+        ref = []
+        for a, n in enumerate(names):
+            turns = _turns(rec, f"ref_{n}")
+            for t in range(turns) if turns else [None]:
+                ref.append(dict(labelled_sequence(rec, f"ref_{n}", t), answer=a))
+    return dict(sequences=sequences, ref_sequences=ref)
+
+
 def read_preference_jsonl(path: str, tok, skip_bad: bool, log, num_rejected: Optional[int] = None,
                           split: Optional[str] = None) -> List[dict]:
     """TRL-format preference records (see longalign_ops.preference) as dict(prompt, answers,
-    short_prompt) arrays, from JSONL or a saved dataset directory. Every record needs the same
+    short_prompt) arrays, and the seeds' tokenised records (LongPO's, LOGO's: labelled_record) as
+    dict(sequences, ref_sequences), from JSONL or a saved dataset directory. Every record needs the same
     number of rejected answers (the run's `num_rejected`, or the first record's)."""
     bad, samples, templated = BadRecords(path, skip_bad, log), [], None
     for lineno, rec in _records(path, bad, split):
         try:
             if not isinstance(rec, dict):
                 raise RecordError("<record>", "must be a JSON object")
-            ex = tokenize_record(rec, tok)
+            ex = labelled_record(rec) if is_labelled_record(rec) else tokenize_record(rec, tok)
         except RecordError as e:
             bad(lineno, e.field, str(e).split(": ", 1)[1])
             continue
+        if "sequences" in ex:  # the seeds' tokenised records: their sequences as given
+            ex["answers"] = ex["sequences"]
         rejected = len(ex["answers"]) - 1
         if num_rejected is None:
             num_rejected = rejected
         if rejected != num_rejected:
             bad(lineno, "rejected", f"{rejected} rejected answers where the run uses {num_rejected} "
                                     f"(every record of a run needs the same number; see --num-rejected)")
+            continue
+        if "sequences" in ex:
+            samples.append(dict(sequences=ex["sequences"], ref_sequences=ex["ref_sequences"]))
             continue
         templated = ex["uses_chat_template"] if templated is None else templated
         samples.append(dict(prompt=np.asarray(ex["prompt_ids"], np.int64),

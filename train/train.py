@@ -37,7 +37,7 @@ import export
 import records
 from batches import logo_positions, make_plan, micro_batch, optimizer_step_batches
 from config import Config, as_list, check_paths, data_sources, parse_args
-from data import embedded_dataset, load_units, max_token_id, sft_sequences, unit_lengths
+from data import drawn_tokens, embedded_dataset, load_units, max_token_id, sft_sequences, unit_lengths
 from longalign_ops.losses import NEEDS_REFERENCE, PREFERENCE_METRICS
 from metrics import plot_loss
 from modeling import CausalLMWithLoss, build_model
@@ -129,8 +129,9 @@ def _main(argv, step_hook, pass_timer, stop) -> dict:
         raise SystemExit(f"--ref-model is for --objective dpo or longpo; {cfg.objective} has no reference")
     if cfg.fsdp and cfg.world_size > 1:
         raise SystemExit("--fsdp shards over torchrun's ranks; --world-size (emulated ranks) is for a single process")
-    if cfg.export:  # the user's files: refused now, not after the training they would have cost
-        export.check_target(cfg.export)
+    for target in (cfg.export, cfg.export_adapter):  # the user's files: refused now, not after the training
+        if target:
+            export.check_target(target)
     rows = checkpoint.metrics_rows(os.path.join(cfg.out, "metrics.jsonl"))
     if cfg.resume and not checkpoint.run_has_checkpoint(cfg.out) and rows:
         # a finished run (its rank0.json), or rows past the first checkpoint's step (that save
@@ -215,7 +216,7 @@ def _main(argv, step_hook, pass_timer, stop) -> dict:
                 mb = micro_batch(cfg, units, ps[r], device)
                 if ref_table is not None and ps[r]:
                     mb["ref_logps"] = ref_table[torch.as_tensor(ps[r], device=device)]
-                if cfg.objective == "logo":
+                if cfg.objective == "logo" and not mb["given_positions"]:
                     mb["batch"] = mb["batch"].with_positions(logo_positions(cfg, mb))
                 if row_groups is not None:
                     mb = shard_micro_batch(mb, row_groups)
@@ -268,8 +269,7 @@ def _main(argv, step_hook, pass_timer, stop) -> dict:
                         if ref_table is not None or not name.startswith("ref_")})
         if sources is not None:  # --objective pretrain: the tokens each --data source gave this step
             given = np.zeros(int(sources.max()) + 1, np.int64)
-            drawn = [u for ps in plan_steps for pack in ps for u in pack]
-            np.add.at(given, sources[drawn], units.lengths[drawn])
+            np.add.at(given, *drawn_tokens(units, plan_steps))
             row["source_tokens"] = {path: int(n) for (path, _), n in zip(data_sources(as_list(cfg.data)), given)}
         history.append(row)
         if is_main:
@@ -301,7 +301,10 @@ def _main(argv, step_hook, pass_timer, stop) -> dict:
     if cfg.export:
         tok = records.optional_tokenizer(cfg.tokenizer or cfg.model) if (cfg.tokenizer or cfg.model) else None
         export.export_model(cfg.export, model, tok, sharded=cfg.fsdp, is_main=is_main)
-        log(f"exported a transformers model directory to {cfg.export}")
+        log(f"exported a transformers model directory to {cfg.export}" + (" (LoRA merged)" if cfg.lora else ""))
+    if cfg.export_adapter:
+        export.export_adapter(cfg.export_adapter, model, sharded=cfg.fsdp, is_main=is_main)
+        log(f"exported the LoRA adapter to {cfg.export_adapter}")
     if is_main and cfg.max_steps > start:
         png = plot_loss(metrics_path, os.path.join(cfg.out, "loss.png"), cfg) if cfg.plot and history else None
         log(f"done: {cfg.out}/metrics.jsonl" + (f", {png}" if png else ""))

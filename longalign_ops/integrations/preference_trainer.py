@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import contextlib
+
 import torch
 from transformers import Trainer
 
@@ -74,19 +76,23 @@ class PreferenceTrainer(Trainer):
 
     @torch.no_grad()
     def _add_reference_logprobs(self, examples, ref_model):
+        """The reference: `ref_model`, or the model itself before training; a PEFT model with its
+        adapters disabled (TRL's convention: the base model, no second copy in memory)."""
         model = self.model if ref_model is None else apply_longalign(ref_model, fused_loss=False)
+        adapters_off = getattr(model, "disable_adapter", None) if ref_model is None else None
         was_training = model.training
         model.eval()
         model.to(self.args.device)
         collate = PreferenceCollator(self.args.device, reference=self.objective == "longpo",
                                      shared_prefix=self.shared_prefix)
         size = self.args.per_device_train_batch_size
-        for start in range(0, len(examples), size):
-            chunk = examples[start:start + size]
-            inputs = collate(chunk)
-            logps = _answer_logprobs(model, inputs).view(len(chunk), -1).float().cpu()
-            for ex, row in zip(chunk, logps):
-                ex["ref_logps"] = row.tolist()
+        with adapters_off() if adapters_off is not None else contextlib.nullcontext():
+            for start in range(0, len(examples), size):
+                chunk = examples[start:start + size]
+                inputs = collate(chunk)
+                logps = _answer_logprobs(model, inputs).view(len(chunk), -1).float().cpu()
+                for ex, row in zip(chunk, logps):
+                    ex["ref_logps"] = row.tolist()
         model.train(was_training)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
