@@ -81,7 +81,7 @@ def model_config(name: str, layers=None, max_positions: int = 1 << 23):
     return (LlamaConfig if family == "llama" else Qwen2Config)(**kw)
 
 
-def _model(cfg, mode: str, checkpointing: bool, offload_activations: bool = False):
+def _model(cfg, mode: str, checkpointing: bool, offload_activations: bool = False, lora: int = 0):
     from transformers import AutoModelForCausalLM
 
     import longalign_ops.integrations.transformers  # noqa: F401
@@ -90,11 +90,23 @@ def _model(cfg, mode: str, checkpointing: bool, offload_activations: bool = Fals
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=torch.bfloat16,
                                                  attn_implementation="longalign" if mode == "longalign" else "sdpa")
+    if lora:  # train.py --lora R: PEFT adapters on every linear layer but the LM head, the rest frozen
+        from peft import LoraConfig, get_peft_model
+
+        get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, target_modules="all-linear"))
     if offload_activations:  # the host stood in by the meta device (see the module's docstring)
         apply_activation_offload(model, host="meta", min_bytes=0)
     elif checkpointing:
         enable_checkpointing(model)
     return model
+
+
+class _NoHook:
+    def remove(self):
+        pass
+
+
+_NO_HOOK = _NoHook()
 
 
 def _fake_row_groups(ulysses: int, cp: int):
@@ -120,7 +132,8 @@ def _rss_kib(field: str) -> int:
 
 def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False, layers=None,
               device: str = "cpu", fake: bool = True, sequence_length=None, tiled_mlp: int = 0,
-              tiled_norms: int = 0, offload_activations: bool = False, groups=None, row_split=None) -> dict:
+              tiled_norms: int = 0, offload_activations: bool = False, groups=None, row_split=None,
+              lora: int = 0) -> dict:
     """Peak bytes per category of one training step of `tokens` tokens (one packed row; with
     `sequence_length`, sequences of that length packed in it; with `groups`, a shared-prefix row
     of PackedBatch.from_prefix_groups, `tokens` its total) on one device. `model_name`: a
@@ -143,7 +156,7 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cfg = model_config(model_name, layers) if isinstance(model_name, str) else model_name
-    model = _model(cfg, mode, checkpointing, offload_activations)
+    model = _model(cfg, mode, checkpointing, offload_activations, lora)
     split = _fake_row_groups(*row_split) if row_split and max(row_split) > 1 else None
     if mode == "longalign":
         from longalign_ops.memory import apply_tiled_mlp, apply_tiled_norms
@@ -173,6 +186,9 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
         ids = torch.zeros(1, shard.local_tokens if shard else tokens, dtype=torch.long, device=device)
         tracker = MemTracker()
         tracker.track_external(model, opt)
+        for p in model.parameters():  # MemTracker hooks every parameter's gradient, and a frozen one
+            if not p.requires_grad:   # (LoRA's base weights) cannot take a hook: marked as hooked already
+                tracker._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
 
         def step():
             if shard is not None:  # this rank's tokens of the row; Ulysses / CP attention inside the model
@@ -214,7 +230,8 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
         if name in out:
             out[name] = int(v)
     out["peak"] = int(per_device.get("Total", sum(out.values())))
-    out["params"] = sum(p.numel() for p in params)
+    out["params"] = sum(p.numel() for p in params)  # trained (with LoRA: the adapters)
+    out["all_params"] = sum(p.numel() for p in model.parameters())
     out["layer_params"] = sum(p.numel() for p in model.model.layers[0].parameters())
     out["layers"] = len(model.model.layers)
     out["host"] = int(host.get("Total", 0))  # offloaded activations
@@ -227,7 +244,7 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
 
 
 def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing: bool, tiled_mlp: int = 0,
-              offload: str = "none", tiled_norms: int = 0, sp: int = 0, cp: int = 1) -> dict:
+              offload: str = "none", tiled_norms: int = 0, sp: int = 0, cp: int = 1, lora: int = 0) -> dict:
     """One rank's peak for a row of `tokens` over `gpus` ranks (SP over all of them, FSDP state),
     with `offload` none | activations | all (see the module's docstring). With `cp` > 1 the row
     is split over sp (Ulysses) x cp ranks, longalign through the library's context-parallel
@@ -238,22 +255,24 @@ def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing:
     if tokens % ranks:
         tokens += ranks - tokens % ranks
     features = dict(checkpointing=checkpointing or offload != "none", tiled_mlp=tiled_mlp, tiled_norms=tiled_norms,
-                    offload_activations=offload != "none")
+                    offload_activations=offload != "none", lora=lora)
     if cp > 1 and mode == "longalign":
         r = step_peak(model_name, tokens, mode, row_split=(sp, cp), **features)
     else:
         r = step_peak(model_name, tokens // ranks, mode, **features)
     state = r["Parameter"] + r["Gradient"] + r["Optstate"]
-    itemsize = r["Parameter"] // r["params"]  # bf16
-    root = itemsize * (r["params"] - r["layers"] * r["layer_params"])  # embeddings, final norm, LM head
+    itemsize = r["Parameter"] // r["all_params"]  # bf16
+    root = itemsize * (r["all_params"] - r["layers"] * r["layer_params"])  # embeddings, final norm, LM head
+    # gradients of the root: none where it is frozen (LoRA adapts the decoder layers only)
+    root_grads = 0 if lora else root
     in_use = root + 2 * itemsize * r["layer_params"]  # unsharded: the root's and two decoder layers' (FSDP2)
     if offload == "all":
-        device = dict(Parameter=in_use, Gradient=in_use, Optstate=0)
+        device = dict(Parameter=in_use, Gradient=in_use if not lora else r["Gradient"], Optstate=0)
         r["host"] += state // gpus
     elif gpus > 1:
         unshard_root = root - root // gpus
         device = dict(Parameter=r["Parameter"] // gpus + unshard_root + 2 * itemsize * r["layer_params"],
-                      Gradient=r["Gradient"] // gpus + unshard_root, Optstate=r["Optstate"] // gpus)
+                      Gradient=r["Gradient"] // gpus + (root_grads - root_grads // gpus), Optstate=r["Optstate"] // gpus)
     else:
         device = dict(Parameter=r["Parameter"], Gradient=r["Gradient"], Optstate=r["Optstate"])
     r = dict(r, **device)
@@ -273,7 +292,7 @@ def dominant(r: dict) -> str:
 
 def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: int, progress,
             tiled_mlp: int = 0, offload: str = "none", tiled_norms: int = 0, resolution: int = 1024,
-            sp: int = 0, cp: int = 1) -> dict:
+            sp: int = 0, cp: int = 1, lora: int = 0) -> dict:
     """The longest row (a multiple of `resolution` * sp * cp tokens; sp defaults to gpus) whose
     per-rank peak fits `budget`.
     The peak grows almost linearly with the tokens: secant steps through the last two
@@ -283,7 +302,8 @@ def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: 
     unit = resolution * sp * cp
 
     def measure(units):
-        return rank_peak(model_name, units * unit, mode, gpus, checkpointing, tiled_mlp, offload, tiled_norms, sp, cp)
+        return rank_peak(model_name, units * unit, mode, gpus, checkpointing, tiled_mlp, offload, tiled_norms, sp, cp,
+                         lora)
 
     a = measure(4)
     state = a["Parameter"] + a["Optstate"] if offload != "all" else 0
@@ -337,6 +357,9 @@ def main(argv=None):
                     help="instead of measuring: draw DIR/memory.png from these memory.csv files together")
     ap.add_argument("--resolution", type=int, default=1024,
                     help="the search's step, in tokens per GPU (max_tokens is a multiple of it times the GPUs)")
+    ap.add_argument("--lora", type=int, default=0,
+                    help="train.py --lora R: LoRA adapters of rank R on every linear layer but the LM head, the rest "
+                         "frozen (gradients and AdamW state for the adapters only); 0: full fine-tuning")
     ap.add_argument("--offload", default="none",
                     help="host offload for both modes, comma-separated for several (none, activations, all; each but "
                          "none implies checkpointing on): activations = every layer's "
@@ -366,7 +389,7 @@ def main(argv=None):
         params = parameter_count(cfg)
         for gpus in (int(g) for g in args.gpus.split(",")):
             row_split(args.sp, name, cfg, gpus)
-            state = params * 10 // gpus  # bf16 weights + fp32 AdamW moments, sharded
+            state = params * (2 if args.lora else 10) // gpus  # bf16 weights (+ fp32 AdamW moments), sharded
             if offloads != ["all"] and state > budget:
                 raise SystemExit(below_fixed_state(args.budget_gib, name, gpus, state))
     out_csv = os.path.join(args.out, "memory.csv")
@@ -380,12 +403,12 @@ def main(argv=None):
                     print(f"{name} {mode} gpus={gpus} sp={sp} cp={cp} checkpointing={ckpt} offload={offload} "
                           f"({time.time() - started:.0f} s)", flush=True)
                     r = longest(name, mode, gpus, ckpt, budget, lambda m: print(m, flush=True), args.tiled_mlp,
-                                offload, args.tiled_norms, args.resolution, sp, cp)
+                                offload, args.tiled_norms, args.resolution, sp, cp, args.lora)
                     tiled = args.tiled_mlp if mode == "longalign" else 0
                     tiled_norms = args.tiled_norms if mode == "longalign" else 0
                     rows.append(dict(model=name, gpus=gpus, sp=sp, cp=cp, fsdp=gpus > 1 or offload == "all",
                                      mode=mode, checkpointing=ckpt, tiled_mlp=tiled, tiled_norms=tiled_norms,
-                                     offload=offload,
+                                     offload=offload, lora=args.lora,
                                      host_gib=round(r["host"] / GIB, 2),
                                      max_tokens=r["max_tokens"], peak_gib=round(r["peak"] / GIB, 2),
                                      dominant_category=dominant(r), budget_gib=args.budget_gib,
@@ -442,9 +465,9 @@ def at_tokens(args):
         model_config(name)
         runs = [("baseline", {}), ("longalign", {})] + ([("longalign", tiled)] if any(tiled.values()) else [])
         for mode, features in runs:
-            r = step_peak(name, args.at_tokens, mode, layers=args.layers, **features)
+            r = step_peak(name, args.at_tokens, mode, layers=args.layers, lora=args.lora, **features)
             rows.append(dict(model=name, layers=args.layers or model_config(name).num_hidden_layers,
-                             tokens=args.at_tokens, mode=mode, tiled_mlp=features.get("tiled_mlp", 0),
+                             tokens=args.at_tokens, mode=mode, lora=args.lora, tiled_mlp=features.get("tiled_mlp", 0),
                              tiled_norms=features.get("tiled_norms", 0), peak_gib=round(r["peak"] / GIB, 3),
                              dominant_category=dominant(r),
                              **{f"{c.lower()}_gib": round(r[c] / GIB, 3) for c in CATEGORIES}))

@@ -86,6 +86,31 @@ def test_offload_accounting():
     assert state > 2 * in_use
 
 
+def test_lora_accounting():
+    """--lora R: the base weights stay (bf16, frozen: no gradient, no AdamW state); the adapters
+    (r x (in + out) per linear layer but the LM head, fp32 as PEFT keeps them) get gradients and
+    8 bytes of AdamW state per parameter."""
+    sys.path.insert(0, BENCH)
+    import bench_memory as bm
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    full = bm.step_peak(cfg, 1024, "longalign")
+    lora = bm.step_peak(cfg, 1024, "longalign", lora=8)
+    kv = cfg.hidden_size // cfg.num_attention_heads * cfg.num_key_value_heads
+    shapes = [(128, 128), (128, kv), (128, kv), (128, 128), (128, 256), (128, 256), (256, 128)]  # q k v o gate up down
+    adapters = cfg.num_hidden_layers * sum(8 * (i + o) for i, o in shapes)
+    assert lora["params"] == adapters and lora["all_params"] == full["all_params"] + adapters
+    tensors = 2 * len(shapes) * cfg.num_hidden_layers  # each adapter's A and B: a 4-byte AdamW step each
+    assert lora["Optstate"] == 8 * adapters + 4 * tensors
+    # (the step's activations grow: PEFT runs each adapter in fp32 on an fp32 copy of its input)
+    assert lora["Activation"] > full["Activation"]
+    for gpus in (1, 8):  # sharded accounting: nothing counted for the frozen root's gradients
+        r = bm.rank_peak(cfg, 4096, "longalign", gpus, True, lora=8)
+        assert r["Gradient"] <= 4 * adapters and r["Optstate"] <= 8 * adapters + 4 * tensors
+
+
 def test_sequence_parallel_size_auto():
     sys.path.insert(0, BENCH)
     import bench_memory as bm

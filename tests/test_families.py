@@ -110,3 +110,26 @@ def test_the_supported_families_are_not_refused():
     for family, overrides in (("llama", {}), ("qwen2", {}), ("mistral", {}), ("gemma2", dict(head_dim=16)),
                               ("granite", {}), ("cohere", {}), ("phi3", {})):
         assert unsupported_features(tiny_config(family, **overrides)) == [], family
+
+
+def test_the_family_check_is_kept_per_config_object_not_per_reusable_id():
+    """The attention function checks a model's family once per config object; the cache holds
+    the object weakly, so once a config is collected its id (which CPython reuses) is no longer
+    taken for a checked config."""
+    import gc
+
+    from transformers import LlamaConfig
+
+    from longalign_ops.integrations import transformers as integration
+
+    class Attention:
+        config = None
+
+    module = Attention()
+    module.config = LlamaConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64)
+    integration._checked_config(module)
+    key = id(module.config)
+    assert integration._CHECKED.get(key) is module.config
+    module.config = None
+    gc.collect()
+    assert key not in integration._CHECKED

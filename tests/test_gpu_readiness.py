@@ -153,6 +153,11 @@ def test_the_99kb_gpus_and_blackwell_get_tiles_that_fit():
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "sm_120 varlen_attention fwd" in res.stdout and "sm_100 varlen_attention dkdv" in res.stdout
+    # fp32 (the ieee-dot correctness path) on sm_120, where its tiles have two special cases
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compile_check.py"), "--matrix", "--arch",
+                          "120", "--dtypes", "fp32", "--head-dims", "96,256", "--strict"], env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 
 
 def test_head_offsets_past_2_to_the_31_elements():
@@ -210,3 +215,42 @@ def test_gpu_correctness_runs_its_checks_on_the_cpu(tmp_path):
     assert {r["check"] for r in rows} == {"attention out", "attention dq", "attention dk", "attention dv",
                                           "loss value", "loss dhidden", "loss dweight"}
     assert gpu_correctness.main(small + ["--out", out, "--tolerance", "1e-30"]) == 1
+
+
+MATRIX = os.path.join(ROOT, "bench", "results", "cpu-x86_64-2cores-2026-12-07", "compile-matrix")
+ARCHS = ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0))
+
+
+def test_the_stored_compile_matrix_is_the_launchers_choice_and_fits_everywhere():
+    """bench/results/.../compile-matrix/sm_*.csv (compile_check.py --matrix, cubins read): every
+    architecture users own x bf16 / fp16 / fp32 x head dims 8-256 x (plain, window + softcap,
+    shared prefix) x forward, dQ, dK/dV. Each row's tiles are what attention_config picks today
+    (so the stored figures are of the code as it is), none spills, none asks for more shared
+    memory than its architecture gives one program, and on sm_90 every bf16 / fp16 attention
+    matmul is a wgmma."""
+    import csv
+    import glob
+
+    rows = [r for path in sorted(glob.glob(os.path.join(MATRIX, "sm_*.csv"))) if "_vs_" not in path
+            for r in csv.DictReader(open(path))]
+    seen = set()
+    for r in rows:
+        assert int(r["stack_bytes"]) == 0, r
+        cap = divmod(int(r["arch"][3:]), 10)
+        assert int(r["shared_bytes"]) <= va.shared_memory_limit(cap), r
+        parts = r["kernel"].split(" ")
+        if parts[0] != "varlen_attention" or parts[1] not in ("fwd", "dkdv", "dq"):
+            continue
+        local, prefix = "window+softcap" in r["kernel"], "shared-prefix" in r["kernel"]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[r["dtype"]]
+        want = va.attention_config(int(r["head_dim"]), dtype, True, cap, softcap=local, prefix=prefix)[parts[1]]
+        got = tuple(int(x) for x in r["tiles"].split("x")) + (int(r["num_warps"]), int(r["num_stages"]))
+        assert got == tuple(want), (r["arch"], r["kernel"], r["dtype"], r["head_dim"], got, want)
+        if cap == (9, 0) and r["dtype"] != "fp32":
+            assert int(r["wgmma"]) > 0 and int(r["mma_sync"]) == 0, r
+        seen.add((cap, r["dtype"], int(r["head_dim"]), local, prefix, parts[1]))
+    missing = [(cap, dt, d, local, prefix, k) for cap in ARCHS for dt in ("bf16", "fp16", "fp32")
+               for d in (8, 16, 40, 64, 96, 128, 192, 256) for local, prefix in ((False, False), (True, False),
+                                                                                 (False, True))
+               for k in ("fwd", "dkdv", "dq") if (cap, dt, d, local, prefix, k) not in seen]
+    assert not missing, missing[:10]

@@ -132,14 +132,11 @@ def read_chat_jsonl(path: str, tok, window: int, skip_bad: bool, log, split: Opt
         log("data: the tokenizer has no chat template; turns are written as '<|role|>\\ncontent\\n'")
     bad, samples = BadRecords(path, skip_bad, log), []
     for lineno, rec in _records(path, bad, split):
-        if isinstance(rec, dict) and "input_ids" in rec:  # pre-tokenised: no tokenizer needed
-            ids, target = _pretokenised(rec, lineno, bad)
-            if ids is None:
-                continue
-        else:
-            ids, target = _chat_record(rec, lineno, bad, tok, templated)
-            if ids is None:
-                continue
+        pretokenised = isinstance(rec, dict) and "input_ids" in rec  # no tokenizer needed
+        ids, target = _pretokenised(rec, lineno, bad) if pretokenised else \
+            _chat_record(rec, lineno, bad, tok, templated)
+        if ids is None:
+            continue
         if len(ids) > window:
             bad(lineno, "messages" if "input_ids" not in rec else "input_ids",
                 f"{len(ids)} tokens, longer than --window {window}")

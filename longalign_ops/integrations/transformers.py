@@ -23,6 +23,7 @@ the same object in every layer, and on its version counter).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Tuple
 
 import numpy as np
@@ -99,9 +100,14 @@ UNSUPPORTED = (
 )
 
 
+def _text_config(config):
+    """The language model's config (a multimodal config's text part; itself otherwise)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def unsupported_features(config) -> list:
     """The features of `config`'s family (its text config) that the library does not honour."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     return [name for name, used in UNSUPPORTED if used(text)]
 
 
@@ -119,7 +125,7 @@ def logit_transform(config) -> Tuple[float, Optional[float]]:
     divides the logits by ``logits_scaling``, Cohere multiplies them by ``logit_scale``, Gemma
     soft-caps them (``final_logit_softcapping``). The fused loss folds the multiplier into the
     hidden states (``hidden * m`` through the head is ``m * logits``, gradients included)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     scale = 1.0
     if getattr(text, "logits_scaling", None):
         scale /= float(text.logits_scaling)
@@ -129,14 +135,20 @@ def logit_transform(config) -> Tuple[float, Optional[float]]:
 
 
 def _checked_config(module):
-    """The config of an attention module's model, its family checked once per config object."""
+    """The config of an attention module's model, its family checked once per config object
+    (configs are unhashable: kept by id with the object itself, weakly, so that a new config
+    that reuses a collected one's id is checked, not taken for it)."""
     config = getattr(module, "config", None)
-    if config is not None and id(config) not in _CHECKED:
+    if config is None:
+        return
+    if torch.compiler.is_compiling():  # evaluated while tracing (dynamo cannot trace the weak cache)
         check_family(config, f"attn_implementation='{NAME}'")
-        _CHECKED.add(id(config))
+    elif _CHECKED.get(id(config)) is not config:
+        check_family(config, f"attn_implementation='{NAME}'")
+        _CHECKED[id(config)] = config
 
 
-_CHECKED: set = set()
+_CHECKED = weakref.WeakValueDictionary()
 
 
 def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
