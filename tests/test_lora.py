@@ -139,7 +139,7 @@ def test_apply_longalign_on_a_peft_model_matches_the_stock_model(order):
 
 
 @pytest.mark.slow
-def test_lora_dpo_under_sequence_parallelism_equals_one_process(tmp_path):
+def test_lora_dpo_under_sequence_and_context_parallelism_equals_one_process(tmp_path):
     a = assets(str(tmp_path / "assets"))
     data = prefs(str(tmp_path / "prefs.jsonl"), n=12, seed=2)
     args = ["--model", a["model"], "--data", data, "--objective", "dpo", "--lora", "4", "--lr", "3e-3",
@@ -147,16 +147,21 @@ def test_lora_dpo_under_sequence_parallelism_equals_one_process(tmp_path):
     one = run(args + ["--out", str(tmp_path / "one"), "--export", str(tmp_path / "merged")])
     assert one.returncode == 0, one.stderr[-3000:]
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", TRAIN] + args +
-                         ["--sp", "2", "--out", str(tmp_path / "sp")], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    rows = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "sp")]
-    for x, y in zip(*rows, strict=True):
-        for key in ("loss", "chosen_logp", "rejected_logp"):
-            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x, y)
-        # the margin is a difference of float32 log-probs of ~30: its rounding is ~1e-5
-        assert y["margin"] == pytest.approx(x["margin"], abs=1e-5), (x, y)
+    # context parallelism packs unshared rows (other packs, other prompts per step): its twin too
+    assert run(args + ["--out", str(tmp_path / "one-unshared"), "--no-shared-prefix"]).returncode == 0
+    for split, single in ((["--sp", "2"], "one"), (["--cp", "2"], "one-unshared")):
+        one_rows = [json.loads(line) for line in open(tmp_path / single / "metrics.jsonl")]
+        out = tmp_path / split[0][2:]
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", TRAIN] + args +
+                             split + ["--out", str(out)], env=env, capture_output=True, text=True, timeout=600,
+                             cwd=ROOT)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        for x, y in zip(one_rows, rows, strict=True):
+            for key in ("loss", "chosen_logp", "rejected_logp"):
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (split, key, x, y)
+            # the margin is a difference of float32 log-probs of ~30: its rounding is ~1e-5
+            assert y["margin"] == pytest.approx(x["margin"], abs=1e-5), (split, x, y)
 
 
 def test_lora_trainable_weights_train_in_full_and_are_exported_merged(tmp_path):
@@ -211,3 +216,27 @@ def test_preference_trainer_trains_a_peft_model_against_its_adapters_off(tmp_pat
     assert len(losses) == 2 and losses[0] != pytest.approx(0.6931471805599453, rel=1e-3)  # the adapters count
     for n, p in peft_model.named_parameters():
         assert torch.equal(p.detach(), before[n]) != ("lora_" in n), n
+
+
+def test_a_killed_lora_run_resumes_to_the_same_losses(tmp_path, monkeypatch):
+    """The checkpoint holds the adapters and their optimizer state: a LoRA run killed after step 2
+    and resumed logs the uninterrupted run's losses."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    sys.path.insert(0, os.path.join(ROOT, "train"))
+    import train
+
+    a = assets(str(tmp_path / "assets"))
+    data = prefs(str(tmp_path / "prefs.jsonl"), n=12, seed=4)
+    common = ["--model", a["model"], "--data", data, "--objective", "simpo", "--lora", "4", "--lr", "1e-2",
+              "--max-steps", "4", "--warmup-steps", "1", "--no-plot"]
+    full = [r["loss"] for r in train.main(common + ["--out", str(tmp_path / "full")])["history"]]
+
+    def crash_after_two(row):
+        if row["step"] == 2:
+            raise KeyboardInterrupt
+
+    args = common + ["--out", str(tmp_path / "killed"), "--ckpt-every", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args, step_hook=crash_after_two)
+    resumed = [r["loss"] for r in train.main(args + ["--resume"])["history"]]
+    assert resumed == pytest.approx(full[2:], rel=1e-6)
