@@ -56,12 +56,13 @@ def _stride_unit(head_dim: int) -> int:
 
 
 def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=True, wide=False, local=False,
-                    prefix=False, tiles=None, dkdv_split=None):
+                    prefix=False, tiles=None, dkdv_split=None, sinks=False):
     """`local`: a sliding window (both bounds) with logit soft-capping, Gemma-2 style; `prefix`:
     a batch with shared prefixes (PackedBatch.from_prefix_groups); `tiles`: (BLOCK_M, BLOCK_N,
     warps, stages) for every kernel instead of attention_config's (tile_sweep.py), and
     `dkdv_split` whether dK and dV are separate launches (None: as attention_config says). A
-    split dK/dV is two cases, "... dK-pass" and "... dV-pass"."""
+    split dK/dV is two cases, "... dK-pass" and "... dV-pass". `sinks`: the forward with learnable
+    sinks only (the backward kernels do not change with them)."""
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     cfg = va.attention_config(head_dim, torch_dtype, on_gpu=True, capability=divmod(arch, 10), softcap=local,
                               prefix=prefix)
@@ -75,21 +76,23 @@ def attention_cases(dtype="bf16", head_dim=128, causal=True, arch=90, tile_list=
                   DOT_PRECISION=va._dot_precision(torch_dtype), WIDE_OFFSETS=wide, HAS_PREFIX=prefix)
     t = dtype
     ptr = dict(Q=t, K=t, V=t, Out=t, Lse="fp32", cu_q="i32", cu_k="i32", tile_seq="i32", tile_block="i32",
-               Prefix="i32", dOut=t, Delta="fp32", dK=t, dV=t, dQ=t)
+               Prefix="i32", Sinks=t, dOut=t, Delta="fp32", dK=t, dV=t, dQ=t)
     floats = ("qk_scale_log2", "scale_over_cap", "cap_log2", "sm_scale")
     variant = ("" if tile_list else " dense-grid") + (" wide-offsets" if wide else "") + \
-        (" window+softcap" if local else "") + (" shared-prefix" if prefix else "")
-    passes = dict(fwd=[("", {})], dq=[("", {})],
+        (" window+softcap" if local else "") + (" shared-prefix" if prefix else "") + (" sinks" if sinks else "")
+    passes = dict(fwd=[("", dict(HAS_SINK=sinks))], dq=[("", {})],
                   dkdv=[(" dK-pass", dict(WANT_DK=True, WANT_DV=False)), (" dV-pass", dict(WANT_DK=False, WANT_DV=True))]
                   if cfg["dkdv_split"] else [("", dict(WANT_DK=True, WANT_DV=True))])
     for kernel, fn in (("fwd", va._varlen_attention_fwd_kernel), ("dkdv", va._varlen_attention_bwd_dkdv_kernel),
                        ("dq", va._varlen_attention_bwd_dq_kernel)):
+        if sinks and kernel != "fwd":
+            continue
         BM, BN, warps, stages = cfg[kernel]
         for suffix, wants in passes[kernel]:
             yield (f"varlen_attention {kernel}{variant}{suffix}", fn, ptr, floats,
                    dict(common, BLOCK_M=BM, BLOCK_N=BN, **wants), warps, stages)
     block_d = va.block_d(head_dim)
-    if not tile_list or wide or local or prefix:
+    if not tile_list or wide or local or prefix or sinks:
         return
     yield ("varlen_attention bwd preprocess", va._varlen_attention_bwd_preprocess_kernel,
            dict(Out=t, dOut=t, Delta="fp32"), (), dict(HEAD_DIM=head_dim, STRIDE_UNIT=_stride_unit(head_dim),
@@ -195,12 +198,17 @@ MATRIX_DTYPES = ("bf16", "fp16", "fp32")
 MATRIX_HEAD_DIMS = (8, 16, 40, 64, 96, 128, 192, 256)
 
 
-def matrix_cases(arch, dtypes=MATRIX_DTYPES, head_dims=MATRIX_HEAD_DIMS):
+VARIANTS = dict(plain=dict(), local=dict(local=True), prefix=dict(prefix=True), sinks=dict(sinks=True),
+                local_sinks=dict(local=True, sinks=True))
+
+
+def matrix_cases(arch, dtypes=MATRIX_DTYPES, head_dims=MATRIX_HEAD_DIMS, variants=("plain", "local", "prefix")):
     """Every attention kernel the launchers pick for `arch` at each dtype x head dim x variant
-    (plain, window + softcap, shared prefix), the pre-pass, and the cross-entropy kernels."""
-    return [case for dtype in dtypes for d in head_dims for kw in (dict(), dict(local=True), dict(prefix=True))
-            for case in attention_cases(dtype, d, True, arch, **kw)] + \
-        [case for dtype in dtypes if dtype != "fp32" for case in cross_entropy_cases(dtype)]
+    (plain, window + softcap, shared prefix; the forward with sinks, plain or window + softcap),
+    the pre-pass, and (with the plain variant) the cross-entropy kernels."""
+    return [case for dtype in dtypes for d in head_dims for v in variants
+            for case in attention_cases(dtype, d, True, arch, **VARIANTS[v])] + \
+        [case for dtype in dtypes if dtype != "fp32" and "plain" in variants for case in cross_entropy_cases(dtype)]
 
 
 def compile_all(archs=(90,), quiet=False, cases=all_cases):
@@ -278,11 +286,15 @@ if __name__ == "__main__":
                          "shared prefix) instead of the default selection (which also compiles the reference)")
     ap.add_argument("--dtypes", default=",".join(MATRIX_DTYPES))
     ap.add_argument("--head-dims", default=",".join(map(str, MATRIX_HEAD_DIMS)))
+    ap.add_argument("--variants", default="plain,local,prefix", help=f"of the matrix: some of {','.join(VARIANTS)}")
     args = ap.parse_args()
     cases = all_cases
     if args.matrix:
         dtypes, dims = args.dtypes.split(","), tuple(int(d) for d in args.head_dims.split(","))
-        cases = lambda arch: matrix_cases(arch, dtypes, dims)  # noqa: E731
+        variants = tuple(args.variants.split(","))
+        if not set(variants) <= set(VARIANTS):
+            ap.error(f"--variants: choose from {','.join(VARIANTS)}, got {args.variants}")
+        cases = lambda arch: matrix_cases(arch, dtypes, dims, variants)  # noqa: E731
     rows = compile_all(tuple(int(a) for a in args.arch.split(",")), cases=cases)
     pairs = against_reference(rows)
     print_against_reference(pairs)

@@ -207,14 +207,28 @@ def _fwd_block(q, m_i, l_i, acc, k_base, v_base, cols, row_shift, key_end, offs_
 
 
 @triton.jit
+def _with_sink(m_i, l_i, acc, Sinks, h):
+    """Fold head h's learnable sink (gpt-oss: one more logit in every row's softmax denominator,
+    with no value) into the online softmax after the last key block. The lse then counts the
+    sink, so the backward's P = exp(S - lse) are the sink-normalised probabilities and dQ, dK,
+    dV need nothing more; the sink's own gradient, -sum_i exp(sink - lse_i) delta_i, is a
+    reduction over the pre-pass's delta (attention.py)."""
+    sink = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
+    m_new = tl.maximum(m_i, sink)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    return m_new, l_i * alpha + tl.math.exp2(sink - m_safe), acc * alpha[:, None]
+
+
+@triton.jit
 def _varlen_attention_fwd_kernel(
-    Q, K, V, Out, Lse, cu_q, cu_k, tile_seq, tile_block, Prefix,
+    Q, K, V, Out, Lse, cu_q, cu_k, tile_seq, tile_block, Prefix, Sinks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     total_q, total_k, qk_scale_log2, scale_over_cap, cap_log2, window_left, window_right, BLOCKS_PER_SEQ,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, STRIDE_UNIT: tl.constexpr, HAS_SINK: tl.constexpr = False,
 ):
     stride_qt, stride_qh = _in_elements(stride_qt, stride_qh, STRIDE_UNIT)
     stride_kt, stride_kh = _in_elements(stride_kt, stride_kh, STRIDE_UNIT)
@@ -263,8 +277,10 @@ def _varlen_attention_fwd_kernel(
                                        window_left, window_right, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP,
                                        DOT_PRECISION, WIDE_OFFSETS, False)
 
+    if HAS_SINK:
+        m_i, l_i, acc = _with_sink(m_i, l_i, acc, Sinks, h)
     # a row that sees no key (causal with len_k < len_q, or a window past the keys) outputs 0
-    # with lse = -inf
+    # with lse = -inf (with a sink: 0 with lse = the sink)
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
@@ -698,11 +714,12 @@ def _prefix_args(prefix, dummy, max_q, max_k, total_q, total_k):
 
 
 def varlen_attention_forward(q, k, v, cu_q, cu_k, tiles, max_q, max_k, scale, window_left=-1, window_right=-1,
-                             softcap=0.0, prefix=None):
+                             softcap=0.0, prefix=None, sinks=None):
     """Launch the forward kernel over `tiles` (the (2, n) int32 list for BLOCK_M of
     `config_for(q)["fwd"]`, or None for the dense grid). Window bounds (< 0: none; causal is
     right = 0) must fit in int32. `prefix`: the (S, 4) int32 table of a batch with shared
-    prefixes (PackedBatch.prefix_table), or None. Returns out (total_q, Hq, D) and lse
+    prefixes (PackedBatch.prefix_table), or None. `sinks`: (Hq,) learnable sink logits, or None.
+    Returns out (total_q, Hq, D) and lse
     (Hq, total_q) fp32. Rows no program reaches (a sequence past an understated max_seqlen,
     validation off) are 0 with lse -inf."""
     total_q, Hq, D = q.shape
@@ -719,8 +736,8 @@ def varlen_attention_forward(q, k, v, cu_q, cu_k, tiles, max_q, max_k, scale, wi
     prefix_ptr, has_prefix, span_q, span_k = _prefix_args(prefix, cu_q, max_q, max_k, total_q, k.shape[0])
     unit = stride_unit(q, k, v, out)
     _varlen_attention_fwd_kernel[(programs, Hq)](
-        q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_block, prefix_ptr, *_strides(unit, q, k, v, out),
-        total_q, k.shape[0], *runtime, per_seq,
+        q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_block, prefix_ptr, lse if sinks is None else sinks,
+        *_strides(unit, q, k, v, out), total_q, k.shape[0], *runtime, per_seq, HAS_SINK=sinks is not None,
         GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         TILE_LIST=tile_list, DOT_PRECISION=_dot_precision(q.dtype), **flags,
         WIDE_OFFSETS=_wide_offsets(span_q, span_k, q, k, v, out), HAS_PREFIX=has_prefix, STRIDE_UNIT=unit, num_warps=warps,
@@ -732,8 +749,9 @@ def varlen_attention_forward(q, k, v, cu_q, cu_k, tiles, max_q, max_k, scale, wi
 def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, tiles_dq, max_q, max_k, scale,
                               window_left=-1, window_right=-1, softcap=0.0, prefix=None):
     """Launch the backward kernels. `tiles_dkdv` lists key blocks of BLOCK_N and `tiles_dq` query
-    blocks of BLOCK_M (config_for(q)); None for the dense grid. `prefix` as for the forward.
-    Returns dq, dk, dv."""
+    blocks of BLOCK_M (config_for(q)); None for the dense grid. `prefix` as for the forward (with
+    sinks the lse counts them, so the kernels are the same). Returns dq, dk, dv and the pre-pass's
+    delta (Hq, total_q) fp32, from which the caller takes the sinks' gradient."""
     total_q, Hq, D = q.shape
     total_k, Hk = k.shape[0], k.shape[1]
     do = do.contiguous()
@@ -742,7 +760,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
     dq = (torch.empty_like if tiles_dq is not None else torch.zeros_like)(q)
     dk, dv = ((torch.empty_like if tiles_dkdv is not None else torch.zeros_like)(t) for t in (k, v))
     if total_q == 0 or total_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(lse)
     cfg = config_for(q, softcap, prefix is not None)
     BLOCK_D = block_d(D)
     delta = torch.empty_like(lse)
@@ -779,4 +797,4 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, tiles_dkdv, til
             *_strides(unit, q, k, v, do, dq), total_q, total_k, *runtime, scale, per_seq, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             TILE_LIST=tile_list, num_warps=warps, num_stages=stages, **common,
         )
-    return dq, dk, dv
+    return dq, dk, dv, delta

@@ -54,7 +54,7 @@ class PackedBatch:
     """
 
     __slots__ = ("lengths", "cu_seqlens", "position_ids", "sequence_ids", "max_len", "total", "device", "_tiles",
-                 "groups", "prefix_table", "max_key_len", "_num_sequences")
+                 "groups", "prefix_table", "max_key_len", "_num_sequences", "_chunked")
 
     def __init__(self, lengths: np.ndarray, device: torch.device, *, _parts=None, _groups=None):
         # use from_lengths / from_cu_seqlens / from_prefix_groups / PackPlan.batch; this takes
@@ -67,6 +67,7 @@ class PackedBatch:
         self.cu_seqlens, self.position_ids, self.sequence_ids, self._tiles, self.prefix_table = _parts
         self.groups = _groups
         self.max_key_len, self._num_sequences = self.max_len, len(lengths)
+        self._chunked = {}
         if _groups is not None:  # a branch's keys are its prefix's and its own
             self.max_key_len = max([p + b for p, branches in _groups for b in branches] + [self.max_len])
             self._num_sequences = sum(max(1, len(branches)) for _, branches in _groups)
@@ -208,6 +209,20 @@ class PackedBatch:
     def num_sequences(self) -> int:
         """Sequences of the per-sequence ops: the lengths', or a shared-prefix batch's branches."""
         return self._num_sequences
+
+    def chunked(self, chunk_size: int) -> "PackedBatch":
+        """The batch with every sequence cut into sequences of ``chunk_size`` tokens counted from
+        its own start (the last one shorter): chunked local attention (Llama 4's
+        ``attention_chunk_size``: a query sees only keys in its own chunk) is plain varlen
+        attention over these. Built on the host once per size and kept with the batch."""
+        if self.groups is not None:
+            raise ValueError("chunk_size: chunked attention over a batch with shared prefixes is not supported")
+        if chunk_size not in self._chunked:
+            full, rest = np.divmod(self.lengths, chunk_size)
+            parts = [np.append(np.full(f, chunk_size, dtype=np.int64), [r] if r else []) for f, r in zip(full, rest)]
+            lengths = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+            self._chunked[chunk_size] = PackedBatch._build(lengths, self.device)
+        return self._chunked[chunk_size]
 
     def tiles(self, block: int) -> torch.Tensor:
         """``(2, n)`` int32 device tile list (sequence, row block) for row blocks of ``block``."""

@@ -36,15 +36,17 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, softmax_scale=None, window_size=(-1, -1),
-                     softcap=None, compute_dtype=None):
+                     softcap=None, sinks=None, chunk_size=None, compute_dtype=None):
     """Per-sequence attention in ``compute_dtype`` (default: float64), differentiable.
 
     Shapes as :func:`longalign_ops.varlen_attention`. The mask is written out from flash-attn 2's
     definition: with ``diag = Lk - Lq``, query i sees key j iff ``j <= i + diag`` (causal),
     ``j >= i + diag - left`` (left >= 0) and ``j <= i + diag + right`` (right >= 0). softcap:
-    ``s = softcap * tanh(s / softcap)`` on the scaled scores. Returns out ``(total_q, Hq, D)``
-    and lse ``(Hq, total_q)`` in ``compute_dtype`` (lse is -inf, and out 0, for a row that sees
-    no key).
+    ``s = softcap * tanh(s / softcap)`` on the scaled scores. sinks ``(Hq,)``: one more column of
+    scores per head, ``sinks[h]`` in every row, with a zero value (gpt-oss's eager forward
+    written out). chunk_size C: query i sees key j only if ``i // C == j // C``. v may have its
+    own head dim. Returns out ``(total_q, Hq, Dv)`` and lse ``(Hq, total_q)`` in
+    ``compute_dtype`` (lse is -inf, and out 0, for a row that sees no key and no sink).
     """
     import math
 
@@ -73,6 +75,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, softma
             mask &= j >= i + (Lk - Lq) - window_size[0]
         if window_size[1] >= 0:
             mask &= j <= i + (Lk - Lq) + window_size[1]
+        if chunk_size is not None:
+            mask &= (j // chunk_size) == (i // chunk_size)
+        if sinks is not None:  # the sink column: always visible, its value zero
+            s = torch.cat([s, sinks.to(dt)[:, None, None].expand(Hq, Lq, 1)], -1)
+            mask = torch.cat([mask, mask.new_ones(Lq, 1)], -1)
+            vi = torch.cat([vi, vi.new_zeros(Hq, 1, vi.shape[-1])], 1)
         has = mask.any(-1)
         # rows that see no key: finite scores for softmax, zeroed after, so gradients stay finite
         scores = s.masked_fill(~mask, float("-inf")).masked_fill(~has[:, None], 0.0)
@@ -81,7 +89,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, softma
         with torch.no_grad():
             lses.append(torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=-1))
     if not outs:
-        return q.new_zeros(q.shape, dtype=dt), q.new_zeros((Hq, 0), dtype=dt)
+        return q.new_zeros((*q.shape[:2], v.shape[-1]), dtype=dt), q.new_zeros((Hq, 0), dtype=dt)
     return torch.cat(outs, 0), torch.cat(lses, 1)
 
 

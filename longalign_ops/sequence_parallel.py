@@ -267,12 +267,16 @@ def _heads_to_seq(x: Tensor, P: int, group) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, shard: Shard, *, causal: bool = True,
-              softmax_scale: Optional[float] = None, window_size=(-1, -1), softcap: Optional[float] = None) -> Tensor:
+              softmax_scale: Optional[float] = None, window_size=(-1, -1), softcap: Optional[float] = None,
+              sinks: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
     """Attention of this rank's tokens of a packed row: q ``(local_tokens, Hq, D)``, k/v
     ``(local_tokens, Hk, D)``; returns ``(local_tokens, Hq, D)``, differentiable in q, k, v.
     Equal to ``shard.local(varlen_attention(q_full, k_full, v_full, shard.batch))``. With a
     Ulysses group of size U, Hq must be a multiple of U and Hk a multiple of U or a divisor of
-    it (kv heads are then replicated); context parallelism asks nothing of the heads."""
+    it (kv heads are then replicated); context parallelism asks nothing of the heads. `sinks`
+    ``(Hq,)``: every head's (this rank takes its heads' share under Ulysses; its gradient holds
+    this rank's heads, summed over ranks with the other parameters'). `chunk_size`: chunked
+    attention over the row's sequences (Ulysses only: each rank holds whole sequences' heads)."""
     if not isinstance(shard, Shard):
         raise TypeError(f"shard must be a longalign_ops.sequence_parallel.Shard, got {type(shard).__name__}")
     U = shard.ulysses_size
@@ -285,13 +289,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, shard: Shard, *, causal: bool = T
     repeat = _check_heads(q.shape[1], k.shape[1], U)
     if shard.cp_size > 1 and not causal and tuple(window_size) != (-1, -1):
         raise ValueError("context parallelism supports a sliding window_size only with causal=True")
+    if shard.cp_size > 1 and chunk_size is not None:
+        raise NotImplementedError("context parallelism does not support chunked attention (chunk_size, Llama 4's "
+                                  "attention_chunk_size); use Ulysses (--sp) alone")
+    if sinks is not None:
+        if not isinstance(sinks, Tensor) or sinks.shape != (q.shape[1],):
+            raise ValueError(f"sinks must be a tensor of shape ({q.shape[1]},) (one logit per query head)")
+        if U > 1:  # after the all-to-all this rank holds query heads [u h, (u + 1) h)
+            h, u = q.shape[1] // U, shard.rank - shard.cp_rank * U
+            sinks = sinks.narrow(0, u * h, h)
     if repeat > 1:
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     if U > 1:
         q, k, v = (_seq_to_heads(t, U, shard.group) for t in (q, k, v))
-    options = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap)
+    options = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap, sinks=sinks)
     if shard.cp_size == 1:
-        out = varlen_attention(q, k, v, shard.batch, **options)
+        out = varlen_attention(q, k, v, shard.batch, chunk_size=chunk_size, **options)
     else:
         batch_q, batch_k, keys = _cp_attention_problem(shard, causal, int(window_size[0]), q.device)
         k_all, v_all = (_all_gather(t, shard.cp_group) for t in (k, v))  # backward: reduce-scatter

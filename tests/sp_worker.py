@@ -26,19 +26,28 @@ def full_and_local(shape, seed, shard):
     return full, shard.local(full.detach()).clone().requires_grad_()
 
 
-def check_attention(shard, Hq, Hk, errors, tag, **options):
+def check_attention(shard, Hq, Hk, errors, tag, sinks=False, Dv=16, **options):
+    """`sinks`: learnable sinks (each rank's gradient holds its heads': summed over the ranks, as
+    a parameter's); `Dv`: v's own head dim (MLA)."""
     T = shard.batch.total
     q, ql = full_and_local((T, Hq, 16), 1, shard)
     k, kl = full_and_local((T, Hk, 16), 2, shard)
-    v, vl = full_and_local((T, Hk, 16), 3, shard)
-    dout = torch.randn(T, Hq, 16, generator=torch.Generator().manual_seed(4))
-    want = la.varlen_attention(q, k, v, shard.batch, **options)
+    v, vl = full_and_local((T, Hk, Dv), 3, shard)
+    dout = torch.randn(T, Hq, Dv, generator=torch.Generator().manual_seed(4))
+    if sinks:  # the row's padding carries no loss (CP's pad queries see no keys: their rows differ)
+        dout[T - shard.pad:] = 0
+    s = torch.randn(Hq, generator=torch.Generator().manual_seed(5)).requires_grad_() if sinks else None
+    sl = s.detach().clone().requires_grad_() if sinks else None
+    want = la.varlen_attention(q, k, v, shard.batch, sinks=s, **options)
     want.backward(dout)
-    got = sp.ulysses_attention(ql, kl, vl, shard, **options)
+    got = sp.ulysses_attention(ql, kl, vl, shard, sinks=sl, **options)
     got.backward(shard.local(dout))
     errors[f"attention {tag} out"] = err(got, shard.local(want))
     for name, full, local in (("dq", q, ql), ("dk", k, kl), ("dv", v, vl)):
         errors[f"attention {tag} {name}"] = err(local.grad, shard.local(full.grad))
+    if sinks:
+        dist.all_reduce(sl.grad)
+        errors[f"attention {tag} dsinks"] = err(sl.grad, s.grad)
 
 
 def check_losses(shard, errors, tag=""):
@@ -95,7 +104,7 @@ def record_refusals(cases, errors):
         try:
             call()
             errors[f"refused: {name}"] = "not raised"
-        except ValueError as e:
+        except (ValueError, NotImplementedError) as e:
             errors[f"refused: {name}"] = str(e)
     dist.barrier()
 
@@ -135,6 +144,8 @@ def check_context_parallel_refusals(shard, errors):
         "non-causal window under CP": lambda: sp.attention(torch.randn(n, 4, 8), torch.randn(n, 4, 8),
                                                            torch.randn(n, 4, 8), shard, causal=False,
                                                            window_size=(3, 3)),
+        "chunked attention under CP": lambda: sp.attention(torch.randn(n, 4, 8), torch.randn(n, 4, 8),
+                                                           torch.randn(n, 4, 8), shard, chunk_size=4),
         "shard disagrees with the tensors": lambda: sp.attention(
             torch.randn(n + 1, 4, 8), torch.randn(n + 1, 4, 8), torch.randn(n + 1, 4, 8), shard),
         **shared_refusals(shard),
@@ -156,6 +167,8 @@ def main_context_parallel(lengths, C):
     check_attention(shard, 4 * U, U, errors, f"gqa Hk={U}")
     check_attention(shard, 2 * U, 1, errors, "mqa, window + softcap", window_size=(9, 0), softcap=3.0)
     check_attention(shard, 2 * U, 2, errors, "non-causal", causal=False)
+    check_attention(shard, 2 * U, 2, errors, "gpt-oss: sinks, window", sinks=True, window_size=(9, 0))
+    check_attention(shard, 2 * U, 2, errors, "MLA: Dv 24", Dv=24)
     check_losses(shard, errors)
     check_model(shard, errors)
     check_context_parallel_refusals(shard, errors)
@@ -180,6 +193,9 @@ def main():
     check_attention(shard, 8, 8 if P <= 8 else P, errors, "mha")
     check_attention(shard, 8, 2, errors, f"gqa Hk=2 (kv heads {'replicated' if 2 < P else 'split'})")
     check_attention(shard, 8, 1, errors, "mqa, window + softcap", window_size=(9, 0), softcap=3.0)
+    check_attention(shard, 8, 2, errors, "gpt-oss: sinks, window", sinks=True, window_size=(9, 0))
+    check_attention(shard, 8, 2, errors, "MLA: Dv 8", Dv=8)
+    check_attention(shard, 8, 2, errors, "Llama 4: chunks of 5", chunk_size=5)
     check_losses(shard, errors)
     check_model(shard, errors)
     # a row with shared prefixes (prompts stored once, answers as branches): split the same way

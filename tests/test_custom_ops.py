@@ -17,25 +17,27 @@ from longalign_ops.data import PackedCollator  # noqa: E402
 OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
 
 
-def attention_args(tiles: bool, requires_grad=True, shared_prefix=False):
+def attention_args(tiles: bool, requires_grad=True, shared_prefix=False, sinks=False):
     b = la.PackedBatch.from_prefix_groups([(5, [3, 1]), (0, [19]), (1, [])]) if shared_prefix \
         else la.PackedBatch.from_lengths([5, 0, 19, 1])
     T = b.total
     q = torch.randn(T, 4, 16, requires_grad=requires_grad)
     k, v = (torch.randn(T, 2, 16, requires_grad=requires_grad) for _ in range(2))
     t = (b.tiles(32), b.tiles(32), b.tiles(32)) if tiles else (None, None, None)
-    # prefix table; scale, window (left, right): a causal sliding window of 6, soft cap 2
-    return (q, k, v, b.cu_seqlens, b.cu_seqlens, *t, b.prefix_table, b.max_len, b.max_len, 0.25, 6, 0, 2.0)
+    s = torch.randn(4, requires_grad=requires_grad) if sinks else None
+    # prefix table, sinks; scale, window (left, right): a causal sliding window of 6, soft cap 2
+    return (q, k, v, b.cu_seqlens, b.cu_seqlens, *t, b.prefix_table, s, b.max_len, b.max_len, 0.25, 6, 0, 2.0)
 
 
-@pytest.mark.parametrize("tiles, shared_prefix", [(True, False), (False, False), (True, True)])
-def test_opcheck_attention(tiles, shared_prefix):
-    torch.library.opcheck(_varlen_attention_fwd, attention_args(tiles, shared_prefix=shared_prefix),
+@pytest.mark.parametrize("tiles, shared_prefix, sinks", [(True, False, False), (False, False, True),
+                                                          (True, True, True)])
+def test_opcheck_attention(tiles, shared_prefix, sinks):
+    torch.library.opcheck(_varlen_attention_fwd, attention_args(tiles, shared_prefix=shared_prefix, sinks=sinks),
                           test_utils=OPCHECK_TESTS)
-    q, k, v, cu, _, t1, t2, t3, prefix, *flags = attention_args(tiles, False, shared_prefix)
-    out, lse = _varlen_attention_fwd(q, k, v, cu, cu, t1, t2, t3, prefix, *flags)
+    q, k, v, cu, _, t1, t2, t3, prefix, s, *flags = attention_args(tiles, False, shared_prefix, sinks)
+    out, lse = _varlen_attention_fwd(q, k, v, cu, cu, t1, t2, t3, prefix, s, *flags)
     torch.library.opcheck(_varlen_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, cu, cu, t2, t3, prefix,
-                                                  *flags), test_utils=OPCHECK_TESTS[:2])
+                                                  s, *flags), test_utils=OPCHECK_TESTS[:2])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -69,13 +69,17 @@ def test_a_fake_cuda_step_traces_on_a_cpu_only_torch(device, no_cuda_runtime):
             assert out.shape == q.shape and out.device == torch.device("cuda:0")
         cfg = va.config_for(q)
         tiles = (batch.tiles(cfg["dkdv"][1]), batch.tiles(cfg["dq"][0]))
+        sinks = torch.zeros(4, device=device, dtype=torch.bfloat16)
         out, lse = torch.ops.longalign.varlen_attention_fwd(q, k, v, batch.cu_seqlens, batch.cu_seqlens,
-                                                             batch.tiles(cfg["fwd"][0]), *tiles, None,
+                                                             batch.tiles(cfg["fwd"][0]), *tiles, None, sinks,
                                                              batch.max_len, batch.max_len, 0.125, -1, 0, 0.0)
-        dq, dk, dv = torch.ops.longalign.varlen_attention_bwd(torch.randn_like(out), q, k, v, out, lse,
-                                                              batch.cu_seqlens, batch.cu_seqlens, *tiles, None,
-                                                              batch.max_len, batch.max_len, 0.125, -1, 0, 0.0)
-        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+        dq, dk, dv, dsinks = torch.ops.longalign.varlen_attention_bwd(torch.randn_like(out), q, k, v, out, lse,
+                                                                      batch.cu_seqlens, batch.cu_seqlens, *tiles,
+                                                                      None, sinks, batch.max_len, batch.max_len,
+                                                                      0.125, -1, 0, 0.0)
+        assert (dq.shape, dk.shape, dv.shape, dsinks.shape) == (q.shape, k.shape, v.shape, sinks.shape)
+        mla_v = torch.randn(T, 2, 40, device=device, dtype=torch.bfloat16)  # MLA: v's own head dim
+        assert la.varlen_attention(q, k, mla_v, batch, sinks=sinks, chunk_size=16).shape == (T, 4, 40)
         prefixed = la.PackedBatch.from_prefix_groups([(40, [7, 9]), (3, [])], device=device)
         qp, kp = (torch.randn(prefixed.total, h, 64, device=device, dtype=torch.bfloat16) for h in (4, 2))
         assert la.varlen_attention(qp, kp, kp, prefixed).shape == qp.shape
@@ -158,6 +162,17 @@ def test_the_99kb_gpus_and_blackwell_get_tiles_that_fit():
                           "120", "--dtypes", "fp32", "--head-dims", "96,256", "--strict"], env=env,
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+def test_the_sink_forward_compiles_spill_free():
+    """gpt-oss's shapes (head dim 64, bf16, sliding and full layers) with learnable sinks on sm_90
+    and sm_120 (the stored matrix, compile-matrix-sinks/, has every architecture and head dim)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compile_check.py"), "--matrix", "--arch",
+                          "90,120", "--dtypes", "bf16", "--head-dims", "64", "--variants", "sinks,local_sinks",
+                          "--strict"], env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "sm_90 varlen_attention fwd window+softcap sinks" in res.stdout
 
 
 def test_head_offsets_past_2_to_the_31_elements():

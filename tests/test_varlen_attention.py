@@ -321,7 +321,8 @@ def test_packed_batch_that_disagrees_with_the_tensors_is_refused():
      ValueError, "multiple of kv heads"),
     (lambda a: a.update(q=torch.randn(11, 2, 264), k=torch.randn(11, 1, 264), v=torch.randn(11, 1, 264)),
      ValueError, "head dim"),
-    (lambda a: a.update(v=torch.randn(10, 1, 16)), ValueError, "v must have k's shape"),
+    (lambda a: a.update(v=torch.randn(10, 1, 16)), ValueError, "v must have k's tokens and heads"),
+    (lambda a: a.update(v=torch.randn(11, 1, 257)), ValueError, "v's head dim must be in"),
     (lambda a: a.update(cq=a["cq"].long()), TypeError, "cu_seqlens_q must have dtype int32"),
     (lambda a: a.update(cq=torch.tensor([1, 5, 11], dtype=torch.int32)), ValueError, "must start at 0"),
     (lambda a: a.update(cq=torch.tensor([0, 7, 5, 11], dtype=torch.int32)), ValueError, "non-decreasing"),
@@ -508,3 +509,106 @@ def test_longalign_modelling_call_pattern():
     rows = torch.arange(0, 3 * 32 + 1, 32, dtype=torch.int32)  # no packing: 3 rows of 32
     out = flash_attn_unpadded_func(q, k, v, rows, rows, 32, 32, causal=True)
     assert max_err(out, reference.varlen_attention(q, k, v, rows, rows, causal=True)[0]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- family variants
+# gpt-oss's sinks, DeepSeek's value head dim, Llama 4's chunks: each against the float64
+# reference (which writes each out from its model's eager definition), through the Triton
+# kernels under the interpreter and through the PyTorch path, fp32 and fp16, with flash-attn's
+# tolerance rule (our error at most twice that of the same computation in the input dtype)
+
+
+def check_variant(lengths, Hq, Hk, D, Dv, dtype, **options):
+    batch = la.PackedBatch.from_lengths(lengths)
+    g = torch.Generator().manual_seed(len(lengths) * 7 + D + Dv)
+    T = sum(lengths)
+    q, k = (torch.randn(T, h, D, generator=g).to(dtype).requires_grad_() for h in (Hq, Hk))
+    v = torch.randn(T, Hk, Dv, generator=g).to(dtype).requires_grad_()
+    leaves = [q, k, v]
+    if options.get("sinks") == "learned":  # spread wide: some sinks dominate their rows, some vanish
+        options["sinks"] = (torch.randn(Hq, generator=g) * 3).to(dtype).requires_grad_()
+        leaves.append(options["sinks"])
+    out, lse = varlen_attention(q, k, v, batch, return_lse=True, **options)
+    assert out.shape == (T, Hq, Dv) and out.dtype == dtype
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    grads = torch.autograd.grad(out, leaves, dout)
+
+    def run(compute):
+        xs = [t.detach().to(compute).requires_grad_() for t in leaves]
+        opts = dict(options, sinks=xs[3]) if len(xs) == 4 else options
+        o, l = reference.varlen_attention(*xs[:3], batch.cu_seqlens, batch.cu_seqlens, compute_dtype=compute, **opts)
+        return o, l, torch.autograd.grad(o, xs, dout.to(compute))
+
+    ref_out, ref_lse, ref_grads = run(torch.float64)
+    low_out, _, low_grads = run(dtype)
+    assert max_err(out, ref_out) <= 2 * max_err(low_out, ref_out) + 1e-5
+    for name, got, r, low in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, low_grads):
+        assert got.shape == r.shape and got.dtype == dtype, name
+        assert max_err(got, r) <= 2 * max_err(low, r) + 1e-5, name
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert max_err(lse[finite], ref_lse[finite]) <= (1e-5 if dtype == torch.float32 else 2e-3)
+    return grads
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lengths, Hq, Hk, D, Dv, options", [
+    ([5, 0, 17, 1, 33], 4, 2, 40, 40, dict(sinks="learned")),  # gpt-oss: full layers
+    ([97, 3], 4, 1, 16, 16, dict(sinks="learned", window_size=(7, 0))),  # gpt-oss: sliding layers
+    ([5, 0, 17, 1, 33], 4, 2, 24, 16, {}),  # DeepSeek's MLA: value head dim below q/k's (192/128)
+    ([9, 40], 2, 2, 8, 40, dict(causal=False)),  # and above it
+    ([5, 0, 17, 1, 33, 97], 4, 2, 16, 16, dict(chunk_size=8)),  # Llama 4's chunked layers
+    ([30, 19], 4, 2, 40, 24, dict(chunk_size=7, window_size=(4, 0), sinks="learned", softcap=5.0)),  # all at once
+])
+def test_sinks_value_head_dims_and_chunks_match_float64(lengths, Hq, Hk, D, Dv, options, dtype, interpret,
+                                                        monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    check_variant(lengths, Hq, Hk, D, Dv, dtype, **options)
+
+
+def test_a_sink_takes_its_share_of_every_row():
+    """Written out: one query, one key per sequence: p = 1 / (1 + exp(sink - s)), so the output is
+    that fraction of v, lse = log(exp(s) + exp(sink)); a huge sink leaves nothing, and a row that
+    sees no key (a window past it) outputs 0 with lse = the sink."""
+    q, k, v = torch.ones(2, 2, 8), torch.ones(2, 1, 8), torch.arange(16.0).view(2, 1, 8)
+    sinks = torch.tensor([0.0, 50.0])
+    out, lse = varlen_attention(q, k, v, la.PackedBatch.from_lengths([1, 1]), sinks=sinks, return_lse=True,
+                                softmax_scale=1.0)
+    share = 1 / (1 + math.exp(0.0 - 8.0))
+    assert torch.allclose(out[:, 0], v[:, 0] * share) and out[:, 1].abs().max() < 1e-15
+    assert torch.allclose(lse[0], torch.tensor(math.log(math.exp(8.0) + 1.0))) and torch.allclose(lse[1], torch.tensor(50.0))
+    q2, k2, v2, cq, ck = make_inputs([3], [2], 2, 2, 8, torch.float32)
+    out, lse = varlen_attention(q2, k2, v2, cq, ck, 3, 2, causal=True, sinks=sinks, return_lse=True)
+    assert out[0].abs().max() == 0 and torch.equal(lse[:, 0], sinks)  # query 0 sees no key (bottom-right)
+
+
+def test_chunks_are_counted_from_each_sequences_start():
+    """chunk_size=4 over [6, 5]: the same as attention over sequences [4, 2, 4, 1]."""
+    q, k, v, _, _ = make_inputs([11], [11], 2, 1, 16, torch.float32)
+    chunked = varlen_attention(q, k, v, la.PackedBatch.from_lengths([6, 5]), chunk_size=4)
+    assert torch.equal(chunked, varlen_attention(q, k, v, la.PackedBatch.from_lengths([4, 2, 4, 1])))
+    assert la.PackedBatch.from_lengths([6, 0, 5]).chunked(4).lengths.tolist() == [4, 2, 4, 1]
+
+
+@pytest.mark.parametrize("options, exc, pattern", [
+    (dict(sinks=torch.zeros(3)), ValueError, "one logit per query head"),
+    (dict(sinks=torch.zeros(2, 1)), ValueError, "sinks must have 1 dimension"),
+    (dict(sinks=torch.zeros(2, dtype=torch.int64)), TypeError, "sinks must have dtype"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(chunk_size=2.5), TypeError, "chunk_size"),
+])
+def test_bad_sinks_and_chunks(options, exc, pattern):
+    q, k, v, cq, ck = make_inputs([5, 6], [5, 6], 2, 1, 16, torch.float32)
+    with pytest.raises(exc, match=pattern):
+        varlen_attention(q, k, v, la.PackedBatch.from_lengths([5, 6]), **options)
+
+
+def test_chunks_need_self_attention_without_shared_prefixes():
+    q, k, v, cq, ck = make_inputs([5, 6], [4, 6], 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="chunk_size: chunked attention needs the same sequences"):
+        varlen_attention(q, k, v, cq, ck, 6, 6, chunk_size=2)
+    batch = la.PackedBatch.from_prefix_groups([(3, [2, 4])])
+    q, k, v, _, _ = make_inputs([9], [9], 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="chunk_size: chunked attention over a batch with shared prefixes"):
+        varlen_attention(q, k, v, batch, chunk_size=2)

@@ -7,18 +7,23 @@ import torch
 
 from config import Config, PRESETS
 # importing it registers attn_implementation="longalign"
-from longalign_ops.integrations.transformers import check_family, logit_transform
+from longalign_ops.integrations.transformers import apply_longalign, check_family, logit_transform
 
 
 def build_model(cfg: Config, device: torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if cfg.model:
+        config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
         try:  # a family the packed path cannot run exactly is refused before its weights are read
-            check_family(AutoConfig.from_pretrained(cfg.model, local_files_only=True), f"--model {cfg.model}")
+            check_family(config, f"--model {cfg.model}", patched=True)
         except NotImplementedError as e:
             raise SystemExit(str(e)) from None
+        check_family_flags(config, cfg)
         model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, attn_implementation="longalign")
+        # the family's layers that need the row's sequences (linear attention) keep them apart;
+        # the loss is train/'s own (objectives.py), so the model's forward is left as it is
+        apply_longalign(model, fused_loss=False)
     else:
         p = PRESETS[cfg.preset]
         mc = LlamaConfig(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"],
@@ -41,6 +46,26 @@ def build_model(cfg: Config, device: torch.device):
     if cfg.tiled_norms:
         memory.apply_tiled_norms(model, cfg.tiled_norms)
     return model.to(device)
+
+
+def check_family_flags(config, cfg: Config) -> None:
+    """One line for the flags a family's layers cannot take yet: Gated DeltaNet (Qwen3-Next,
+    Qwen3.5) restarts per sequence, but not per Ulysses/CP shard or from a shared prefix's state;
+    Llama 4's chunks are cut per sequence, not per CP shard or shared-prefix branch."""
+    from longalign_ops.integrations.transformers import _text_config
+
+    text = _text_config(config)
+    kinds = []
+    if "linear_attention" in (getattr(text, "layer_types", None) or []):
+        kinds.append(("linear-attention layers", True))
+    if getattr(text, "attention_chunk_size", None) and "chunked_attention" in (getattr(text, "layer_types", None) or []):
+        kinds.append(("chunked attention", False))
+    for what, no_sp in kinds:
+        name = f"--model {cfg.model}: {getattr(text, 'model_type', 'this family')}'s {what}"
+        if cfg.cp > 1 or (no_sp and cfg.sp > 1):
+            raise SystemExit(f"{name} do not run under {'--sp/--cp' if no_sp else '--cp'} yet: train without it")
+        if cfg.shared_prefix:
+            raise SystemExit(f"{name} do not run over shared prefixes yet: add --no-shared-prefix")
 
 
 def apply_lora(model, cfg: Config):

@@ -84,20 +84,51 @@ def _from_padding_mask(mask: torch.Tensor, device):
 # and docs/parity.md all read these. A family whose forward uses something the library does not
 # honour yet is refused by name, never run differently.
 
-# (feature, detector on the text config): features the kernels or the packed path do not honour yet
+# the families (config model_type) whose packed rows tests/family_audit.py finds exact against
+# their stock eager forward on each sequence alone (loss and every gradient), in transformers
+# 5.25, and tests/test_families.py holds to it; any other is refused unless
+# LONGALIGN_ALLOW_UNVERIFIED=1 (the audit of each: docs/parity.md)
+VERIFIED_FAMILIES = frozenset({
+    "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "beam", "bitnet", "cohere", "cohere2",
+    "cohere2_moe", "cwm", "deepseek_v2", "deepseek_v3", "diffllama", "ergo", "ernie4_5", "ernie4_5_moe", "exaone",
+    "exaone4", "exaone_moe", "falcon", "flex_olmo", "flint", "gemma", "gemma2", "gemma3", "gemma3_text", "glm",
+    "glm4", "glm4_moe", "glm4_moe_lite", "gpt2", "gpt_neox", "gpt_neox_japanese", "gpt_oss", "granite",
+    "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared", "helium", "hrm_text", "hunyuan_v1_dense",
+    "hunyuan_v1_moe", "hy_v3", "hyperclovax", "internlm3", "iquestcoder", "jais2", "jetmoe", "kolibri1", "laguna",
+    "lara_mini", "lfm2", "llama", "llama4", "llama4_text", "mellum", "mimo_v2_flash", "minicpm3", "minicpm5_moe",
+    "minimax_m2", "minimax_m3_vl_text", "ministral", "ministral3", "mistral", "mixtral", "moshi", "nanochat",
+    "nemotron", "olmo", "olmo2", "olmo3", "olmo_hybrid", "olmoe", "opt", "param2moe", "phi", "phi3", "phimoe",
+    "qwen2", "qwen2_moe", "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe",
+    "qwen3_next", "sarvam_mla", "sarvam_moe", "seed_oss", "smollm3", "solar_open", "stablelm", "starcoder2",
+    "vaultgemma", "youtu",
+})
+
+# (feature, detector on the text config, refused by): features the kernels or the packed path do
+# not honour yet, refused by apply_longalign and the attention function ("always"), or only by the
+# bare attention function ("attention": apply_longalign makes them exact)
 UNSUPPORTED = (
-    ("attention sinks (gpt-oss's learnable per-head sink logits, s_aux)",
-     lambda c: getattr(c, "model_type", "") == "gpt_oss"),
-    ("chunked local attention (Llama 4's attention_chunk_size)",
-     lambda c: bool(getattr(c, "attention_chunk_size", None))
-     and "chunked_attention" in (getattr(c, "layer_types", None) or ["chunked_attention"])),
-    ("linear-attention / state-space layers (Qwen3-Next's and Qwen3.5's Gated DeltaNet, Granite 4's Mamba), which "
-     "would mix the packed sequences",
-     lambda c: any(t in ("linear_attention", "mamba", "mamba2") for t in (getattr(c, "layer_types", None) or []))),
-    ("multi-head latent attention with a value head dim unlike the query/key head dim (DeepSeek V2/V3's MLA)",
-     lambda c: getattr(c, "v_head_dim", None) is not None
-     and c.v_head_dim != (getattr(c, "qk_nope_head_dim", 0) or 0) + (getattr(c, "qk_rope_head_dim", 0) or 0)),
+    ("linear-attention layers (Qwen3-Next's and Qwen3.5's Gated DeltaNet), which would mix the packed sequences "
+     "unless apply_longalign(model) keeps them apart",
+     lambda c: "linear_attention" in (getattr(c, "layer_types", None) or []), "attention"),
+    ("state-space layers (Granite 4's, Falcon-H1's, Nemotron-H's Mamba), which would mix the packed sequences",
+     lambda c: any(t in ("mamba", "mamba2", "hybrid") for t in (getattr(c, "layer_types", None) or []))
+     or bool(getattr(c, "mamba_d_state", None) or getattr(c, "mamba_n_heads", None)), "always"),
 )
+
+
+# families whose decoder layers do not hand position_ids on to the attention (Llama 4): the
+# sequences of a row packed by position ids reach it only as packed_batch, which apply_longalign
+# derives from the ids at the model's forward
+POSITIONS_NOT_FORWARDED = ("llama4", "llama4_text")
+
+
+def _needs_packed_batch(config) -> bool:
+    """Whether apply_longalign must hand the row's sequences to the layers as packed_batch: the
+    attention cannot see the position ids, or linear-attention layers (which never get them) must
+    restart at each sequence."""
+    text = _text_config(config)
+    return getattr(text, "model_type", "") in POSITIONS_NOT_FORWARDED \
+        or "linear_attention" in (getattr(text, "layer_types", None) or [])
 
 
 def _text_config(config):
@@ -105,19 +136,47 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def unsupported_features(config) -> list:
-    """The features of `config`'s family (its text config) that the library does not honour."""
+def unsupported_features(config, patched: bool = False, bare: bool = False) -> list:
+    """The features of `config`'s family (its text config) that the library does not honour
+    (`patched`: through apply_longalign, which honours more than the bare attention function),
+    and, for a family not checked exact (VERIFIED_FAMILIES), that it is not. `bare`: the config
+    of one attention module (a vision tower's is no decoder family and is not held to the list)."""
     text = _text_config(config)
-    return [name for name, used in UNSUPPORTED if used(text)]
+    missing = [name for name, used, by in UNSUPPORTED if used(text) and not (patched and by == "attention")]
+    family = getattr(config, "model_type", None)
+    if bare and not _is_decoder_family(family):
+        return missing
+    if family not in VERIFIED_FAMILIES and not _unverified_allowed():
+        missing.append(f"a family ({family}) not among those checked exact against their stock forward "
+                       f"(docs/parity.md); set LONGALIGN_ALLOW_UNVERIFIED=1 to run it unchecked")
+    return missing
 
 
-def check_family(config, what: str = "apply_longalign") -> None:
-    """NotImplementedError naming every feature of the family the packed path would not honour."""
-    missing = unsupported_features(config)
+def _is_decoder_family(model_type) -> bool:
+    """A causal-LM family of transformers (a key of its AutoModelForCausalLM mapping) or a text
+    part of one (``*_text``); a vision tower's config is neither."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return isinstance(model_type, str) and (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                                            or model_type.endswith("_text"))
+
+
+def _unverified_allowed() -> bool:
+    import os
+
+    return os.environ.get("LONGALIGN_ALLOW_UNVERIFIED", "") not in ("", "0")
+
+
+def check_family(config, what: str = "apply_longalign", patched: Optional[bool] = None, bare: bool = False) -> None:
+    """NotImplementedError naming every feature of the family the packed path would not honour
+    (`patched`: the model went through apply_longalign; by default, when `what` is it; `bare`:
+    as unsupported_features)."""
+    missing = unsupported_features(config, patched=what == "apply_longalign" if patched is None else patched,
+                                   bare=bare)
     if missing:
-        raise NotImplementedError(f"{what}: {getattr(config, 'model_type', 'this model')} uses "
-                                  + "; ".join(missing) + ": longalign_ops does not implement it yet, and would "
-                                  "compute something else than the model's own forward, so it refuses")
+        raise NotImplementedError(f"{what}: {getattr(config, 'model_type', 'this model')} has "
+                                  + "; ".join(missing) + ". longalign_ops refuses it rather than compute something "
+                                  "else than the model's own forward")
 
 
 def logit_transform(config) -> Tuple[float, Optional[float]]:
@@ -135,17 +194,20 @@ def logit_transform(config) -> Tuple[float, Optional[float]]:
 
 
 def _checked_config(module):
-    """The config of an attention module's model, its family checked once per config object
-    (configs are unhashable: kept by id with the object itself, weakly, so that a new config
-    that reuses a collected one's id is checked, not taken for it)."""
+    """The config of an attention module's model (or None), its family checked once per config
+    object (configs are unhashable: kept by id with the object itself, weakly, so that a new
+    config that reuses a collected one's id is checked, not taken for it)."""
     config = getattr(module, "config", None)
     if config is None:
-        return
+        return None
+    if getattr(module, "_longalign_patched", False):  # apply_longalign checked the family and patched the model
+        return config
     if torch.compiler.is_compiling():  # evaluated while tracing (dynamo cannot trace the weak cache)
-        check_family(config, f"attn_implementation='{NAME}'")
+        check_family(config, f"attn_implementation='{NAME}'", bare=True)
     elif _CHECKED.get(id(config)) is not config:
-        check_family(config, f"attn_implementation='{NAME}'")
+        check_family(config, f"attn_implementation='{NAME}'", bare=True)
         _CHECKED[id(config)] = config
+    return config
 
 
 _CHECKED = weakref.WeakValueDictionary()
@@ -159,12 +221,7 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     returns ``((B, S, Hq, D), None)``."""
     if dropout not in (0, 0.0) and module.training:
         raise NotImplementedError("attention dropout is not implemented; set attention_dropout=0.0")
-    _checked_config(module)
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"attn_implementation='{NAME}': attention sinks (s_aux) are not implemented yet")
-    if value.shape[-1] != query.shape[-1]:
-        raise NotImplementedError(f"attn_implementation='{NAME}': a value head dim ({value.shape[-1]}) unlike the "
-                                  f"query/key head dim ({query.shape[-1]}) is not implemented yet")
+    config = _checked_config(module)
     if attention_mask is not None and attention_mask.dim() != 2:
         # our registered mask function gives None or the 2-D padding mask; any other mask would
         # be ignored here, so refuse it rather than attend where it forbids
@@ -174,11 +231,13 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     # transformers' window: key j is visible from query i iff i - sliding_window < j (and j <= i
     # when causal; symmetric otherwise), as its masks and its flash-attn path define it
-    options = dict(causal=causal, softmax_scale=scaling, softcap=softcap or None)
+    # gpt-oss's learnable sinks (s_aux); Llama 4's chunked layers
+    options = dict(causal=causal, softmax_scale=scaling, softcap=softcap or None, sinks=kwargs.get("s_aux"),
+                   chunk_size=_chunk_size(module, config))
     if sliding_window is not None:
         options["window_size"] = (sliding_window - 1, -1 if causal else sliding_window - 1)
     B, Hq, S, D = query.shape
-    Sk = key.shape[2]
+    Sk, Dv = key.shape[2], value.shape[-1]  # DeepSeek's MLA: Dv != D
     batch = kwargs.get("packed_batch")
     # the shard rides in the call (packed_batch=shard): transformers hands the same keyword to
     # every layer, and activation checkpointing captures it for the recompute, which a global
@@ -190,12 +249,13 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         if B != 1 or Sk != S:
             raise ValueError(f"under sequence parallelism the model takes this rank's slice of one packed row "
                              f"(batch 1), got batch {B} with {S} query and {Sk} key positions")
+        _check_temperature_tuning(module, shard.batch, 1, sharded=True)
         out = sequence_parallel.attention(query[0].transpose(0, 1), key[0].transpose(0, 1).to(query.dtype),
                                           value[0].transpose(0, 1).to(query.dtype), shard, **options)
         return out[None], None
     q = query.transpose(1, 2).reshape(B * S, Hq, D)
     k = key.transpose(1, 2).reshape(B * Sk, key.shape[1], D)
-    v = value.transpose(1, 2).reshape(B * Sk, value.shape[1], D)
+    v = value.transpose(1, 2).reshape(B * Sk, value.shape[1], Dv)
     if q.dtype != k.dtype or q.dtype != v.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
 
@@ -212,21 +272,54 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
             max_q, max_k = kwargs.get("max_length_q") or B * S, kwargs.get("max_length_k") or B * Sk
             out = varlen_attention(q, k, v, cu_q.reshape(-1).to(torch.int32), cu_k.reshape(-1).to(torch.int32),
                                    int(max_q), int(max_k), **options)
-            return out.view(B, S, Hq, D), None
+            return out.view(B, S, Hq, Dv), None
         batch_q, batch_k = _memo(cu_q, lambda: _from_cu_pair(cu_q, cu_k), cu_k)
     elif attention_mask is not None and not (S == Sk and _memo(attention_mask, lambda: bool(attention_mask.all()))):
         idx, described = _memo(attention_mask, lambda: _from_padding_mask(attention_mask, q.device), "unpad")
         out = varlen_attention(q[idx], k[idx], v[idx], described, **options)
-        full = out.new_zeros(B * S, Hq, D)
+        full = out.new_zeros(B * S, Hq, Dv)
         full[idx] = out
-        return full.view(B, S, Hq, D), None
+        return full.view(B, S, Hq, Dv), None
     elif position_ids is not None and S == Sk:
         batch_q = batch_k = _memo(position_ids, lambda: _from_position_ids(position_ids, B, S, q.device))
     else:
         batch_q = PackedBatch.from_lengths([S] * B, device=q.device)
         batch_k = batch_q if Sk == S else PackedBatch.from_lengths([Sk] * B, device=q.device)
+    _check_temperature_tuning(module, batch_q, B)
     out = varlen_attention(q, k, v, batch_q, batch_k if batch_k is not batch_q else None, **options)
-    return out.view(B, S, Hq, D), None
+    return out.view(B, S, Hq, Dv), None
+
+
+def _chunk_size(module, config) -> Optional[int]:
+    """Llama 4's chunk size on its chunked layers (``layer_types[i] == "chunked_attention"``), else None."""
+    text = _text_config(config) if config is not None else None
+    size = getattr(text, "attention_chunk_size", None)
+    layer = getattr(module, "layer_idx", None)
+    types = getattr(text, "layer_types", None)
+    if not size or layer is None or not types or types[layer] != "chunked_attention":
+        return None
+    return int(size)
+
+
+def _check_temperature_tuning(module, batch: PackedBatch, rows: int, sharded: bool = False) -> None:
+    """Llama 4's NoPE layers scale the queries by a temperature of the token's index in the row
+    (the local slice's under sequence parallelism), not of its position id; from index
+    floor_scale - 1 (8191) on it is no longer 1. A sequence packed after another and reaching
+    that index would be scaled unlike the same sequence alone: refused, never run differently."""
+    if not getattr(module, "attn_temperature_tuning", False) or getattr(module, "use_rope", True):
+        return
+    limit = int(module.floor_scale) - 1
+    if sharded:
+        late = batch.total > limit
+    else:
+        starts = np.cumsum(batch.lengths) - batch.lengths
+        late = rows == 1 and bool(((starts > 0) & (starts + batch.lengths - 1 >= limit)).any())
+    if late:
+        raise NotImplementedError(
+            f"attn_implementation='{NAME}': Llama 4's NoPE layers scale queries by the token's index in the row "
+            f"(attn_temperature_tuning), so a sequence packed or sharded past index {limit} would attend unlike "
+            f"alone; pack rows of at most {limit + 1} tokens without sequence parallelism, or set "
+            f"attn_temperature_tuning=False")
 
 
 def _loss_inputs(labels, shift_labels, ignore_index: int):
@@ -260,13 +353,21 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
     check_family(model.config)
     if attention:
         model.set_attn_implementation(NAME)
+    original_forward = model.forward
+    linear = _keep_linear_attention_apart(model)
+    for module in model.modules():  # the attention function knows the model was patched (copies keep it)
+        module._longalign_patched = True
+    derive = (attention or linear) and _needs_packed_batch(model.config)
+    if derive:
+        original_forward = _deriving_packed_batch(original_forward)
+        if not fused_loss:
+            model.forward = original_forward
     if not fused_loss:
         return model
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from ..cross_entropy import fused_linear_cross_entropy
 
-    original_forward = model.forward
     logit_scale, softcap = logit_transform(model.config)
 
     def forward(*args, labels=None, shift_labels=None, num_items_in_batch=None, token_weights=None, **kwargs):
@@ -278,7 +379,9 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
             return original_forward(*args, **kwargs)
         kwargs["use_cache"] = False
         kwargs.pop("logits_to_keep", None)
-        outputs = model.get_decoder()(*args, **kwargs)
+        if derive:
+            _add_packed_batch(kwargs)
+        outputs = _backbone(model)(*args, **kwargs)
         hidden = outputs.last_hidden_state
         head = model.get_output_embeddings()
         targets = _loss_inputs(labels, shift_labels, ignore_index).to(hidden.device)
@@ -300,6 +403,89 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
     forward.__signature__ = _with_keywords(original_forward, _PACKED_INPUTS)
     model.forward = forward
     return model
+
+
+def _keep_linear_attention_apart(model) -> int:
+    """Run each linear-attention layer (Gated DeltaNet: a causal conv1d and the gated delta rule,
+    both recurrent over the row) once per packed sequence, from a zero state, as the model runs
+    each sequence alone; returns how many layers it wrapped. (flash-linear-attention's varlen
+    kernels would do this in one launch on a GPU; this path is exact everywhere.)"""
+    wrapped = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__.endswith("GatedDeltaNet"):
+            # on the class, switched on per instance: a deep copy of the model (a reference
+            # model) keeps the switch and runs its own weights
+            if not getattr(cls.forward, "_longalign_per_sequence", False):
+                cls.forward = _per_sequence(cls.forward)
+            module._longalign_apart = True
+            wrapped += 1
+    return wrapped
+
+
+def _per_sequence(forward):
+    def run(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        if not getattr(self, "_longalign_apart", False):
+            return forward(self, hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+        batch = kwargs.get("packed_batch")
+        if isinstance(batch, sequence_parallel.Shard) or sequence_parallel.current() is not None:
+            raise NotImplementedError("linear-attention layers (Gated DeltaNet) under sequence parallelism are not "
+                                      "implemented: train Qwen3-Next / Qwen3.5 without --sp / --cp")
+        cu = kwargs.get("cu_seq_lens_q")
+        if batch is None and cu is not None:
+            batch = _memo(cu, lambda: PackedBatch.from_cu_seqlens(cu.reshape(-1).to(torch.int32),
+                                                                  name="cu_seq_lens_q"))
+        if batch is None or batch.num_sequences <= 1:
+            return forward(self, hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+        if batch.groups is not None:
+            raise NotImplementedError("linear-attention layers (Gated DeltaNet) over shared prefixes are not "
+                                      "implemented (a branch's state starts from its prefix's): pack without "
+                                      "shared prefixes (--no-shared-prefix)")
+        if hidden_states.shape[0] != 1 or hidden_states.shape[1] != batch.total:
+            raise ValueError(f"packed rows hold one row of {batch.total} tokens, got hidden states of shape "
+                             f"{tuple(hidden_states.shape)}")
+        # (a packed row is training input: its recurrent state would be the last sequence's, so the
+        # cache transformers makes by default (use_cache) is left without it)
+        pieces = torch.split(hidden_states, batch.lengths.tolist(), dim=1)
+        return torch.cat([forward(self, piece) if piece.shape[1] else piece for piece in pieces], dim=1)
+
+    run.__wrapped__ = forward
+    run._longalign_per_sequence = True
+    return run
+
+
+def _backbone(model):
+    """The decoder stack under the LM head (get_decoder(); Llama4ForCausalLM's names its stack
+    `model` under a base_model_prefix of "language_model", so get_decoder() gives the LM itself)."""
+    decoder = model.get_decoder()
+    if decoder is model or decoder is getattr(model, "_orig_mod", None):
+        decoder = getattr(model, "model", None)
+        if decoder is None:
+            raise NotImplementedError(f"apply_longalign: cannot find the decoder stack of {type(model).__name__}")
+    return decoder
+
+
+def _deriving_packed_batch(forward):
+    """forward, adding packed_batch= from a packed row's position_ids (one row whose ids restart
+    at 0) when nothing else describes the sequences: for families whose layers drop the ids."""
+
+    def wrapped(*args, **kwargs):
+        _add_packed_batch(kwargs)
+        return forward(*args, **kwargs)
+
+    wrapped.__wrapped__ = forward
+    return wrapped
+
+
+def _add_packed_batch(kwargs):
+    ids, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+    if (ids is None or kwargs.get("packed_batch") is not None or kwargs.get("cu_seq_lens_q") is not None
+            or sequence_parallel.current() is not None or ids.dim() != 2 or ids.shape[0] != 1
+            or (mask is not None and not bool(mask.all()))):
+        return
+    batch = _memo(ids, lambda: _from_position_ids(ids, 1, ids.shape[1], ids.device))
+    if batch.num_sequences > 1:
+        kwargs["packed_batch"] = batch
 
 
 # what PackedCollator and the patched forward add to a model's inputs: named in the forward's
