@@ -5,7 +5,8 @@ tokens, against float64 computed on the same device. The first check `bench/gpu_
     python bench/gpu_correctness.py [--out CSV] [--tokens 8192,32768,131072] [--dtype bf16]
 
 Rows: sequences from a LongAlign-like length mix capped at --max-len (so that the float64
-reference, dense per sequence, fits), 8 query heads over 2 kv heads (GQA), head dim 128, causal.
+reference, dense per sequence, fits), 8 query heads over 2 kv heads (GQA), head dim 128, causal;
+at the first size also gpt-oss's layer (learnable sinks and a 128-token window, dsinks checked).
 The loss: hidden 1024, a 32K vocabulary, 10% of the targets ignored. Each check's error is
 max |ours - float64| / max |float64|; it passes under --tolerance (bf16: 2e-2; the float64 side
 sees the same bf16-rounded inputs). One CSV row per check and a one-screen summary; exit 1 if
@@ -44,7 +45,9 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
-def attention_checks(total: int, args, device, rng) -> list:
+def attention_checks(total: int, args, device, rng, sinks: bool = False) -> list:
+    """Causal attention over a packed row; `sinks`: gpt-oss's layer (learnable sinks, a sliding
+    window of 128) with the sinks' gradient checked too."""
     H, Hk, D = args.heads, args.kv_heads, args.head_dim
     dtype = DTYPES[args.dtype]
     batch = la.PackedBatch.from_lengths(lengths_of(total, args.max_len, rng), device=device)
@@ -52,13 +55,21 @@ def attention_checks(total: int, args, device, rng) -> list:
     q, k, v = (torch.randn(total, h, D, device=device, generator=gen).to(dtype).requires_grad_()
                for h in (H, Hk, Hk))
     dout = torch.randn(total, H, D, device=device, generator=gen).to(dtype)
-    out = la.varlen_attention(q, k, v, batch)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = reference.varlen_attention(q64, k64, v64, batch.cu_seqlens, batch.cu_seqlens, causal=True)
-    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    return [("attention " + name, rel_err(a, b)) for name, a, b in
-            (("out", out, ref), ("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv))]
+    leaves, options = [q, k, v], {}
+    if sinks:
+        options = dict(sinks=(2 * torch.randn(H, device=device, generator=gen)).to(dtype).requires_grad_(),
+                       window_size=(127, 0))
+        leaves.append(options["sinks"])
+    out = la.varlen_attention(q, k, v, batch, **options)
+    grads = torch.autograd.grad(out, leaves, dout)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    if sinks:
+        options["sinks"] = leaves64[3]
+    ref, _ = reference.varlen_attention(*leaves64[:3], batch.cu_seqlens, batch.cu_seqlens, causal=True, **options)
+    refs = torch.autograd.grad(ref, leaves64, dout.double())
+    prefix = "attention+sinks " if sinks else "attention "
+    return [(prefix + name, rel_err(a, b)) for name, a, b in
+            zip(("out", "dq", "dk", "dv", "dsinks"), (out,) + grads, (ref,) + refs)]
 
 
 def loss_checks(total: int, args, device, rng) -> list:
@@ -112,8 +123,11 @@ def main(argv=None) -> int:
     tol = args.tolerance or (1e-4 if args.dtype == "fp32" else 2e-2)
     rng = np.random.default_rng(0)
     rows = []
-    for total in (int(x) for x in args.tokens.split(",")):
-        for check, err in attention_checks(total, args, device, rng) + loss_checks(total, args, device, rng):
+    for i, total in enumerate(int(x) for x in args.tokens.split(",")):
+        # gpt-oss's sink layers at the first size only (the float64 reference bounds the run's time)
+        sink_checks = attention_checks(total, args, device, rng, sinks=True) if i == 0 else []
+        for check, err in attention_checks(total, args, device, rng) + sink_checks + \
+                loss_checks(total, args, device, rng):
             rows.append(dict(tokens=total, check=check, dtype=args.dtype, rel_err=err, tolerance=tol,
                              passed=err <= tol))
         if device.type == "cuda":

@@ -84,6 +84,20 @@ def test_compile_fullgraph_each_op():
     assert_all_close(grads_of(torch.compile(attention, backend="aot_eager", fullgraph=True), q, k, v),
                      grads_of(attention, q, k, v))
 
+    # the family variants (gpt-oss's sinks, MLA's value head dim, Llama 4's chunks) in one graph;
+    # the chunks are described on the host before it, as the batch is
+    sinks, v8 = torch.randn(4, requires_grad=True), torch.randn(batch.total, 2, 8, requires_grad=True)
+    with pytest.raises(Exception, match="chunk_size=4 under torch.compile"):  # (dynamo wraps the ValueError)
+        torch.compile(lambda q: la.varlen_attention(q, k, v8, batch, chunk_size=4), backend="aot_eager",
+                      fullgraph=True)(q)
+    batch.chunked(4)
+
+    def variants(q, k, v, sinks):
+        return la.varlen_attention(q, k, v, batch, sinks=sinks, chunk_size=4, window_size=(6, 0))
+
+    assert_all_close(grads_of(torch.compile(variants, backend="aot_eager", fullgraph=True), q, k, v8, sinks),
+                     grads_of(variants, q, k, v8, sinks))
+
     T, H, V = batch.total, 8, 33
     h, W = torch.randn(T, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
     y = torch.randint(0, V, (T,))

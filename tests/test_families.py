@@ -101,13 +101,18 @@ def test_what_the_library_does_not_honour_is_refused_by_name():
         check_family(qwen, "attn_implementation='longalign'")
 
 
-def test_a_family_apply_longalign_patches_is_refused_by_the_bare_attention_function():
+@pytest.mark.parametrize("family, overrides, feature", [
+    ("qwen3_next", QWEN3_NEXT, "linear-attention layers"),
+    ("llama4_text", LLAMA4, "do not hand position_ids to the attention"),
+])
+def test_a_family_apply_longalign_patches_is_refused_by_the_bare_attention_function(family, overrides, feature):
     """attn_implementation="longalign" given to the constructor (no apply_longalign): the first
-    forward refuses Qwen3-Next, whose linear-attention layers would mix the row's sequences; after
-    apply_longalign the same model runs (and a deep copy of it, as a reference model, too)."""
-    cfg = tiny_config("qwen3_next", **QWEN3_NEXT)
+    forward refuses Qwen3-Next, whose linear-attention layers would mix the row's sequences, and
+    Llama 4, whose attention never sees the position ids that mark them; after apply_longalign
+    the same model runs (and a deep copy of it, as a reference model, too)."""
+    cfg = tiny_config(family, **overrides)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="longalign")
-    with pytest.raises(NotImplementedError, match="linear-attention layers"):
+    with pytest.raises(NotImplementedError, match=feature):
         model(input_ids=torch.randint(0, 96, (1, 8)))
     apply_longalign(model)
     copy.deepcopy(model)(input_ids=torch.randint(0, 96, (1, 8)), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
@@ -124,10 +129,14 @@ def test_llama4_refuses_rows_its_temperature_tuning_would_scale_unlike_alone():
 
 
 def test_the_supported_families_are_not_refused():
+    """By apply_longalign (patched=True); the bare attention function also lets these through
+    but Llama 4 and Qwen3-Next (their layers need apply_longalign)."""
     for family, overrides in (("llama", {}), ("qwen2", {}), ("mistral", {}), ("gemma2", dict(head_dim=16)),
                               ("granite", {}), ("cohere", {}), ("phi3", {}), ("gpt_oss", GPT_OSS),
-                              ("llama4_text", LLAMA4), ("deepseek_v3", MLA)):
-        assert unsupported_features(tiny_config(family, **overrides)) == [], family
+                              ("llama4_text", LLAMA4), ("deepseek_v3", MLA), ("qwen3_next", QWEN3_NEXT)):
+        assert unsupported_features(tiny_config(family, **overrides), patched=True) == [], family
+        bare = unsupported_features(tiny_config(family, **overrides), bare=True)
+        assert (bare != []) == (family in ("llama4_text", "qwen3_next")), (family, bare)
 
 
 def test_the_family_check_is_kept_per_config_object_not_per_reusable_id():

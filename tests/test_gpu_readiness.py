@@ -226,8 +226,10 @@ def test_gpu_correctness_runs_its_checks_on_the_cpu(tmp_path):
     import csv
 
     rows = list(csv.DictReader(open(out)))
-    assert len(rows) == 14 and all(float(r["rel_err"]) <= 1e-4 for r in rows)
+    assert len(rows) == 19 and all(float(r["rel_err"]) <= 1e-4 for r in rows)
     assert {r["check"] for r in rows} == {"attention out", "attention dq", "attention dk", "attention dv",
+                                          "attention+sinks out", "attention+sinks dq", "attention+sinks dk",
+                                          "attention+sinks dv", "attention+sinks dsinks",
                                           "loss value", "loss dhidden", "loss dweight"}
     assert gpu_correctness.main(small + ["--out", out, "--tolerance", "1e-30"]) == 1
 

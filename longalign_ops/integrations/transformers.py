@@ -110,6 +110,9 @@ UNSUPPORTED = (
     ("linear-attention layers (Qwen3-Next's and Qwen3.5's Gated DeltaNet), which would mix the packed sequences "
      "unless apply_longalign(model) keeps them apart",
      lambda c: "linear_attention" in (getattr(c, "layer_types", None) or []), "attention"),
+    ("decoder layers that do not hand position_ids to the attention (Llama 4), so that it cannot see the packed "
+     "sequences unless apply_longalign(model) passes them on",
+     lambda c: getattr(c, "model_type", "") in POSITIONS_NOT_FORWARDED, "attention"),
     ("state-space layers (Granite 4's, Falcon-H1's, Nemotron-H's Mamba), which would mix the packed sequences",
      lambda c: any(t in ("mamba", "mamba2", "hybrid") for t in (getattr(c, "layer_types", None) or []))
      or bool(getattr(c, "mamba_d_state", None) or getattr(c, "mamba_n_heads", None)), "always"),
