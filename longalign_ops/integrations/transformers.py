@@ -360,7 +360,7 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
     linear = _keep_linear_attention_apart(model)
     for module in model.modules():  # the attention function knows the model was patched (copies keep it)
         module._longalign_patched = True
-    derive = (attention or linear) and _needs_packed_batch(model.config)
+    derive = linear > 0 or (attention and _needs_packed_batch(model.config))
     if derive:
         original_forward = _deriving_packed_batch(original_forward)
         if not fused_loss:
