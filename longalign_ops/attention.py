@@ -351,8 +351,6 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
         if batch_q is None or batch_k is not batch_q:
             raise ValueError("chunk_size: chunked attention needs the same sequences for queries and keys, described "
                              "(a PackedBatch, or cu_seqlens_q is cu_seqlens_k with validation on)")
-        if batch_q.groups is not None:
-            raise ValueError("chunk_size: chunked attention over a batch with shared prefixes is not supported")
         if torch.compiler.is_compiling() and chunk_size not in batch_q._chunked:
             raise ValueError(f"chunk_size={chunk_size} under torch.compile: describe the chunks before the compiled "
                              f"region (batch.chunked({chunk_size}) once, eagerly), as the batch itself is")

@@ -52,13 +52,13 @@ def check_family_flags(config, cfg: Config) -> None:
     """One line for the flags a family's layers cannot take yet: Gated DeltaNet (Qwen3-Next,
     Qwen3.5) restarts per sequence, but not per Ulysses/CP shard or from a shared prefix's state;
     Llama 4's chunks are cut per sequence, not per CP shard or shared-prefix branch."""
-    from longalign_ops.integrations.transformers import _text_config
+    from longalign_ops.integrations.transformers import _text_config, has_chunked_attention, has_linear_attention
 
     text = _text_config(config)
     kinds = []
-    if "linear_attention" in (getattr(text, "layer_types", None) or []):
+    if has_linear_attention(text):
         kinds.append(("linear-attention layers", True))
-    if getattr(text, "attention_chunk_size", None) and "chunked_attention" in (getattr(text, "layer_types", None) or []):
+    if has_chunked_attention(text):
         kinds.append(("chunked attention", False))
     for what, no_sp in kinds:
         name = f"--model {cfg.model}: {getattr(text, 'model_type', 'this family')}'s {what}"

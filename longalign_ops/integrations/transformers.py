@@ -58,6 +58,12 @@ def _from_cu_pair(cu_q: torch.Tensor, cu_k: torch.Tensor):
     return batch_q, PackedBatch.from_lengths(lengths_from_cu("cu_seq_lens_k", hk), device=cu_k.device)
 
 
+def _described_cu(cu_q: torch.Tensor, cu_k: torch.Tensor):
+    """(batch_q, batch_k) of cu_seq_lens_q/k, memoised: every attention and linear-attention
+    layer of a forward shares the one host read."""
+    return _memo(cu_q, lambda: _from_cu_pair(cu_q, cu_k), cu_k)
+
+
 def _from_position_ids(position_ids: torch.Tensor, B: int, S: int, device) -> PackedBatch:
     """One host read of the ids: a row of one whose ids restart at 0 holds several sequences;
     anything else is one sequence per row."""
@@ -106,10 +112,20 @@ VERIFIED_FAMILIES = frozenset({
 # (feature, detector on the text config, refused by): features the kernels or the packed path do
 # not honour yet, refused by apply_longalign and the attention function ("always"), or only by the
 # bare attention function ("attention": apply_longalign makes them exact)
+def has_linear_attention(text) -> bool:
+    """Gated DeltaNet layers (Qwen3-Next, Qwen3.5) in a text config."""
+    return "linear_attention" in (getattr(text, "layer_types", None) or [])
+
+
+def has_chunked_attention(text) -> bool:
+    """Llama 4's chunked local attention layers in a text config."""
+    return bool(getattr(text, "attention_chunk_size", None)) \
+        and "chunked_attention" in (getattr(text, "layer_types", None) or [])
+
+
 UNSUPPORTED = (
     ("linear-attention layers (Qwen3-Next's and Qwen3.5's Gated DeltaNet), which would mix the packed sequences "
-     "unless apply_longalign(model) keeps them apart",
-     lambda c: "linear_attention" in (getattr(c, "layer_types", None) or []), "attention"),
+     "unless apply_longalign(model) keeps them apart", has_linear_attention, "attention"),
     ("decoder layers that do not hand position_ids to the attention (Llama 4), so that it cannot see the packed "
      "sequences unless apply_longalign(model) passes them on",
      lambda c: getattr(c, "model_type", "") in POSITIONS_NOT_FORWARDED, "attention"),
@@ -123,15 +139,6 @@ UNSUPPORTED = (
 # sequences of a row packed by position ids reach it only as packed_batch, which apply_longalign
 # derives from the ids at the model's forward
 POSITIONS_NOT_FORWARDED = ("llama4", "llama4_text")
-
-
-def _needs_packed_batch(config) -> bool:
-    """Whether apply_longalign must hand the row's sequences to the layers as packed_batch: the
-    attention cannot see the position ids, or linear-attention layers (which never get them) must
-    restart at each sequence."""
-    text = _text_config(config)
-    return getattr(text, "model_type", "") in POSITIONS_NOT_FORWARDED \
-        or "linear_attention" in (getattr(text, "layer_types", None) or [])
 
 
 def _text_config(config):
@@ -276,7 +283,7 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
             out = varlen_attention(q, k, v, cu_q.reshape(-1).to(torch.int32), cu_k.reshape(-1).to(torch.int32),
                                    int(max_q), int(max_k), **options)
             return out.view(B, S, Hq, Dv), None
-        batch_q, batch_k = _memo(cu_q, lambda: _from_cu_pair(cu_q, cu_k), cu_k)
+        batch_q, batch_k = _described_cu(cu_q, cu_k)
     elif attention_mask is not None and not (S == Sk and _memo(attention_mask, lambda: bool(attention_mask.all()))):
         idx, described = _memo(attention_mask, lambda: _from_padding_mask(attention_mask, q.device), "unpad")
         out = varlen_attention(q[idx], k[idx], v[idx], described, **options)
@@ -296,12 +303,10 @@ def longalign_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
 def _chunk_size(module, config) -> Optional[int]:
     """Llama 4's chunk size on its chunked layers (``layer_types[i] == "chunked_attention"``), else None."""
     text = _text_config(config) if config is not None else None
-    size = getattr(text, "attention_chunk_size", None)
     layer = getattr(module, "layer_idx", None)
-    types = getattr(text, "layer_types", None)
-    if not size or layer is None or not types or types[layer] != "chunked_attention":
+    if layer is None or not has_chunked_attention(text) or text.layer_types[layer] != "chunked_attention":
         return None
-    return int(size)
+    return int(text.attention_chunk_size)
 
 
 def _check_temperature_tuning(module, batch: PackedBatch, rows: int, sharded: bool = False) -> None:
@@ -360,7 +365,10 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
     linear = _keep_linear_attention_apart(model)
     for module in model.modules():  # the attention function knows the model was patched (copies keep it)
         module._longalign_patched = True
-    derive = linear > 0 or (attention and _needs_packed_batch(model.config))
+    # the row's sequences go to the layers as packed_batch where they cannot see the position ids:
+    # the linear-attention layers wrapped above, or (Llama 4) the attention itself
+    derive = linear > 0 or (attention and getattr(_text_config(model.config), "model_type", "")
+                            in POSITIONS_NOT_FORWARDED)
     if derive:
         original_forward = _deriving_packed_batch(original_forward)
         if not fused_loss:
@@ -436,8 +444,7 @@ def _per_sequence(forward):
                                       "implemented: train Qwen3-Next / Qwen3.5 without --sp / --cp")
         cu = kwargs.get("cu_seq_lens_q")
         if batch is None and cu is not None:
-            batch = _memo(cu, lambda: PackedBatch.from_cu_seqlens(cu.reshape(-1).to(torch.int32),
-                                                                  name="cu_seq_lens_q"))
+            batch = _described_cu(cu, kwargs.get("cu_seq_lens_k", cu))[0]
         if batch is None or batch.num_sequences <= 1:
             return forward(self, hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         if batch.groups is not None:
