@@ -109,6 +109,31 @@ class _NoHook:
 _NO_HOOK = _NoHook()
 
 
+def _Tracker():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        """MemTracker hooks the gradient of every parameter of a module it meets; one that needs no
+        gradient (LoRA's frozen base weights, the slices apply_tiled_attention hands a head group's
+        projections in a forward without autograd) cannot take a hook: marked as hooked already."""
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            for p in module.parameters():
+                if not p.requires_grad:
+                    self._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        def _update_peak_stats(self, peak_state):
+            # the global peak only: MemTracker also updates every active module's own peak after
+            # every op, a walk over all modules that makes a full-size model's count take minutes
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    return Tracker()
+
+
 def _fake_row_groups(ulysses: int, cp: int):
     """(Ulysses group or None, CP group or None) of a row split `ulysses` x `cp` ways, on torch's
     fake process group (this process is rank 0 of ulysses x cp; collectives only shape their
@@ -133,7 +158,7 @@ def _rss_kib(field: str) -> int:
 def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False, layers=None,
               device: str = "cpu", fake: bool = True, sequence_length=None, tiled_mlp: int = 0,
               tiled_norms: int = 0, offload_activations: bool = False, groups=None, row_split=None,
-              lora: int = 0) -> dict:
+              lora: int = 0, tiled_attention: int = 0) -> dict:
     """Peak bytes per category of one training step of `tokens` tokens (one packed row; with
     `sequence_length`, sequences of that length packed in it; with `groups`, a shared-prefix row
     of PackedBatch.from_prefix_groups, `tokens` its total) on one device. `model_name`: a
@@ -152,15 +177,16 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
     import longalign_ops as la
     from longalign_ops import sequence_parallel as sp
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cfg = model_config(model_name, layers) if isinstance(model_name, str) else model_name
     model = _model(cfg, mode, checkpointing, offload_activations, lora)
     split = _fake_row_groups(*row_split) if row_split and max(row_split) > 1 else None
     if mode == "longalign":
-        from longalign_ops.memory import apply_tiled_mlp, apply_tiled_norms
+        from longalign_ops.memory import apply_tiled_attention, apply_tiled_mlp, apply_tiled_norms
 
+        if tiled_attention:
+            apply_tiled_attention(model, tiled_attention)
         if tiled_mlp:
             apply_tiled_mlp(model, tiled_mlp)
         if tiled_norms:
@@ -184,13 +210,12 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
         shard = sp.shard(la.PackedBatch.from_lengths(lengths, device=device), split[0], cp_group=split[1]) \
             if split else None
         ids = torch.zeros(1, shard.local_tokens if shard else tokens, dtype=torch.long, device=device)
-        tracker = MemTracker()
+        tracker = _Tracker()
         tracker.track_external(model, opt)
-        for p in model.parameters():  # MemTracker hooks every parameter's gradient, and a frozen one
-            if not p.requires_grad:   # (LoRA's base weights) cannot take a hook: marked as hooked already
-                tracker._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
 
-        def step():
+        def step_loss():
+            # the loss alone leaves this function: the final hidden states are not held through the
+            # backward (the fused loss keeps their gradient instead), as in train.py's step
             if shard is not None:  # this rank's tokens of the row; Ulysses / CP attention inside the model
                 hidden = model.model(input_ids=ids, position_ids=shard.local(shard.batch.position_ids)[None],
                                      packed_batch=shard).last_hidden_state.squeeze(0)
@@ -205,7 +230,10 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
             else:
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
+            return loss
+
+        def step():
+            step_loss().backward()
 
         if not fake:
             # one step first, its gradients dropped: what a first step allocates once (lazy imports,
@@ -244,7 +272,8 @@ def step_peak(model_name, tokens: int, mode: str, *, checkpointing: bool = False
 
 
 def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing: bool, tiled_mlp: int = 0,
-              offload: str = "none", tiled_norms: int = 0, sp: int = 0, cp: int = 1, lora: int = 0) -> dict:
+              offload: str = "none", tiled_norms: int = 0, sp: int = 0, cp: int = 1, lora: int = 0,
+              tiled_attention: int = 0) -> dict:
     """One rank's peak for a row of `tokens` over `gpus` ranks (SP over all of them, FSDP state),
     with `offload` none | activations | all (see the module's docstring). With `cp` > 1 the row
     is split over sp (Ulysses) x cp ranks, longalign through the library's context-parallel
@@ -255,7 +284,7 @@ def rank_peak(model_name: str, tokens: int, mode: str, gpus: int, checkpointing:
     if tokens % ranks:
         tokens += ranks - tokens % ranks
     features = dict(checkpointing=checkpointing or offload != "none", tiled_mlp=tiled_mlp, tiled_norms=tiled_norms,
-                    offload_activations=offload != "none", lora=lora)
+                    offload_activations=offload != "none", lora=lora, tiled_attention=tiled_attention)
     if cp > 1 and mode == "longalign":
         r = step_peak(model_name, tokens, mode, row_split=(sp, cp), **features)
     else:
@@ -292,7 +321,7 @@ def dominant(r: dict) -> str:
 
 def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: int, progress,
             tiled_mlp: int = 0, offload: str = "none", tiled_norms: int = 0, resolution: int = 1024,
-            sp: int = 0, cp: int = 1, lora: int = 0) -> dict:
+            sp: int = 0, cp: int = 1, lora: int = 0, tiled_attention: int = 0) -> dict:
     """The longest row (a multiple of `resolution` * sp * cp tokens; sp defaults to gpus) whose
     per-rank peak fits `budget`.
     The peak grows almost linearly with the tokens: secant steps through the last two
@@ -303,7 +332,7 @@ def longest(model_name: str, mode: str, gpus: int, checkpointing: bool, budget: 
 
     def measure(units):
         return rank_peak(model_name, units * unit, mode, gpus, checkpointing, tiled_mlp, offload, tiled_norms, sp, cp,
-                         lora)
+                         lora, tiled_attention)
 
     a = measure(4)
     state = a["Parameter"] + a["Optstate"] if offload != "all" else 0
@@ -352,6 +381,9 @@ def main(argv=None):
     ap.add_argument("--tiled-norms", type=int, default=0,
                     help="longalign mode: RMSNorms tiled the same way over chunks of this many tokens "
                          "(longalign_ops.memory.apply_tiled_norms; 0: off)")
+    ap.add_argument("--tiled-attention", type=int, default=0,
+                    help="longalign mode: each decoder layer's attention block over this many groups of query heads "
+                         "with recompute (longalign_ops.memory.apply_tiled_attention; 0: off)")
     ap.add_argument("--modes", default="baseline,longalign", help="which of baseline, longalign to run")
     ap.add_argument("--plot", default=None, metavar="CSV[,CSV...]",
                     help="instead of measuring: draw DIR/memory.png from these memory.csv files together")
@@ -403,11 +435,13 @@ def main(argv=None):
                     print(f"{name} {mode} gpus={gpus} sp={sp} cp={cp} checkpointing={ckpt} offload={offload} "
                           f"({time.time() - started:.0f} s)", flush=True)
                     r = longest(name, mode, gpus, ckpt, budget, lambda m: print(m, flush=True), args.tiled_mlp,
-                                offload, args.tiled_norms, args.resolution, sp, cp, args.lora)
+                                offload, args.tiled_norms, args.resolution, sp, cp, args.lora,
+                                args.tiled_attention if mode == "longalign" else 0)
                     tiled = args.tiled_mlp if mode == "longalign" else 0
                     tiled_norms = args.tiled_norms if mode == "longalign" else 0
                     rows.append(dict(model=name, gpus=gpus, sp=sp, cp=cp, fsdp=gpus > 1 or offload == "all",
                                      mode=mode, checkpointing=ckpt, tiled_mlp=tiled, tiled_norms=tiled_norms,
+                                     tiled_attention=args.tiled_attention if mode == "longalign" else 0,
                                      offload=offload, lora=args.lora,
                                      host_gib=round(r["host"] / GIB, 2),
                                      max_tokens=r["max_tokens"], peak_gib=round(r["peak"] / GIB, 2),

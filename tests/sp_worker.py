@@ -97,6 +97,42 @@ def check_model(shard, errors):
     errors["transformers model under sp.use"] = err(got, shard.local(want))
 
 
+def check_tiled_model(shard, errors):
+    """A tiny Llama with its attention over 2 head groups (memory.apply_tiled_attention) and
+    checkpointed layers: each rank's slice of the hidden states and, all-reduced, the parameters'
+    gradients against the untiled model on the whole row in one process (GQA 8 / 2 heads: each
+    group's 4 query heads split over the Ulysses ranks, its kv head replicated)."""
+    import copy
+
+    import longalign_ops.integrations.transformers  # noqa: F401
+    from longalign_ops.memory import apply_tiled_attention, enable_checkpointing
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=4096, use_cache=False)
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="longalign").train()
+    tiled = enable_checkpointing(apply_tiled_attention(copy.deepcopy(plain), 2))
+    T = shard.batch.total
+    ids = torch.randint(0, 64, (T,), generator=torch.Generator().manual_seed(8))
+    w = torch.randn(T, 64, generator=torch.Generator().manual_seed(9))
+    w[T - shard.pad:] = 0  # the row's padding carries no loss (CP's pad queries see no keys)
+    want = plain.model(input_ids=ids[None], position_ids=shard.batch.position_ids[None],
+                       packed_batch=shard.batch).last_hidden_state[0]
+    (want * w).sum().backward()
+    got = tiled.model(input_ids=shard.local(ids)[None], position_ids=shard.local(shard.batch.position_ids)[None],
+                      packed_batch=shard).last_hidden_state[0]
+    (got * shard.local(w)).sum().backward()
+    errors["tiled attention: hidden states"] = err(got, shard.local(want.detach()))
+    worst = 0.0
+    for (name, a), (_, b) in zip(plain.named_parameters(), tiled.named_parameters()):
+        if a.grad is None:
+            continue
+        dist.all_reduce(b.grad)  # each rank's share of the gradient, as DDP / FSDP sum them
+        worst = max(worst, err(b.grad, a.grad) / a.grad.abs().max().item())
+    errors["tiled attention: gradients (relative)"] = worst
+
+
 def record_refusals(cases, errors):
     """Each case's ValueError message (or "not raised") under "refused: name"; then a barrier,
     which would hang if one rank had gone on into a collective."""
@@ -171,6 +207,7 @@ def main_context_parallel(lengths, C):
     check_attention(shard, 2 * U, 2, errors, "MLA: Dv 24", Dv=24)
     check_losses(shard, errors)
     check_model(shard, errors)
+    check_tiled_model(shard, errors)
     check_context_parallel_refusals(shard, errors)
     layout = sp.ContextParallelLayout(lengths, C, U)
     out = dict(world=world, cp=C, ulysses=U, pad=shard.pad, total=shard.batch.total, local=shard.local_tokens,
@@ -198,6 +235,7 @@ def main():
     check_attention(shard, 8, 2, errors, "Llama 4: chunks of 5", chunk_size=5)
     check_losses(shard, errors)
     check_model(shard, errors)
+    check_tiled_model(shard, errors)
     # a row with shared prefixes (prompts stored once, answers as branches): split the same way
     shared = sp.shard(la.PackedBatch.from_prefix_groups([(20, [5, 1, 9]), (0, [3]), (1, [2, 2]), (7, [])]), None)
     errors["shared prefix: keeps its groups"] = float(shared.batch.groups is None)

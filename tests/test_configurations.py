@@ -89,6 +89,30 @@ def test_configuration_matches_one_process(tmp_path, references, sp, recompute, 
     assert len(r0["losses"]) == 4
 
 
+# the configurations behind bench/bench_memory.py's stored rows (bench/README.md, the memory
+# frontier), shrunk: everything on the host (FSDP2 CPUOffloadPolicy, the layers' checkpoints), the
+# MLP and norms tiled over tokens, the attention over head groups; one GPU's row as 2 FSDP ranks,
+# the 8 and 32 GPUs' (Ulysses over all of them) as SP 2
+FRONTIER = {
+    "1-gpu": ([], 2),
+    "8-gpus": (["--sp", "2"], 1),
+    "32-gpus": (["--sp", "2", "--tiled-attention", "1"], 1),
+}
+
+
+@pytest.mark.parametrize("row", list(FRONTIER))
+def test_memory_frontier_configuration_matches_one_process(tmp_path, references, row):
+    extra, reference_ranks = FRONTIER[row]
+    args = COMMON + ["--objective", "sft", "--out", str(tmp_path), "--fsdp", "--offload-params",
+                     "--offload-activations", "--tiled-mlp", "64", "--tiled-norms", "64", "--tiled-attention", "3"]
+    run(args + extra, nproc=2)  # a later --tiled-attention replaces the earlier one
+    r0 = rank_file(str(tmp_path), 0)
+    ref = references("sft", reference_ranks)
+    assert r0["param_checksum"] == rank_file(str(tmp_path), 1)["param_checksum"]
+    assert r0["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    assert r0["param_checksum"] == pytest.approx(ref["param_checksum"], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- documented commands
 
 
@@ -145,6 +169,7 @@ def shrink(command: str, out: str, folder: str):
             i += 1 if i == script or "=" in w or not w.startswith("--") else 2
             continue
         replaced = {"--preset": "tiny", "--window": "512", "--tiled-mlp": "64", "--tiled-norms": "64",
+                    "--tiled-attention": "3",  # the tiny model's 6 heads on 2 kv heads: 3 groups split over SP 2
                     "--sp": "2", "--cp": "2", "--model": local["model"], "--tokenizer": local["tokenizer"],
                     "--data": local["chats"], "--max-steps": "2", "--out": out, "--ref-model": local["model"],
                     "--export": os.path.join(folder, "exported"), "--export-adapter": os.path.join(folder, "adapter")}

@@ -46,6 +46,7 @@ def test_ulysses_matches_single_process(nproc, interpret):
     numeric = {k: v for k, v in out["errors"].items() if not k.startswith("refused")}
     assert any("replicated" in k for k in numeric) == (nproc > 2)
     assert sum("shared prefix: " in k for k in numeric) == 15  # the shared-prefix row was checked
+    assert sum(k.startswith("tiled attention: ") for k in numeric) == 2
     assert sum(k.startswith(("attention gpt-oss", "attention MLA", "attention Llama 4")) for k in numeric) == 13
     for name, value in numeric.items():
         assert value <= TOLERANCE.get(name.split(": ")[-1], 1e-5), (name, value)
@@ -97,7 +98,8 @@ def test_context_parallel_matches_single_process(nproc, cp, interpret):
     assert (out["world"], out["cp"], out["ulysses"]) == (nproc, cp, nproc // cp)
     assert out["total"] == sum(lengths) + out["pad"] and out["local"] * nproc == out["total"]
     numeric = {k: v for k, v in out["errors"].items() if not k.startswith("refused")}
-    assert len(numeric) == 16 + 9 + 7 and "transformers model under sp.use" in numeric
+    assert len(numeric) == 16 + 9 + 7 + 2 and "transformers model under sp.use" in numeric
+    assert "tiled attention: gradients (relative)" in numeric
     assert numeric["attention gpt-oss: sinks, window dsinks"] <= 1e-5
     for name, value in numeric.items():
         assert value <= TOLERANCE.get(name, 1e-5), (name, value)

@@ -173,6 +173,39 @@ def test_trl_sft_trainer_padding_free_bfd_losses_match_the_stock_path():
     torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["stock"]), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3_next"])
+def test_a_deep_copy_of_a_patched_model_runs_its_own_weights(family):
+    """TRL makes a reference model by deep-copying the policy (create_reference_model): the copy's
+    patched forward is the copy's, not a closure over the policy (which would make the reference
+    log-probs the policy's, and DPO's loss a constant). Qwen3-Next: the forward that derives
+    packed_batch for its Gated DeltaNet layers, with fused_loss off."""
+    if family == "llama":
+        policy = twin_models()[1]
+    else:
+        from family_audit import tiny_config
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        policy = apply_longalign(AutoModelForCausalLM.from_config(tiny_config(family)).float(), fused_loss=False)
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the policy moves on; the reference must not follow
+    batch = packed_inputs([9, 1, 14], vocab=policy.config.get_text_config().vocab_size)
+    inputs = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+    out = reference(**inputs)
+    loss = out.loss
+    fresh = copy.deepcopy(reference)  # the reference's own weights, patched forward and all
+    assert fresh(**inputs).loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert abs(policy(**inputs).loss.item() - loss.item()) > 1e-3
+    loss.backward()
+    assert all(p.grad is None for p in policy.parameters())
+    assert any(p.grad is not None for p in reference.parameters())
+    import inspect
+
+    assert list(inspect.signature(reference.forward).parameters)[:2] == ["input_ids", "attention_mask"]
+
+
 def test_collator_loss_weights_and_plan_batch_sampler():
     from longalign_ops.data import PlanBatchSampler
 

@@ -59,6 +59,7 @@ class Config:
     fill_rows: bool = False             # pretrain: rows filled to the last token, pieces cut at row ends (ProLong)
     tiled_mlp: int = 0                  # tokens per MLP chunk (sequence-tiled MLP with recompute); 0: off
     tiled_norms: int = 0                # tokens per RMSNorm chunk, the same way; 0: off
+    tiled_attention: int = 0            # groups of query heads the attention block runs over with recompute; 0: off
     offload_activations: bool = False   # every layer checkpointed, the checkpoints in host memory
     offload_params: bool = False        # FSDP2 CPUOffloadPolicy: parameters, gradients, AdamW state on the host
     resume: bool = False
@@ -150,6 +151,10 @@ HELP = dict(
               "intermediates of a long row never exist at once (longalign_ops.memory.apply_tiled_mlp); 0: off",
     tiled_norms="run the RMSNorms over chunks of this many tokens with recompute, so their fp32 temporaries "
                 "never cover the whole row (longalign_ops.memory.apply_tiled_norms); 0: off",
+    tiled_attention="run each decoder layer's attention block over this many groups of query heads with recompute "
+                    "(q/k/v projections, RoPE, attention, the o-projection's share), so the row's q, k, v, attention "
+                    "output and their gradients exist one group at a time (longalign_ops.memory.apply_tiled_attention; "
+                    "under --sp each group's heads must split over the SP ranks); 0: off",
     offload_activations="checkpoint every decoder layer and keep the checkpoints (each layer's input) in pinned "
                         "host memory, copied on a side stream (longalign_ops.memory.apply_activation_offload; on a "
                         "CPU-only run: plain checkpointing)",
@@ -250,6 +255,9 @@ def parse_args(argv=None) -> Config:
                          "{\"text\": ...} or {\"input_ids\": [...]}), repeatable to mix sources")
     if cfg.fill_rows and cfg.objective != "pretrain":
         raise SystemExit("--fill-rows cuts documents at row ends: it is for --objective pretrain")
+    for flag in ("tiled_mlp", "tiled_norms", "tiled_attention"):
+        if getattr(cfg, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: takes a positive number (0: off)")
     if cfg.lora < 0 or (cfg.lora_alpha is not None and not cfg.lora_alpha > 0) or not 0 <= cfg.lora_dropout < 1:
         raise SystemExit("--lora takes a rank >= 1 (0: off), --lora-alpha a positive number, --lora-dropout [0, 1)")
     for flag in ("export_adapter", "lora_alpha", "lora_trainable"):

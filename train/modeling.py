@@ -45,6 +45,15 @@ def build_model(cfg: Config, device: torch.device):
         memory.apply_tiled_mlp(model, cfg.tiled_mlp)
     if cfg.tiled_norms:
         memory.apply_tiled_norms(model, cfg.tiled_norms)
+    if cfg.tiled_attention:
+        try:
+            memory.apply_tiled_attention(model, cfg.tiled_attention)
+            if cfg.sp > 1:  # each group's heads split over the Ulysses ranks: checked now, not at the first step
+                text = model.config.get_text_config()
+                memory.head_groups(text.num_attention_heads, text.num_key_value_heads or text.num_attention_heads,
+                                   cfg.tiled_attention, cfg.sp)
+        except ValueError as e:  # a head count the model's heads cannot be cut into: one line naming the flag
+            raise SystemExit(f"--tiled-attention {cfg.tiled_attention}: {e}") from None
     return model.to(device)
 
 

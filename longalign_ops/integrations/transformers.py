@@ -23,6 +23,8 @@ the same object in every layer, and on its version counter).
 """
 from __future__ import annotations
 
+import inspect
+import types
 import weakref
 from typing import Optional, Tuple
 
@@ -362,6 +364,9 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
     if attention:
         model.set_attn_implementation(NAME)
     original_forward = model.forward
+    # an earlier patch of this instance's forward (None: the class's); kept as an attribute so
+    # that a deep copy of the model (TRL's reference model) holds its own copy of it
+    model._longalign_inner_forward = model.__dict__.get("forward")
     linear = _keep_linear_attention_apart(model)
     for module in model.modules():  # the attention function knows the model was patched (copies keep it)
         module._longalign_patched = True
@@ -369,10 +374,15 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
     # the linear-attention layers wrapped above, or (Llama 4) the attention itself
     derive = linear > 0 or (attention and getattr(_text_config(model.config), "model_type", "")
                             in POSITIONS_NOT_FORWARDED)
-    if derive:
-        original_forward = _deriving_packed_batch(original_forward)
-        if not fused_loss:
-            model.forward = original_forward
+
+    def inner_forward(self):
+        """The forward under the patch, of `self` (the patched model or a deep copy of it)."""
+        inner = self.__dict__.get("_longalign_inner_forward") or type(self).forward.__get__(self)
+        return _deriving_packed_batch(inner) if derive else inner
+
+    if derive and not fused_loss:
+        _bind_forward(model, lambda self, *args, **kwargs: inner_forward(self)(*args, **kwargs),
+                      inspect.signature(original_forward))
     if not fused_loss:
         return model
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -381,20 +391,20 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
 
     logit_scale, softcap = logit_transform(model.config)
 
-    def forward(*args, labels=None, shift_labels=None, num_items_in_batch=None, token_weights=None, **kwargs):
+    def forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, token_weights=None, **kwargs):
         if (labels is None and shift_labels is None) or kwargs.get("fused_lm_head"):
             for name, value in (("labels", labels), ("shift_labels", shift_labels),
                                 ("num_items_in_batch", num_items_in_batch)):
                 if value is not None:
                     kwargs[name] = value
-            return original_forward(*args, **kwargs)
+            return inner_forward(self)(*args, **kwargs)
         kwargs["use_cache"] = False
         kwargs.pop("logits_to_keep", None)
         if derive:
             _add_packed_batch(kwargs)
-        outputs = _backbone(model)(*args, **kwargs)
+        outputs = _backbone(self)(*args, **kwargs)
         hidden = outputs.last_hidden_state
-        head = model.get_output_embeddings()
+        head = self.get_output_embeddings()
         targets = _loss_inputs(labels, shift_labels, ignore_index).to(hidden.device)
         options = dict(bias=head.bias, ignore_index=ignore_index, softcap=softcap)
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -411,9 +421,19 @@ def apply_longalign(model, *, attention: bool = True, fused_loss: bool = True, i
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
-    forward.__signature__ = _with_keywords(original_forward, _PACKED_INPUTS)
-    model.forward = forward
+    _bind_forward(model, forward, _with_keywords(original_forward, _PACKED_INPUTS))
     return model
+
+
+def _bind_forward(model, forward, signature) -> None:
+    """``model.forward = forward`` bound to the model (``forward(self, ...)``), with `signature`
+    (the model's own, without self) for what inspects it (the Trainer's unused-column removal).
+    Bound, a deep copy of the model calls it on the copy: a closure over the model would run
+    the original's weights from the copy (a reference model made by copying the policy)."""
+
+    me = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=[me, *signature.parameters.values()])
+    model.forward = types.MethodType(forward, model)
 
 
 def _keep_linear_attention_apart(model) -> int:
