@@ -58,6 +58,9 @@ MODELS = {
     # transformers configs as published (LongAlign trains Llama-2 7B/13B; Llama-3-8B, Qwen2.5-7B)
     "llama3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)),
+    "llama3-70b": ("llama", dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                 num_attention_heads=64, num_key_value_heads=8, rope_theta=500000.0,
+                                 tie_word_embeddings=False)),
     "llama2-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                 num_attention_heads=32, num_key_value_heads=32)),
     "llama2-13b": ("llama", dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
@@ -66,6 +69,10 @@ MODELS = {
                                  num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0,
                                  tie_word_embeddings=False)),
 }
+# ALST's published longest rows (Arctic Long Sequence Training, arXiv 2506.13996: Llama-3.1-8B,
+# H100 80 GB, bf16): written beside a sweep that includes llama3-8b (alst_published.csv) and
+# drawn on its plot; what they are, not what this script counts
+ALST_PUBLISHED = {("llama3-8b", 1): 500_000, ("llama3-8b", 8): 3_700_000, ("llama3-8b", 32): 15_000_000}
 CATEGORIES = ("Parameter", "Gradient", "Optstate", "Activation", "Temp", "Buffer", "Other")
 
 
@@ -448,6 +455,10 @@ def main(argv=None):
                                      dominant_category=dominant(r), budget_gib=args.budget_gib,
                                      **{f"{c.lower()}_gib": round(r.get(c, 0) / GIB, 2) for c in CATEGORIES}))
                     path = write_csv(out_csv, rows)  # after every configuration: an interrupted sweep keeps its rows
+    published = [dict(model=m, gpus=g, max_tokens=t, source="ALST, arXiv 2506.13996 (Llama-3.1-8B, H100 80 GB)")
+                 for (m, g), t in ALST_PUBLISHED.items() if m in args.model.split(",")]
+    if published:
+        write_csv(os.path.join(args.out, "alst_published.csv"), published)
     png = plot(rows, os.path.join(args.out, "memory.png"))
     print(f"\n{'model':>11} {'gpus':>4} {'ckpt':>5} {'offload':>11} {'mode':>9} {'max tokens':>11} {'peak GiB':>8} "
           f"{'host GiB':>8} dominant")
@@ -524,21 +535,27 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == name]
-        lines = sorted({(r["mode"], str(r["checkpointing"]), r.get("offload", "none")) for r in mine})
-        for mode, ckpt, offload in lines:
-            pts = sorted((int(r["gpus"]), int(r["max_tokens"])) for r in mine if r["mode"] == mode and
-                         str(r["checkpointing"]) == ckpt and r.get("offload", "none") == offload and
-                         int(r["max_tokens"]) > 0)
+        def grouped(r):  # the attention in head groups (rows of sweeps before the option have none)
+            return int(r.get("tiled_attention") or 0) > 0
+
+        lines = sorted({(r["mode"], str(r["checkpointing"]), r.get("offload", "none"), grouped(r)) for r in mine})
+        for mode, ckpt, offload, heads in lines:
+            same = [r for r in mine if r["mode"] == mode and str(r["checkpointing"]) == ckpt and
+                    r.get("offload", "none") == offload and grouped(r) == heads]
+            pts = sorted((int(r["gpus"]), int(r["max_tokens"])) for r in same if int(r["max_tokens"]) > 0)
             if pts:
                 label = f"{mode}, checkpointing {'on' if ckpt == 'True' else 'off'}"
                 label += f", offload {offload}" if offload != "none" else ""
-                if any(int(r.get("tiled_mlp") or 0) for r in mine if r["mode"] == mode and
-                       r.get("offload", "none") == offload and str(r["checkpointing"]) == ckpt):
-                    label += ", tiled MLP + norms" if any(int(r.get("tiled_norms") or 0) for r in mine) else \
+                if any(int(r.get("tiled_mlp") or 0) for r in same):
+                    label += ", tiled MLP + norms" if any(int(r.get("tiled_norms") or 0) for r in same) else \
                         ", tiled MLP"
+                label += ", attention in head groups" if heads else ""
                 marker = {"none": "o" if ckpt != "True" else "s", "activations": "^", "all": "D"}[offload]
                 ax.plot([g for g, _ in pts], [t / 1e3 for _, t in pts], marker + ("-" if mode == "longalign" else "--"),
                         label=label)
+        alst = sorted((g, t) for (m, g), t in ALST_PUBLISHED.items() if m == name)
+        if alst:
+            ax.plot([g for g, _ in alst], [t / 1e3 for _, t in alst], "kx:", label="ALST (published)")
         none = sorted({(int(r["gpus"]), r.get("offload", "none")) for r in mine if int(r["max_tokens"]) == 0})
         if none:  # configurations where not even the fixed state and 1K tokens per GPU fit
             ax.text(0.02, 0.02, "nothing fits: " + "; ".join(f"{g} GPU(s), offload {o}" for g, o in none),
@@ -552,7 +569,7 @@ def plot(rows, path):
         ax.set_ylabel(f"longest trainable row (K tokens), {float(rows[0]['budget_gib']):g} GiB per GPU")
         ax.set_title(f"{name}: bf16, fp32 AdamW moments (fake tensors + MemTracker)", fontsize=9)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
