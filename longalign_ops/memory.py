@@ -245,6 +245,9 @@ def _head_grouped(attention: torch.nn.Module, groups: int):
     name = type(attention).__name__
     projections = [getattr(attention, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     D = getattr(attention, "head_dim", None)
+    if any(hasattr(m, "base_layer") for m in projections):
+        raise ValueError(f"apply_tiled_attention: {name}'s projections are wrapped by LoRA adapters (PEFT), which "
+                         f"are not split by heads here: tile the attention of a model without adapters")
     if not all(isinstance(m, torch.nn.Linear) for m in projections) or not D:
         raise ValueError(f"apply_tiled_attention: {name} is not an attention of q_proj / k_proj / v_proj / o_proj "
                          f"linear layers with a head_dim (DeepSeek's MLA is not split by heads here)")

@@ -174,6 +174,11 @@ def test_refusals():
     mla = AutoModelForCausalLM.from_config(tiny_config("deepseek_v3"))
     with pytest.raises(ValueError, match="MLA is not split by heads here"):
         apply_tiled_attention(mla, 2)
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(copy.deepcopy(plain), LoraConfig(r=2, target_modules="all-linear"))
+    with pytest.raises(ValueError, match="wrapped by LoRA adapters"):
+        apply_tiled_attention(adapted.base_model.model, 2)
 
 
 def test_decoding_with_a_cache_runs_whole():

@@ -201,12 +201,13 @@ def test_memory_features_train_exactly_as_without_them(tmp_path, cpu_reference_p
     common = ["--max-steps", "4", "--no-plot", "--num-samples", "24"]
     plain = train.main(common + ["--out", str(tmp_path / "plain")])
     lean = train.main(common + ["--out", str(tmp_path / "lean"), "--offload-activations", "--tiled-mlp", "64",
-                                "--tiled-norms", "64"])
+                                "--tiled-norms", "64", "--tiled-attention", "3"])
     from longalign_ops.memory import HostOffload
 
     layer = lean["model"].model.layers[0]
     assert isinstance(layer._gradient_checkpointing_func.__self__, HostOffload) and layer.gradient_checkpointing
     assert layer.mlp.forward.longalign_tiled == 64 and layer.input_layernorm.forward.longalign_tiled == 64
+    assert layer.self_attn.forward.longalign_head_groups == 3
     assert [h["loss"] for h in lean["history"]] == pytest.approx([h["loss"] for h in plain["history"]], rel=1e-5)
     assert lean["checksum"] == pytest.approx(plain["checksum"], rel=1e-6)
 
@@ -221,6 +222,16 @@ def test_fsdp_with_host_offload_on_one_process_matches_a_plain_run(tmp_path):
     a, b = (json.load(open(os.path.join(d, "rank0.json"))) for d in (off, plain))
     assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
     assert a["param_checksum"] == pytest.approx(b["param_checksum"], rel=1e-6)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tiled-attention", "-2"], "--tiled-attention -2: takes a positive number"),
+    (["--tiled-attention", "5"], "--tiled-attention 5: head_groups=5: 6 query heads on 2 kv heads cannot be cut"),
+    (["--tiled-attention", "2", "--lora", "4"], "--tiled-attention 2: .*wrapped by LoRA adapters"),
+])
+def test_tiled_attention_refusals_are_one_line(tmp_path, args, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--max-steps", "1", "--no-plot", "--out", str(tmp_path / "x")] + args)
 
 
 def test_offload_params_needs_fsdp(tmp_path):
