@@ -235,6 +235,19 @@ def head_groups(Hq: int, Hk: int, groups: int, ulysses: int = 1):
                      f"multiple of the group size)")
 
 
+# text families whose attention in head groups is exact (tests/test_tiled_attention.py runs every
+# verified family of longalign_ops.integrations.transformers and holds this list to it); the
+# rest are refused by name: per-head gates, norms over all heads (OLMo 2's q_norm), MLA, fused or
+# partial projections, and PhiMoE, whose grouped output differs
+TILED_ATTENTION_FAMILIES = frozenset({
+    "apertus", "apertus1p5_text", "arcee", "aria_text", "cohere", "cohere2", "cohere2_moe", "cwm", "ernie4_5",
+    "ernie4_5_moe", "exaone", "exaone4", "exaone_moe", "flint", "gemma", "gemma2", "gemma3_text", "glm", "glm4",
+    "glm4_moe", "gpt_oss", "granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared", "helium",
+    "hy_v3", "hyperclovax", "internlm3", "iquestcoder", "jais2", "kolibri1", "lara_mini", "llama", "llama4_text",
+    "mellum", "mimo_v2_flash", "minimax_m3_vl_text", "ministral", "ministral3", "mistral", "mixtral", "nanochat",
+    "nemotron", "olmo", "param2moe", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "sarvam_moe", "seed_oss",
+    "smollm3", "solar_open", "starcoder2", "vaultgemma"})
+
 # attention parameters beside q/k/v/o_proj that a head group takes its share of: gpt-oss's sinks
 # (one per query head); per-head q/k norms (Cohere's); 1-D norms over head_dim are shared
 _PER_QUERY_HEAD = ("sinks",)
@@ -376,6 +389,13 @@ def apply_tiled_attention(model: torch.nn.Module, head_groups: int = 4) -> torch
         if hasattr(attention.forward, "longalign_head_groups"):
             attention.forward = attention.forward.__wrapped__
     runs = [_head_grouped(attention, groups) for attention in attentions]  # every layer checked before any is changed
+    from .integrations.transformers import _text_config, _unverified_allowed
+
+    family = getattr(_text_config(model.config), "model_type", None) if hasattr(model, "config") else None
+    if family is not None and family not in TILED_ATTENTION_FAMILIES and not _unverified_allowed():
+        raise ValueError(f"apply_tiled_attention: the {family} family's attention is not verified exact in head "
+                         f"groups (the families that are: longalign_ops.memory.TILED_ATTENTION_FAMILIES; "
+                         f"LONGALIGN_ALLOW_UNVERIFIED=1 overrides)")
     for attention, run in zip(attentions, runs):
         attention.forward = run
     return model

@@ -190,3 +190,41 @@ def test_decoding_with_a_cache_runs_whole():
         want = plain.generate(ids, max_new_tokens=4, do_sample=False)
         got = tiled.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, want)
+
+
+def test_every_verified_family_is_exact_in_head_groups_or_refused_by_name():
+    """Every text family of VERIFIED_FAMILIES, tiny, eager attention, 2 head groups: those in
+    TILED_ATTENTION_FAMILIES give the untiled logits and gradients; the others are refused (by what
+    their attention has, or by name; LONGALIGN_ALLOW_UNVERIFIED aside), never run differently.
+    PhiMoE's grouped output differs although its layers look like Llama's: refused by name."""
+    from family_audit import MULTIMODAL
+    from transformers import AutoModelForCausalLM
+
+    from longalign_ops.integrations.transformers import VERIFIED_FAMILIES
+    from longalign_ops.memory import TILED_ATTENTION_FAMILIES
+
+    assert TILED_ATTENTION_FAMILIES <= VERIFIED_FAMILIES
+    phimoe = AutoModelForCausalLM.from_config(tiny_config("phimoe"))
+    with pytest.raises(ValueError, match="the phimoe family's attention is not verified exact"):
+        apply_tiled_attention(phimoe, 2)
+    for family in sorted(VERIFIED_FAMILIES - set(MULTIMODAL)):
+        torch.manual_seed(0)
+        plain = AutoModelForCausalLM.from_config(tiny_config(family, use_cache=False),
+                                                 attn_implementation="eager").float().train()
+        tiled = copy.deepcopy(plain)
+        if family not in TILED_ATTENTION_FAMILIES:
+            # refused by what it has (MLA, a gate, no q/k/v/o) where that is seen, else by name
+            with pytest.raises(ValueError, match="apply_tiled_attention"):
+                apply_tiled_attention(tiled, 2)
+            assert not any(hasattr(m.forward, "longalign_head_groups") for m in tiled.modules())
+            continue
+        apply_tiled_attention(tiled, 2)
+        ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(1))
+        outs = [m(input_ids=ids).logits for m in (plain, tiled)]
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5, msg=family)
+        for m, out in zip((plain, tiled), outs):
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        for (name, a), (_, b) in zip(plain.named_parameters(), tiled.named_parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5 * (1 + a.grad.abs().max().item()),
+                                           msg=f"{family} {name}")
